@@ -1,0 +1,60 @@
+# Private speech recognition: Whisper/GLM-ASR on Triton behind a gRPC gateway.
+# Every target installs what it needs and is idempotent (a second run takes seconds).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(abspath $(VENV))/bin/python
+BUILD      ?= build
+MODEL      ?= whisper-base
+PRECISION  ?= fp32
+EXECUTION_PROVIDER ?= CPUExecutionProvider
+MODEL_DIR  := $(BUILD)/models/$(MODEL)
+REPOSITORY := $(BUILD)/model_repository
+TRITON_DIR := $(BUILD)/triton
+PYTEST_ARGS ?=
+
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup venv triton proto export repository serve demo test bench clean help
+
+help:
+	@echo "make setup | export [MODEL=whisper-base PRECISION=fp32|int8] | serve | demo | test | bench | clean"
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+triton: venv
+	$(PY) tools/setup_triton.py --dest $(TRITON_DIR)
+
+proto: venv
+	$(PY) -m gateway.protocol
+
+setup: venv triton proto
+
+export: setup
+	$(PY) -m export --model $(MODEL) --out $(MODEL_DIR)
+	$(PY) -m model_repository.render --model-dir $(MODEL_DIR) --precision $(PRECISION) \
+		--execution-provider $(EXECUTION_PROVIDER) --out $(REPOSITORY)
+
+repository: export
+
+serve: export
+	$(PY) -m gateway.local serve --model-dir $(MODEL_DIR) --repository $(REPOSITORY)
+
+demo: export
+	$(PY) -m gateway.local demo --model-dir $(MODEL_DIR) --repository $(REPOSITORY)
+
+test: export
+	ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: export
+	$(VENV)/bin/pip install --quiet -r bench/requirements.txt
+	ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m bench.accuracy --model-dir $(MODEL_DIR)
+
+clean:
+	rm -rf $(BUILD) gateway/_generated out

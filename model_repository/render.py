@@ -1,0 +1,419 @@
+"""Render the Triton model repository (encoder + stateful decoder) for one exported model.
+
+    python -m model_repository.render --model-dir build/models/whisper-base --precision fp32 \
+        --out build/model_repository [--execution-provider CPUExecutionProvider] \
+        [--encoder-max-batch 8] [--decoder-max-batch 16] [--set KEY=VALUE ...]
+
+For each model (``encoder``, ``decoder``) it fills the ``${NAME}`` placeholders of
+``model_repository/<model>/config.pbtxt.in`` into ``<out>/<model>/config.pbtxt``, copies
+``<model>/1/model.py`` and hard-links (copy when linking is impossible) the ONNX graphs of the
+chosen precision from ``<model-dir>/onnx/<precision>/`` into ``<out>/<model>/1/``.
+Family, model name and dimensions come from ``<model-dir>/model_info.json`` (falling back to
+the static shapes of the ONNX graphs). Rerunning with the same inputs changes nothing.
+
+``render_repository(model_dir, out_dir, precision="fp32", **tunables)`` does the same from
+Python (tests); see ``DEFAULT_TUNABLES`` for the tunables.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROJECT_ROOT = HERE.parent
+PYLIB_ENV = "ASR_TRITON_PYLIB"
+
+MODELS = {
+    "encoder": ["encoder.onnx"],
+    "decoder": ["decoder_init.onnx", "decoder_step.onnx"],
+}
+
+DEFAULT_TUNABLES: dict[str, object] = {
+    # both models
+    "execution_provider": "CPUExecutionProvider",
+    "pylib_dir": None,                      # default: $ASR_TRITON_PYLIB or build/triton/pylib
+    "allow_spinning": False,                # ORT intra-op spin-waiting (burns CPU when idle)
+    # encoder (dynamic batching)
+    "encoder_max_batch_size": 8,
+    "encoder_preferred_batch_sizes": None,  # default: [encoder_max_batch_size]
+    "encoder_max_queue_delay_microseconds": 5000,
+    "encoder_max_queue_size": 64,
+    "encoder_default_timeout_microseconds": 60_000_000,
+    "encoder_instance_count": 1,
+    "encoder_intra_op_threads": 0,          # 0 = ONNX Runtime default (one per core)
+    # decoder (sequence batching, oldest strategy)
+    "decoder_max_batch_size": 16,
+    "decoder_preferred_batch_sizes": None,  # default: [decoder_max_batch_size]
+    "decoder_max_queue_delay_microseconds": 1000,
+    "max_candidate_sequences": 32,
+    "max_sequence_idle_microseconds": 60_000_000,
+    "max_sequences": 64,                    # decoder caches held per instance
+    "sequence_idle_timeout_s": None,        # default: max_sequence_idle_microseconds
+    "decoder_instance_count": 1,
+    "decoder_intra_op_threads": 0,
+    "default_top_k": 5,
+    "buffer_pool_mb": 512,                  # reusable KV-cache buffers kept per decoder instance
+}
+# shorthands accepted by render_repository / --set
+ALIASES = {
+    "intra_op_threads": ("encoder_intra_op_threads", "decoder_intra_op_threads"),
+    "instance_count": ("encoder_instance_count", "decoder_instance_count"),
+}
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
+
+
+class RenderError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- helpers
+def substitute(template: str, values: dict[str, object], source: str = "template") -> str:
+    """Replace every ``${NAME}`` in ``template``; a placeholder without a value is an error."""
+    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(values))
+    if missing:
+        raise RenderError(f"{source}: no value for {', '.join(missing)}")
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+
+
+def _pbtxt_string(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _int_list(value, what: str) -> str:
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[,\s]+", value.strip()) if v]
+    if isinstance(value, int):
+        value = [value]
+    items = [int(v) for v in value]
+    if not items or any(v <= 0 for v in items):
+        raise RenderError(f"{what} must be a non-empty list of positive integers, got {value!r}")
+    return ", ".join(str(v) for v in sorted(set(items)))
+
+
+def _first(info: dict, *keys):
+    for k in keys:
+        if info.get(k) is not None:
+            return info[k]
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _load_onnx(path: str):
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - a fallback source of information only
+        return None
+
+
+def _graph_dims(path: Path) -> dict[str, list]:
+    """Static dims (int or None) of the inputs/outputs of an ONNX graph; {} if unreadable."""
+    model = _load_onnx(str(path)) if path.exists() else None
+    if model is None:
+        return {}
+    dims = {}
+    for value in list(model.graph.input) + list(model.graph.output):
+        shape = value.type.tensor_type.shape
+        dims[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+    return dims
+
+
+def _external_data_files(path: Path) -> set[str]:
+    model = _load_onnx(str(path))
+    if model is None:
+        return set()
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    files = set()
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    files.add(entry.value)
+    return files
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.samefile(a, b):
+            return True
+        sa, sb = a.stat(), b.stat()
+        return sa.st_size == sb.st_size and int(sa.st_mtime) == int(sb.st_mtime)
+    except OSError:
+        return False
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    if dst.exists() and _same_file(src, dst):
+        return "unchanged"
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+        how = "hard-linked"
+    except OSError:
+        shutil.copy2(src, tmp)
+        how = "copied"
+    os.replace(tmp, dst)
+    return how
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
+
+
+def _copy_if_changed(src: Path, dst: Path) -> bool:
+    data = src.read_bytes()
+    if dst.exists() and dst.read_bytes() == data:
+        return False
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dst)
+    return True
+
+
+def _fmt_bool(v) -> str:
+    if isinstance(v, str):
+        v = v.strip().lower() in ("1", "true", "yes", "on")
+    return "1" if v else "0"
+
+
+# --------------------------------------------------------------------------- main API
+def resolve_tunables(tunables: dict) -> dict:
+    values = dict(DEFAULT_TUNABLES)
+    for key, value in tunables.items():
+        if key in ALIASES:
+            for target in ALIASES[key]:
+                values[target] = value
+        elif key in DEFAULT_TUNABLES:
+            values[key] = value
+        else:
+            known = ", ".join(sorted(list(DEFAULT_TUNABLES) + list(ALIASES)))
+            raise RenderError(f"unknown tunable {key!r} (known: {known})")
+    if values["pylib_dir"] is None:
+        values["pylib_dir"] = os.environ.get(PYLIB_ENV) or str(PROJECT_ROOT / "build" / "triton" / "pylib")
+    values["pylib_dir"] = str(Path(values["pylib_dir"]).resolve())
+    if values["sequence_idle_timeout_s"] is None:
+        values["sequence_idle_timeout_s"] = int(values["max_sequence_idle_microseconds"]) / 1e6
+    for m in ("encoder", "decoder"):
+        if values[f"{m}_preferred_batch_sizes"] is None:
+            values[f"{m}_preferred_batch_sizes"] = [int(values[f"{m}_max_batch_size"])]
+    return values
+
+
+def model_dims(model_dir: Path, onnx_dir: Path, info: dict) -> dict[str, object]:
+    """Placeholders for the tensor dims: model_info.json first, static ONNX shapes second, -1 last."""
+    found = {
+        "N_MELS": _first(info, "n_mels", "num_mel_bins"),
+        "N_FRAMES": _first(info, "n_frames", "nb_max_frames", "input_frames"),
+        "ENCODER_FRAMES": _first(info, "encoder_frames", "n_audio_ctx", "max_source_positions"),
+        "D_MODEL": _first(info, "d_model", "n_audio_state", "hidden_size"),
+        "VOCAB_SIZE": _first(info, "vocab_size", "n_vocab"),
+        "MAX_TARGET_POSITIONS": _first(info, "max_target_positions", "n_text_ctx", "max_length"),
+    }
+    if any(found[k] is None for k in ("N_MELS", "N_FRAMES", "ENCODER_FRAMES", "D_MODEL", "VOCAB_SIZE")):
+        enc = _graph_dims(onnx_dir / "encoder.onnx")
+        enc_in = enc.get("input_features") or [None, None, None]
+        enc_out = enc.get("encoder_output") or [None, None, None]
+        logits = (_graph_dims(onnx_dir / "decoder_step.onnx").get("logits") or [None, None, None])
+        for key, value in (("N_MELS", enc_in[1]), ("N_FRAMES", enc_in[2]), ("ENCODER_FRAMES", enc_out[1]),
+                           ("D_MODEL", enc_out[2]), ("VOCAB_SIZE", logits[-1])):
+            if found[key] is None:
+                found[key] = value
+    if found["N_FRAMES"] is None and found["ENCODER_FRAMES"] and (info.get("family") or "whisper") == "whisper":
+        found["N_FRAMES"] = 2 * int(found["ENCODER_FRAMES"])
+    return {k: (int(v) if v not in (None, 0) else -1) for k, v in found.items()}
+
+
+def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: bool = False,
+                      **tunables) -> Path:
+    """Render ``out_dir`` (a Triton model repository) from ``model_dir``; returns ``out_dir``."""
+    model_dir = Path(model_dir).resolve()
+    out_dir = Path(out_dir).resolve()
+    say = print if verbose else (lambda *a, **k: None)
+    info_path = model_dir / "model_info.json"
+    if not info_path.exists():
+        raise RenderError(f"{info_path} not found: export the model first (make export)")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    onnx_root = model_dir / "onnx"
+    onnx_dir = onnx_root / precision
+    if not onnx_dir.is_dir():
+        have = sorted(p.name for p in onnx_root.iterdir()) if onnx_root.is_dir() else []
+        raise RenderError(f"{onnx_dir} not found (precisions exported: {', '.join(have) or 'none'})")
+
+    values = resolve_tunables(tunables)
+    provider = str(values["execution_provider"])
+    family = str(_first(info, "family") or "whisper")
+    model_name = str(_first(info, "name", "model_name") or model_dir.name)
+
+    # where each graph comes from (missing graphs of a precision fall back to fp32, loudly)
+    sources: dict[str, Path] = {}
+    used_precisions = {}
+    for graphs in MODELS.values():
+        for graph in graphs:
+            src = onnx_dir / graph
+            if not src.exists() and precision != "fp32" and (onnx_root / "fp32" / graph).exists():
+                print(f"[render] WARNING: {src} missing; using the fp32 {graph}", file=sys.stderr)
+                src = onnx_root / "fp32" / graph
+            if not src.exists():
+                raise RenderError(f"{onnx_dir / graph} not found")
+            sources[graph] = src
+            used_precisions[graph] = src.parent.name
+    precision_label = precision
+    if any(p != precision for p in used_precisions.values()):
+        precision_label += " (" + ", ".join(f"{g}: {p}" for g, p in used_precisions.items() if p != precision) + ")"
+
+    dims = model_dims(model_dir, onnx_dir, info)
+    common = {
+        "FAMILY": _pbtxt_string(family), "MODEL_NAME": _pbtxt_string(model_name),
+        "PRECISION": _pbtxt_string(precision_label), "EXECUTION_PROVIDER": _pbtxt_string(provider),
+        "PYLIB_DIR": _pbtxt_string(values["pylib_dir"]), "ALLOW_SPINNING": _fmt_bool(values["allow_spinning"]),
+        **dims,
+    }
+    per_model = {
+        "encoder": {
+            "MAX_BATCH_SIZE": int(values["encoder_max_batch_size"]),
+            "PREFERRED_BATCH_SIZES": _int_list(values["encoder_preferred_batch_sizes"], "encoder_preferred_batch_sizes"),
+            "MAX_QUEUE_DELAY_MICROSECONDS": int(values["encoder_max_queue_delay_microseconds"]),
+            "MAX_QUEUE_SIZE": int(values["encoder_max_queue_size"]),
+            "DEFAULT_TIMEOUT_MICROSECONDS": int(values["encoder_default_timeout_microseconds"]),
+            "INSTANCE_COUNT": int(values["encoder_instance_count"]),
+            "INTRA_OP_THREADS": int(values["encoder_intra_op_threads"]),
+        },
+        "decoder": {
+            "MAX_BATCH_SIZE": int(values["decoder_max_batch_size"]),
+            "PREFERRED_BATCH_SIZES": _int_list(values["decoder_preferred_batch_sizes"], "decoder_preferred_batch_sizes"),
+            "MAX_QUEUE_DELAY_MICROSECONDS": int(values["decoder_max_queue_delay_microseconds"]),
+            "MAX_CANDIDATE_SEQUENCES": int(values["max_candidate_sequences"]),
+            "MAX_SEQUENCE_IDLE_MICROSECONDS": int(values["max_sequence_idle_microseconds"]),
+            "MAX_SEQUENCES": int(values["max_sequences"]),
+            "SEQUENCE_IDLE_TIMEOUT_S": float(values["sequence_idle_timeout_s"]),
+            "INSTANCE_COUNT": int(values["decoder_instance_count"]),
+            "INTRA_OP_THREADS": int(values["decoder_intra_op_threads"]),
+            "DEFAULT_TOP_K": int(values["default_top_k"]),
+            "BUFFER_POOL_MB": int(values["buffer_pool_mb"]),
+        },
+    }
+    for name, vals in per_model.items():
+        for key in ("MAX_BATCH_SIZE", "INSTANCE_COUNT"):
+            if int(vals[key]) < 1:
+                raise RenderError(f"{name}: {key.lower()} must be >= 1")
+    if int(values["max_candidate_sequences"]) < 1 or int(values["max_sequences"]) < 1:
+        raise RenderError("max_candidate_sequences and max_sequences must be >= 1")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, graphs in MODELS.items():
+        template_path = HERE / name / "config.pbtxt.in"
+        text = substitute(template_path.read_text(encoding="utf-8"), {**common, **per_model[name]}, str(template_path))
+        model_out = out_dir / name
+        version = model_out / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        changed = _write_if_changed(model_out / "config.pbtxt", text)
+        say(f"[render] {model_out / 'config.pbtxt'}: {'written' if changed else 'unchanged'}")
+        changed = _copy_if_changed(HERE / name / "1" / "model.py", version / "model.py")
+        say(f"[render] {version / 'model.py'}: {'copied' if changed else 'unchanged'}")
+        expected = {"model.py"}
+        for graph in graphs:
+            src = sources[graph]
+            files = {graph: src}
+            for extra in _external_data_files(src) | {p.name for p in src.parent.glob(graph + "*")}:
+                files.setdefault(extra, src.parent / extra)
+            for fname, fsrc in sorted(files.items()):
+                if not fsrc.is_file():
+                    raise RenderError(f"{fsrc} (referenced by {src}) not found")
+                how = _link_or_copy(fsrc, version / fname)
+                expected.add(fname)
+                say(f"[render] {version / fname}: {how} from {fsrc}")
+        for stale in version.iterdir():
+            if stale.name not in expected and stale.name != "__pycache__":
+                say(f"[render] removing stale {stale}")
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
+    return out_dir
+
+
+# --------------------------------------------------------------------------- CLI
+def _parse_value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Render the Triton model repository (encoder + decoder).")
+    ap.add_argument("--model-dir", required=True, help="exported model, e.g. build/models/whisper-base")
+    ap.add_argument("--precision", default="fp32", help="fp32 | int8 (a directory under <model-dir>/onnx/)")
+    ap.add_argument("--out", required=True, help="repository to write, e.g. build/model_repository")
+    ap.add_argument("--execution-provider", default=None,
+                    help="ONNX Runtime provider: CPUExecutionProvider (default), CUDAExecutionProvider, "
+                         "TensorrtExecutionProvider")
+    ap.add_argument("--encoder-max-batch", type=int, default=None, help="encoder max_batch_size (8)")
+    ap.add_argument("--decoder-max-batch", type=int, default=None, help="decoder max_batch_size (16)")
+    ap.add_argument("--max-candidate-sequences", type=int, default=None)
+    ap.add_argument("--max-sequences", type=int, default=None)
+    ap.add_argument("--intra-op-threads", type=int, default=None, help="ONNX Runtime threads per model (0 = auto)")
+    ap.add_argument("--pylib-dir", default=None, help="packages the backend stub imports (build/triton/pylib)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any tunable: " + ", ".join(sorted(DEFAULT_TUNABLES)))
+    ap.add_argument("-q", "--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    tunables: dict[str, object] = {}
+    for item in args.set:
+        if "=" not in item:
+            ap.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        value = _parse_value(value)
+        if key.endswith("preferred_batch_sizes") and isinstance(value, (int, str)):
+            value = str(value)
+        tunables[key.strip()] = value
+    for key, value in (("execution_provider", args.execution_provider),
+                       ("encoder_max_batch_size", args.encoder_max_batch),
+                       ("decoder_max_batch_size", args.decoder_max_batch),
+                       ("max_candidate_sequences", args.max_candidate_sequences),
+                       ("max_sequences", args.max_sequences),
+                       ("intra_op_threads", args.intra_op_threads),
+                       ("pylib_dir", args.pylib_dir)):
+        if value is not None:
+            tunables[key] = value
+    try:
+        out = render_repository(args.model_dir, args.out, args.precision, verbose=not args.quiet, **tunables)
+    except RenderError as error:
+        print(f"render: error: {error}", file=sys.stderr)
+        return 2
+    pylib = resolve_tunables(tunables)["pylib_dir"]
+    if not Path(pylib).is_dir():
+        print(f"[render] note: {pylib} does not exist yet (python tools/setup_triton.py creates it)", file=sys.stderr)
+    print(f"[render] repository ready: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
