@@ -79,19 +79,35 @@ def compute_stamp(options: dict, packages: list[str]) -> str:
     return h.hexdigest()
 
 
+def _listing(out: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(out)): p.stat().st_size
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not p.name.startswith(STAMP_NAME) and not p.name.endswith(".tmp")
+    }
+
+
 def stamp_matches(out: Path, stamp: str, required: list[str]) -> bool:
-    p = out / STAMP_NAME
+    """True when OUT/.export_stamp holds this stamp and every file it lists is still there with
+    the size it had when the export finished (and every required file exists)."""
     try:
-        if p.read_text().strip() != stamp:
+        lines = (out / STAMP_NAME).read_text().splitlines()
+        if not lines or lines[0].strip() != stamp:
             return False
-    except OSError:
+        files = json.loads("\n".join(lines[1:]) or "{}")
+    except (OSError, ValueError):
         return False
+    for rel, size in files.items():
+        p = out / rel
+        if not p.is_file() or p.stat().st_size != size:
+            return False
     return all((out / rel).exists() for rel in required)
 
 
 def write_stamp(out: Path, stamp: str) -> None:
+    """Stamp hash on the first line, then a JSON listing {relative path: size} of the outputs."""
     tmp = out / (STAMP_NAME + ".tmp")
-    tmp.write_text(stamp + "\n")
+    tmp.write_text(stamp + "\n" + json.dumps(_listing(out), indent=0) + "\n")
     os.replace(tmp, out / STAMP_NAME)
 
 

@@ -71,14 +71,29 @@ class _LayerNorm(nn.Module):
         return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
 
 
-def _linear_t(linear: nn.Linear, scale: float = 1.0):
-    """(weight [in, out], bias [out]) for x @ W + b, optionally scaled."""
-    w = linear.weight.detach().t().contiguous() * scale
-    if linear.bias is not None:
-        b = linear.bias.detach().clone() * scale
-    else:
-        b = torch.zeros(w.shape[1], dtype=w.dtype)
-    return nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+class _Linear(nn.Module):
+    """x @ W + b with W stored as [in, out] (one MatMul with a constant B in ONNX; node names
+    carry the module name, e.g. /layers.0/fc2/MatMul, which the int8 quantizer relies on)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+
+    @classmethod
+    def from_linears(cls, linears, scales=None):
+        """Fuse nn.Linear modules along the output dim (a missing bias counts as zero)."""
+        scales = scales or [1.0] * len(linears)
+        ws, bs = [], []
+        for lin, sc in zip(linears, scales):
+            w = lin.weight.detach()
+            ws.append(w.t() * sc)
+            b = lin.bias.detach() if lin.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+            bs.append(b * sc)
+        return cls(torch.cat(ws, dim=1), torch.cat(bs, dim=0))
+
+    def forward(self, x):
+        return torch.matmul(x, self.weight) + self.bias
 
 
 class _DecoderLayer(nn.Module):
@@ -88,19 +103,16 @@ class _DecoderLayer(nn.Module):
         self.n_heads = n_heads
         self.head_dim = d // n_heads
         scaling = self.head_dim**-0.5
+        sa, ca = layer.self_attn, layer.encoder_attn
         self.self_ln = _LayerNorm(layer.self_attn_layer_norm)
-        wq, bq = _linear_t(layer.self_attn.q_proj, scaling)
-        wk, bk = _linear_t(layer.self_attn.k_proj)
-        wv, bv = _linear_t(layer.self_attn.v_proj)
-        self.qkv_w = nn.Parameter(torch.cat([wq, wk, wv], dim=1), requires_grad=False)
-        self.qkv_b = nn.Parameter(torch.cat([bq, bk, bv], dim=0), requires_grad=False)
-        self.self_o_w, self.self_o_b = _linear_t(layer.self_attn.out_proj)
+        self.qkv = _Linear.from_linears([sa.q_proj, sa.k_proj, sa.v_proj], [scaling, 1.0, 1.0])
+        self.self_out = _Linear.from_linears([sa.out_proj])
         self.cross_ln = _LayerNorm(layer.encoder_attn_layer_norm)
-        self.cross_q_w, self.cross_q_b = _linear_t(layer.encoder_attn.q_proj, scaling)
-        self.cross_o_w, self.cross_o_b = _linear_t(layer.encoder_attn.out_proj)
+        self.cross_q = _Linear.from_linears([ca.q_proj], [scaling])
+        self.cross_out = _Linear.from_linears([ca.out_proj])
         self.ffn_ln = _LayerNorm(layer.final_layer_norm)
-        self.fc1_w, self.fc1_b = _linear_t(layer.fc1)
-        self.fc2_w, self.fc2_b = _linear_t(layer.fc2)
+        self.fc1 = _Linear.from_linears([layer.fc1])
+        self.fc2 = _Linear.from_linears([layer.fc2])
 
     def forward(self, x, past_k, past_v, self_mask, cross_k, cross_v):
         # x [N, K, T, d]; past_k/v [N, K, H, P, dh]; self_mask [N, 1, 1, T, P+T] (bool, True = attend)
@@ -109,8 +121,7 @@ class _DecoderLayer(nn.Module):
         h, dh = self.n_heads, self.head_dim
 
         # self-attention
-        y = self.self_ln(x)
-        qkv = torch.matmul(y, self.qkv_w) + self.qkv_b  # [N, K, T, 3d]
+        qkv = self.qkv(self.self_ln(x))  # [N, K, T, 3d]
         qkv = qkv.reshape(n, k, t, 3, h, dh).permute(3, 0, 1, 4, 2, 5)  # [3, N, K, H, T, dh]
         q, new_k, new_v = qkv[0], qkv[1], qkv[2]
         keys = torch.cat([past_k, new_k], dim=3)  # [N, K, H, P+T, dh]
@@ -120,22 +131,19 @@ class _DecoderLayer(nn.Module):
         attn = torch.softmax(scores, dim=-1)
         ctx = torch.matmul(attn, values)  # [N, K, H, T, dh]
         ctx = ctx.permute(0, 1, 3, 2, 4).reshape(n, k, t, d)
-        x = x + torch.matmul(ctx, self.self_o_w) + self.self_o_b
+        x = x + self.self_out(ctx)
 
         # cross-attention: the K beams of a sequence share its cross K/V (K*T folded into queries)
-        y = self.cross_ln(x)
-        q = torch.matmul(y, self.cross_q_w) + self.cross_q_b  # [N, K, T, d]
+        q = self.cross_q(self.cross_ln(x))  # [N, K, T, d]
         q = q.reshape(n, k * t, h, dh).transpose(1, 2)  # [N, H, K*T, dh]
         scores = torch.matmul(q, cross_k.transpose(-1, -2))  # [N, H, K*T, S]
         attn = torch.softmax(scores, dim=-1)
         ctx = torch.matmul(attn, cross_v)  # [N, H, K*T, dh]
         ctx = ctx.transpose(1, 2).reshape(n, k, t, d)
-        x = x + torch.matmul(ctx, self.cross_o_w) + self.cross_o_b
+        x = x + self.cross_out(ctx)
 
         # feed-forward
-        y = self.ffn_ln(x)
-        y = F.gelu(torch.matmul(y, self.fc1_w) + self.fc1_b)
-        x = x + torch.matmul(y, self.fc2_w) + self.fc2_b
+        x = x + self.fc2(F.gelu(self.fc1(self.ffn_ln(x))))
         return x, new_k, new_v
 
 

@@ -29,8 +29,7 @@ PCM_FRAME_SAMPLES = 65536  # samples per channel in each frame pushed to the res
 # (hls, concat, dash, image2, ...) and subtitle/text formats are not on it.
 ALLOWED_DEMUXERS = (
     "wav,w64,mp3,flac,ogg,amr,amrnb,amrwb,mov,mp4,m4a,3gp,3g2,mj2,aac,matroska,webm,"
-    "aiff,caf,au,wv,asf,ape,mpc,mpc8,tta,gsm,g722,g723_1,g729,voc,ircam,sox,ac3,eac3,"
-    "dts,truehd,mlp,mpeg,mpegts,avi,flv,rm,nut,wsaud,xwma,smjpeg,bit,sln,vag"
+    "aiff,caf,au,wv,asf,gsm,g722,g723_1,g729,voc,ac3,eac3,mpeg,mpegts,avi,flv"
 )
 
 # raw PCM encoding name -> numpy dtype (little endian)
@@ -172,6 +171,8 @@ def load_audio(
                 f"no audio stream in {container_name} input ({len(data)} bytes)"
             )
         stream = container.streams.audio[0]
+        if stream.codec_context is None:
+            raise AudioDecodeError(f"no decoder for the audio stream in {container_name} input")
         codec = stream.codec_context.name
         resampler = _MonoResampler(sample_rate)
         source_rate = 0

@@ -102,7 +102,7 @@ def sample_recordings() -> list[Path]:
     """The embedded default input: the natural zh and en clips shipped by pytest-audioeval."""
     import pytest_audioeval  # shipped test speech, installed by `make setup`
 
-    root = Path(pytest_audioeval.__file__).resolve().parent / "samples" / "audio"
+    root = Path(next(iter(pytest_audioeval.__path__))).resolve() / "samples" / "audio"
     return sorted((root / "zh").glob("*.wav")) + sorted((root / "en").glob("*.wav"))
 
 

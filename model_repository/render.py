@@ -2,7 +2,7 @@
 
     python -m model_repository.render --model-dir build/models/whisper-base --precision fp32 \
         --out build/model_repository [--execution-provider CPUExecutionProvider] \
-        [--encoder-max-batch 8] [--decoder-max-batch 16] [--set KEY=VALUE ...]
+        [--max-batch N | --encoder-max-batch 8 --decoder-max-batch 16] [--set KEY=VALUE ...]
 
 For each model (``encoder``, ``decoder``) it fills the ``${NAME}`` placeholders of
 ``model_repository/<model>/config.pbtxt.in`` into ``<out>/<model>/config.pbtxt``, copies
@@ -59,6 +59,8 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "decoder_intra_op_threads": 0,
     "default_top_k": 5,
     "buffer_pool_mb": 512,                  # reusable KV-cache buffers kept per decoder instance
+    "split_layer_inputs": True,             # feed K/V per layer (rewrites decoder_step at load; needs onnx)
+    "max_runs": 2,                          # decoder_step calls per (K, T) group before copying cross K/V
 }
 # shorthands accepted by render_repository / --set
 ALIASES = {
@@ -309,6 +311,8 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
             "INTRA_OP_THREADS": int(values["decoder_intra_op_threads"]),
             "DEFAULT_TOP_K": int(values["default_top_k"]),
             "BUFFER_POOL_MB": int(values["buffer_pool_mb"]),
+            "SPLIT_LAYER_INPUTS": _fmt_bool(values["split_layer_inputs"]),
+            "MAX_RUNS": int(values["max_runs"]),
         },
     }
     for name, vals in per_model.items():
@@ -374,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--execution-provider", default=None,
                     help="ONNX Runtime provider: CPUExecutionProvider (default), CUDAExecutionProvider, "
                          "TensorrtExecutionProvider")
+    ap.add_argument("--max-batch", type=int, default=None, help="max_batch_size of both models")
     ap.add_argument("--encoder-max-batch", type=int, default=None, help="encoder max_batch_size (8)")
     ap.add_argument("--decoder-max-batch", type=int, default=None, help="decoder max_batch_size (16)")
     ap.add_argument("--max-candidate-sequences", type=int, default=None)
@@ -394,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         if key.endswith("preferred_batch_sizes") and isinstance(value, (int, str)):
             value = str(value)
         tunables[key.strip()] = value
+    if args.max_batch is not None:
+        tunables.setdefault("encoder_max_batch_size", args.max_batch)
+        tunables.setdefault("decoder_max_batch_size", args.max_batch)
     for key, value in (("execution_provider", args.execution_provider),
                        ("encoder_max_batch_size", args.encoder_max_batch),
                        ("decoder_max_batch_size", args.decoder_max_batch),

@@ -31,7 +31,7 @@ class Clip:
 def sample_clips() -> list[Clip]:
     import pytest_audioeval
 
-    root = Path(pytest_audioeval.__file__).resolve().parent / "samples" / "audio"
+    root = Path(next(iter(pytest_audioeval.__path__))).resolve() / "samples" / "audio"
     clips = []
     for language in ("zh", "en"):
         for wav in sorted((root / language).glob("*.wav")):

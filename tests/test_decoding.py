@@ -69,7 +69,12 @@ class MarkovModel:
 class FakeSession:
     """Stateful fake of the Triton decoder (see docs/INTERFACES.md)."""
 
-    def __init__(self, model: Callable[[tuple[int, ...]], np.ndarray], prompt_len: int = len(PROMPT), max_length: int = 448):
+    def __init__(
+        self,
+        model: Callable[[tuple[int, ...]], np.ndarray],
+        prompt_len: int = len(PROMPT),
+        max_length: int = 448,
+    ):
         self.model = model
         self.prompt_len = prompt_len
         self.max_length = max_length
@@ -561,7 +566,8 @@ def whisper_tokenizer():
 
     path = _whisper_tokenizer_json()
     raw = Tokenizer.from_file(str(path))
-    ids = {name: raw.token_to_id(f"<|{name}|>") for name in ("startoftranscript", "endoftext", "notimestamps", "transcribe", "translate")}
+    names = ("startoftranscript", "endoftext", "notimestamps", "transcribe", "translate")
+    ids = {name: raw.token_to_id(f"<|{name}|>") for name in names}
     lang_to_id = {
         tok.content[2:-2]: i
         for i, tok in raw.get_added_tokens_decoder().items()

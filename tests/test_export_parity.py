@@ -272,7 +272,7 @@ def test_encoder_parity(fp32_sessions, int8_sessions, features, hf_encoder_outpu
     (q,) = int8_sessions["encoder"].run(None, {"input_features": features})
     cos = np.sum(q * hf_encoder_output, -1) / (np.linalg.norm(q, axis=-1) * np.linalg.norm(hf_encoder_output, axis=-1))
     print(f"encoder int8: min frame cosine {cos.min():.4f}, mean {cos.mean():.4f}")
-    assert cos.mean() > 0.98
+    assert cos.mean() > 0.995 and cos.min() > 0.9
 
 
 def test_decoder_init_parity(reference, fp32_sessions, hf_encoder_output):
@@ -331,7 +331,7 @@ def test_int8_pipeline_agrees_in_argmax(int8_sessions, features, prompts, teache
     print(f"\nint8 pipeline vs HF fp32: argmax agreement {agree.mean():.0%} (greedy beam {greedy.mean():.0%}), "
           f"max|diff| {diffs.max():.2f}")
     assert np.isfinite(diffs).all()
-    assert agree.mean() >= 0.75 and greedy.mean() >= 0.85
+    assert agree.mean() >= 0.85 and greedy.mean() >= 0.9
 
 
 def test_onnx_greedy_transcripts(fp32_sessions, int8_sessions, features, prompts, reference, info):

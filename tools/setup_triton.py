@@ -13,7 +13,7 @@ What it does (idempotent: a stamp file records what was installed; a rerun only 
    the Python 3.11 backend stub and the local cache need (closure found with ``ldd``) into
    ``DEST/lib``; copies ``python_backend_stubs/3.11/triton_python_backend_stub`` next to
    ``libtriton_python.so``;
-4. ``pip install --target DEST/pylib "numpy<2" onnxruntime==1.31.1`` (what the stub imports:
+4. ``pip install --target DEST/pylib "numpy<2" onnxruntime==1.31.1 onnx==1.23.2`` (what the stub imports:
    the stub runs Python in isolated mode, so model.py puts DEST/pylib on ``sys.path``);
 5. verifies: no unresolved libraries (``ldd``), ``tritonserver --help`` runs, and the system
    Python 3.11 imports numpy and onnxruntime from DEST/pylib.
@@ -38,7 +38,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PYTRITON_VERSION = "0.7.0"
 STUB_PYTHON = "3.11"
-PYLIB_REQUIREMENTS = ["numpy<2", "onnxruntime==1.31.1"]
+# numpy < 2: with numpy 2.x the Python backend returned empty outputs. onnx: the decoder model
+# rewrites decoder_step.onnx at load time (per-layer K/V inputs, see its model.py).
+PYLIB_REQUIREMENTS = ["numpy<2", "onnxruntime==1.31.1", "onnx==1.23.2"]
 STAMP_NAME = ".setup_stamp.json"
 WHEEL_PREFIX = "pytriton/tritonserver/"
 WHEEL_LIBS = "nvidia_pytriton.libs/"
@@ -233,7 +235,7 @@ def verify(dest: Path, stub_python: str) -> None:
 
     sys_py = shutil.which(f"python{stub_python}", path="/usr/bin:/bin:/usr/local/bin")
     if sys_py:
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy, onnxruntime; "
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy, onnxruntime, onnx; "
                 "print(numpy.__version__, onnxruntime.__version__, onnxruntime.get_available_providers())")
         r = subprocess.run([sys_py, "-I", "-c", code, str(dest / "pylib")], capture_output=True, text=True)
         if r.returncode != 0:

@@ -12,13 +12,19 @@ the rest), appends the new K/V, and returns top-k log-probs (log_softmax after s
 plus the log-probs of requested extra ids. END frees the sequence; sequences idle longer than
 sequence_idle_timeout_s are evicted; at most max_sequences are held.
 
-Memory layout (the cost that matters on CPU is copying caches, not arithmetic):
-the caches of the sequences that ran together live in shared "slabs" with the exact layout the
-graph takes ([L, N, K, H, cap, dh] self K/V, [L, N, H, S, dh] cross K/V), so a group that is
-the same as last step's runs on the slab directly (no copy; new tokens are written in place
-into spare capacity). Beam reordering or a changed group builds a new slab in one gather copy
-(reorder folded in); released slabs return to a buffer pool instead of fresh page-faulted
-memory.
+Memory layout (on CPU the cost that matters is copying caches, not arithmetic):
+  - decoder_step.onnx is loaded with one input per layer for the stacked K/V (see
+    split_layer_inputs): ONNX Runtime would otherwise copy every layer out of the stack on
+    every step;
+  - cross K/V of all live sequences live in one store [L, R, H, S, dh] with the live sequences
+    in rows [0, n); a batch whose rows are consecutive is fed as views (no copy), a batch split
+    into a few runs of consecutive rows runs as that many calls, a more fragmented one copies
+    its rows together;
+  - the self-attention caches of the sequences that ran together share a slab with the
+    graph's layout [L, N, K, H, cap, dh]; the same batch again without reordering runs on it in
+    place (new tokens go into spare capacity), otherwise one gather copy (the parent_beams
+    reorder folded in) builds the next slab; released slabs go to a buffer pool instead of
+    fresh page-faulted memory.
 
 The backend stub runs Python in isolated mode (PYTHONPATH is ignored): the directory holding
 numpy (< 2) and onnxruntime comes from the `pylib_dir` parameter of config.pbtxt, else from
@@ -83,13 +89,13 @@ def resolve_providers(requested: str, logger) -> list:
                 chosen.append("CUDAExecutionProvider")
         else:
             logger.log_warn(f"execution provider {p} is not available in this onnxruntime "
-                            f"(available: {', '.join(available)}); falling back")
+                            f"(available: {', '.join(available)}); falling back to CPUExecutionProvider")
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return list(dict.fromkeys(chosen))
 
 
-def make_session(path: str, config: dict, logger) -> "ort.InferenceSession":
+def make_session(path, config: dict, logger, label: str = "") -> "ort.InferenceSession":
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -101,9 +107,75 @@ def make_session(path: str, config: dict, logger) -> "ort.InferenceSession":
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     providers = resolve_providers(_param(config, "execution_provider", "CPUExecutionProvider"), logger)
     session = ort.InferenceSession(path, options, providers=providers)
-    logger.log_info(f"loaded {path} with providers {session.get_providers()} "
+    logger.log_info(f"loaded {label or path} with providers {session.get_providers()} "
                     f"(intra_op_threads={threads or 'auto'}, spinning={int(spinning)})")
     return session
+
+
+LAYER_STACKED = ("past_k", "past_v", "cross_k", "cross_v")
+
+
+def split_layer_inputs(model) -> dict:
+    """Rewrite decoder_step so each layer's K/V is its own graph input ("cross_k.3" [N, H, S, dh]).
+
+    The contract's graph takes K/V stacked over layers ([L, ...]) and picks layer l with
+    Gather(axis 0): ONNX Runtime copies every layer out of the stack on every step (for the
+    cross-attention K/V that is all of it: about 37 MB per sequence per step for Whisper base,
+    more than half of a batched step). With one input per layer the slices of the stored
+    [L, N, ...] cache (contiguous views) are fed without any copy. Returns {input: L} for the
+    inputs rewritten; an input used any other way is left alone.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    consts = {}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+    for init in graph.initializer:
+        if not init.dims:
+            consts[init.name] = numpy_helper.to_array(init)
+    done = {}
+    for name in LAYER_STACKED:
+        inp = next((i for i in graph.input if i.name == name), None)
+        users = [n for n in graph.node if name in n.input]
+        if inp is None or not users or any(o.name == name for o in graph.output):
+            continue
+        layer_of = {}
+        for node in users:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if (node.op_type != "Gather" or node.input[0] != name or list(node.input).count(name) != 1
+                    or axis != 0 or node.input[1] not in consts or consts[node.input[1]].ndim != 0):
+                layer_of = None
+                break
+            layer_of[node.output[0]] = int(consts[node.input[1]])
+        if not layer_of:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        n_layers = max(layer_of.values()) + 1
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value != n_layers:
+            continue
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims[1:]]
+        rename = {out: f"{name}.{layer}" for out, layer in layer_of.items()}
+        for node in graph.node:
+            for i, x in enumerate(node.input):
+                if x in rename:
+                    node.input[i] = rename[x]
+        for node in users:
+            graph.node.remove(node)
+        position = list(graph.input).index(inp)
+        graph.input.remove(inp)
+        for layer in range(n_layers):
+            graph.input.insert(position + layer, helper.make_tensor_value_info(
+                f"{name}.{layer}", inp.type.tensor_type.elem_type, shape))
+        done[name] = n_layers
+    if done:  # drop the layer-index constants nobody reads any more
+        used = {x for node in graph.node for x in node.input} | {o.name for o in graph.output}
+        for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+            graph.node.remove(node)
+    return done
 
 
 def topk_rows(x: np.ndarray, k: int):
@@ -187,13 +259,14 @@ class _Slab:
 
 
 class _Seq:
-    __slots__ = ("cid", "cross", "cross_idx", "kv", "kv_idx", "length", "beams", "suppress",
+    __slots__ = ("cid", "row", "kv", "kv_idx", "length", "beams", "suppress",
                  "begin_suppress", "steps", "last_used")
 
     def __init__(self, cid, suppress, begin_suppress, now):
         self.cid = cid
-        self.cross = self.kv = None
-        self.cross_idx = self.kv_idx = 0
+        self.row = None     # row of the cross-attention K/V store
+        self.kv = None      # self-attention cache slab and row in it
+        self.kv_idx = 0
         self.length = 0
         self.beams = 0
         self.suppress = suppress
@@ -204,7 +277,7 @@ class _Seq:
 
 class _Req:
     __slots__ = ("index", "cid", "start", "end", "ids", "K", "T", "parents", "top_k", "extra", "enc",
-                 "suppress", "begin", "seq", "response", "error", "order")
+                 "suppress", "begin", "seq", "response", "error")
 
     def __init__(self, index):
         self.index = index
@@ -214,7 +287,6 @@ class _Req:
         self.K = self.T = 0
         self.top_k = 5
         self.seq = self.response = self.error = None
-        self.order = 0
 
 
 def _flag(request, name: str, bit: int) -> bool:
@@ -244,8 +316,8 @@ class TritonPythonModel:
         cfg = self.config
         self.init_session = make_session(os.path.join(version_dir, _param(cfg, "init_onnx_file", "decoder_init.onnx")),
                                          cfg, self.logger)
-        self.step_session = make_session(os.path.join(version_dir, _param(cfg, "step_onnx_file", "decoder_step.onnx")),
-                                         cfg, self.logger)
+        self.step_session, self.split = self._load_step(
+            os.path.join(version_dir, _param(cfg, "step_onnx_file", "decoder_step.onnx")), cfg)
         self.max_sequences = int(_param(cfg, "max_sequences", "64"))
         self.idle_timeout_s = float(_param(cfg, "sequence_idle_timeout_s", "60"))
         self.default_top_k = int(_param(cfg, "default_top_k", "5"))
@@ -259,20 +331,84 @@ class TritonPythonModel:
         self.pool = _Pool(int(float(_param(cfg, "buffer_pool_mb", "512")) * (1 << 20)))
 
         step_inputs = {i.name: i for i in self.step_session.get_inputs()}
-        missing = {"input_ids", "past_length", "past_k", "past_v", "cross_k", "cross_v"} - set(step_inputs)
+        expected = {"input_ids", "past_length"} | {n + ".0" if n in self.split else n for n in LAYER_STACKED}
+        missing = expected - set(step_inputs)
         if missing:
             raise pb_utils.TritonModelException(f"decoder_step.onnx lacks inputs {sorted(missing)}")
-        self.kv_dtype = _ORT_TYPES.get(step_inputs["past_k"].type, np.float32)
-        self.cross_dtype = _ORT_TYPES.get(step_inputs["cross_k"].type, np.float32)
-        shape = step_inputs["past_k"].shape  # [L, N, K, H, P, dh]
+        if "past_k" in self.split:
+            meta = step_inputs["past_k.0"]
+            shape = [self.split["past_k"], None, None, meta.shape[2], None, meta.shape[4]]
+        else:
+            meta = step_inputs["past_k"]
+            shape = meta.shape  # [L, N, K, H, P, dh]
+        self.kv_dtype = _ORT_TYPES.get(meta.type, np.float32)
         self.kv_dims = tuple(d if isinstance(d, int) and d > 0 else None for d in (shape[0], shape[3], shape[5]))
         init_inputs = [i.name for i in self.init_session.get_inputs()]
         self.init_input = "encoder_output" if "encoder_output" in init_inputs else init_inputs[0]
         self.seqs = {}
+        self.row_owner = []         # row r of cross_k/cross_v belongs to row_owner[r]
+        self.cross_k = self.cross_v = None
+        self._pending_starts = 0
+        # a batch whose sequences' cross rows form at most this many runs of consecutive rows runs as
+        # that many decoder_step calls on views; more fragmented batches copy their rows together
+        self.max_runs = max(1, int(_param(cfg, "max_runs", "2")))
         self.logger.log_info(
             f"decoder ready: family={_param(cfg, 'family', '?')} model={_param(cfg, 'model_name', '?')} "
             f"precision={_param(cfg, 'precision', '?')} vocab={self.vocab} max_positions={self.max_positions} "
-            f"max_sequences={self.max_sequences} idle_timeout={self.idle_timeout_s}s")
+            f"max_sequences={self.max_sequences} idle_timeout={self.idle_timeout_s}s "
+            f"per-layer inputs={sorted(self.split) or 'none'}")
+        if _param(cfg, "warmup", "1") not in ("0", "false", "False"):
+            self._warmup()
+
+    def _warmup(self) -> None:
+        """One tiny decoder_init + decoder_step run, so the first real request does not pay for it."""
+        dims = next((i.get("dims") for i in self.config.get("input", []) if i.get("name") == "encoder_output"), None)
+        dims = [int(d) for d in dims] if dims else []
+        if len(dims) != 2 or min(dims) <= 0:
+            return
+        started = time.perf_counter()
+        try:
+            ck, cv = self.init_session.run(["cross_k", "cross_v"],
+                                           {self.init_input: np.zeros([1] + dims, np.float32)})
+            L, H, dh = self.kv_dims
+            L, H, dh = L or ck.shape[0], H or ck.shape[2], dh or ck.shape[4]
+            past = np.zeros((L, 1, 1, H, CAP_STEP, dh), self.kv_dtype)
+            feeds = {"input_ids": np.zeros((1, 1, 1), np.int64), "past_length": np.zeros(1, np.int64)}
+            for name, array in (("past_k", past), ("past_v", past), ("cross_k", ck), ("cross_v", cv)):
+                self._feed_layers(feeds, name, array)
+            self.step_session.run(["logits", "new_k", "new_v"], feeds)
+            self.logger.log_info(f"decoder warm-up {1e3 * (time.perf_counter() - started):.0f} ms")
+        except Exception as error:  # noqa: BLE001 - only a warm-up
+            self.logger.log_warn(f"decoder warm-up failed: {error!r}")
+
+    def _load_step(self, path: str, cfg: dict):
+        """decoder_step session, with per-layer K/V inputs when the graph allows (see split_layer_inputs)."""
+        if _param(cfg, "split_layer_inputs", "1") not in ("0", "false", "False"):
+            try:
+                import onnx
+
+                model = onnx.load(path)
+                split = split_layer_inputs(model)
+                if split:
+                    session = make_session(model.SerializeToString(), cfg, self.logger,
+                                           label=f"{path} (per-layer inputs for {', '.join(sorted(split))})")
+                    return session, split
+                self.logger.log_warn(f"{path}: stacked K/V inputs are not plain per-layer Gathers; "
+                                     "using the graph as is")
+            except ImportError:
+                self.logger.log_warn("the onnx package is missing from pylib_dir: running decoder_step with "
+                                     "layer-stacked K/V inputs (slower: a copy of the caches per step)")
+            except Exception as error:  # noqa: BLE001 - fall back to the unmodified graph
+                self.logger.log_warn(f"could not split the K/V inputs of {path} per layer ({error!r}); "
+                                     "using the graph as is")
+        return make_session(path, cfg, self.logger), {}
+
+    def _feed_layers(self, feeds: dict, name: str, array: np.ndarray) -> None:
+        if name in self.split:
+            for layer in range(self.split[name]):
+                feeds[f"{name}.{layer}"] = array[layer]
+        else:
+            feeds[name] = array
 
     # ------------------------------------------------------------------ request parsing
     def _parse(self, req: _Req, request) -> None:
@@ -358,12 +494,57 @@ class TritonPythonModel:
                 self.pool.put(slab.v)
             slab.k = slab.v = None
 
+    # Cross-attention K/V of every live sequence: one row each of cross_k/cross_v [L, R, H, S, dh].
+    # Live sequences occupy rows [0, n) (an END moves the last row into the hole), so a group of
+    # sequences with consecutive rows is fed to the per-layer graph inputs as views, no copy.
+    def _add_rows(self, seqs, ck: np.ndarray, cv: np.ndarray) -> None:
+        n, add = len(self.row_owner), len(seqs)
+        if self.cross_k is not None and self.cross_k.shape[2:] != ck.shape[2:]:
+            raise RequestError(f"encoder_output gives cross K/V {list(ck.shape[2:])}, the live sequences have "
+                               f"{list(self.cross_k.shape[2:])}")
+        capacity = 0 if self.cross_k is None else self.cross_k.shape[1]
+        if n + add > capacity:
+            self._resize_rows(max(n + add, 2 * capacity, 4), ck)
+        for j, seq in enumerate(seqs):
+            seq.row = n + j
+            self.row_owner.append(seq)
+        self.cross_k[:, n:n + add] = ck
+        self.cross_v[:, n:n + add] = cv
+
+    def _resize_rows(self, capacity: int, like: np.ndarray) -> None:
+        n = len(self.row_owner)
+        shape = (like.shape[0], capacity) + like.shape[2:]
+        new_k, new_v = np.empty(shape, like.dtype), np.empty(shape, like.dtype)
+        if n:
+            new_k[:, :n] = self.cross_k[:, :n]
+            new_v[:, :n] = self.cross_v[:, :n]
+        self.cross_k, self.cross_v = new_k, new_v
+
+    def _free_row(self, seq) -> None:
+        r = seq.row
+        if r is None:
+            return
+        seq.row = None
+        last = len(self.row_owner) - 1
+        if r != last:
+            moved = self.row_owner[last]
+            self.cross_k[:, r] = self.cross_k[:, last]
+            self.cross_v[:, r] = self.cross_v[:, last]
+            self.row_owner[r] = moved
+            moved.row = r
+        self.row_owner.pop()
+        n, capacity = len(self.row_owner), self.cross_k.shape[1]
+        if n == 0:
+            self.cross_k = self.cross_v = None  # give the memory back when idle
+        elif capacity > 8 and n <= capacity // 4:
+            self._resize_rows(max(2 * n, 4), self.cross_k)
+
     def _drop(self, cid) -> None:
         seq = self.seqs.pop(cid, None)
         if seq is not None:
-            self._release(seq.cross)
+            self._free_row(seq)
             self._release(seq.kv)
-            seq.cross = seq.kv = None
+            seq.kv = None
 
     def _evict_idle(self, now: float) -> None:
         for cid, seq in list(self.seqs.items()):
@@ -375,7 +556,7 @@ class TritonPythonModel:
         """Attach the sequence state (new on START) and validate the step against it."""
         if req.start:
             existing = req.cid in self.seqs
-            if len(self.seqs) - int(existing) >= self.max_sequences:
+            if len(self.seqs) - int(existing) + self._pending_starts >= self.max_sequences:
                 raise RequestError(
                     f"the decoder already holds {len(self.seqs)} sequences (max_sequences={self.max_sequences}); "
                     "END finished sequences or retry later")
@@ -384,6 +565,7 @@ class TritonPythonModel:
             if existing:  # restarting a sequence id: the old cache is gone
                 self._drop(req.cid)
             req.seq = _Seq(req.cid, req.suppress, req.begin, now)
+            self._pending_starts += 1
             length = 0
         else:
             seq = self.seqs.get(req.cid)
@@ -410,42 +592,18 @@ class TritonPythonModel:
                                f"max_target_positions {self.max_positions}")
 
     # ------------------------------------------------------------------ one group step
-    def _cross_for(self, members):
-        """Cross K/V [L, N, H, S, dh] for the group: the shared slab itself when possible."""
-        starts = [q for q in members if q.start]
-        init_k = init_v = None
-        if starts:
-            shapes = {q.enc.shape[1:] for q in starts}
-            if len(shapes) != 1:
-                raise RequestError(f"encoder_output shapes differ within one batch: {sorted(shapes)}")
-            enc = starts[0].enc if len(starts) == 1 else np.concatenate([q.enc for q in starts], axis=0)
-            init_k, init_v = self.init_session.run(["cross_k", "cross_v"], {self.init_input: np.ascontiguousarray(
-                enc, dtype=np.float32)})
-            if len(starts) == len(members):
-                return _Slab(init_k, init_v), True
-        else:
-            slab = members[0].seq.cross
-            if slab.k.shape[1] == len(members) and all(q.seq.cross is slab and q.seq.cross_idx == n
-                                                       for n, q in enumerate(members)):
-                return slab, False
-        # gather the rows of this group into a new slab
-        ref = init_k if init_k is not None else members[0].seq.cross.k
-        shape = (ref.shape[0], len(members)) + ref.shape[2:]
-        ck, cv = self.pool.get(shape, ref.dtype), self.pool.get(shape, ref.dtype)
-        j = 0
-        for n, q in enumerate(members):
-            if q.start:
-                ck[:, n], cv[:, n] = init_k[:, j], init_v[:, j]
-                j += 1
-            else:
-                src = q.seq.cross
-                if src.k.shape[2:] != ref.shape[2:]:
-                    raise RequestError("encoder_output shape differs from the other sequences of this batch")
-                ck[:, n], cv[:, n] = src.k[:, q.seq.cross_idx], src.v[:, q.seq.cross_idx]
-        return _Slab(ck, cv), True
+    def _start(self, starts) -> None:
+        """Cross K/V for new sequences (one decoder_init run) stored in fresh rows."""
+        shapes = {q.enc.shape[1:] for q in starts}
+        if len(shapes) != 1:
+            raise RequestError(f"encoder_output shapes differ within one batch: {sorted(shapes)}")
+        enc = starts[0].enc if len(starts) == 1 else np.concatenate([q.enc for q in starts], axis=0)
+        ck, cv = self.init_session.run(["cross_k", "cross_v"],
+                                       {self.init_input: np.ascontiguousarray(enc, dtype=np.float32)})
+        self._add_rows([q.seq for q in starts], ck, cv)
 
-    def _kv_for(self, members, K: int, T: int, cross_k):
-        """Self-attention past [L, N, K, H, cap, dh] for the group, cache reordered by parent_beams."""
+    def _kv_for(self, members, K: int, T: int):
+        """Self-attention past [L, N, K, H, cap, dh] for the run, cache reordered by parent_beams."""
         N = len(members)
         lengths = [q.seq.length for q in members]
         need = max(lengths) + T
@@ -453,7 +611,7 @@ class TritonPythonModel:
         if (slab is not None and not any(q.start for q in members) and slab.k.shape[1] == N
                 and slab.k.shape[2] == K and slab.cap >= need
                 and all(q.seq.kv is slab and q.seq.kv_idx == n and q.parents is None for n, q in enumerate(members))):
-            return slab, False  # in place: no copy at all
+            return slab, False  # same sequences, same order, no reordering: in place, no copy at all
         cap = -(-need // CAP_STEP) * CAP_STEP
         L, H, dh = self.kv_dims
         if L is None or H is None or dh is None:
@@ -461,7 +619,7 @@ class TritonPythonModel:
             if src is not None:
                 L, H, dh = src.shape[0], src.shape[3], src.shape[5]
             else:  # whisper: self-attention heads/dims equal the cross-attention ones
-                L, H, dh = cross_k.shape[0], cross_k.shape[2], cross_k.shape[4]
+                L, H, dh = self.cross_k.shape[0], self.cross_k.shape[2], self.cross_k.shape[4]
         shape = (L, N, K, H, cap, dh)
         pk, pv = self.pool.get(shape, self.kv_dtype), self.pool.get(shape, self.kv_dtype)
         for n, q in enumerate(members):
@@ -479,21 +637,77 @@ class TritonPythonModel:
             pv[:, n, :, :, p:] = 0
         return _Slab(pk, pv, cap), True
 
-    def _step(self, members, K: int, T: int, now: float) -> None:
-        N = len(members)
-        cross, cross_new = self._cross_for(members)
+    def _step(self, members, K: int, T: int, now: float) -> str:
+        """Run one (K, T) group; sets q.response / q.error per member; returns timings for the log."""
+        notes = []
+        starts = [q for q in members if q.start]
+        if starts:
+            t0 = time.perf_counter()
+            try:
+                self._start(starts)
+            except Exception as error:  # noqa: BLE001 - fails these START requests only
+                message = self._describe(error)
+                for q in starts:
+                    q.error = message
+                members = [q for q in members if not q.start]
+            notes.append(f"init {1e3 * (time.perf_counter() - t0):.1f}")
+        members.sort(key=lambda q: q.seq.row)
+        runs = []
+        for q in members:  # runs of consecutive cross rows
+            if runs and runs[-1][-1].seq.row + 1 == q.seq.row:
+                runs[-1].append(q)
+            else:
+                runs.append([q])
+        contiguous = "cross_k" in self.split and len(runs) <= self.max_runs
+        if not contiguous and members:
+            runs = [members]
+        for run in runs:
+            try:
+                notes.append(self._run(run, K, T, now, contiguous))
+            except Exception as error:  # noqa: BLE001
+                if len(run) == 1:
+                    run[0].error = self._describe(error)
+                    continue
+                self.logger.log_warn(f"decoder run of {len(run)} sequences (K={K}, T={T}) failed: "
+                                     f"{self._describe(error)}; retrying one by one")
+                for q in run:
+                    q.error = q.response = None
+                    try:
+                        self._run([q], K, T, now, "cross_k" in self.split)
+                    except Exception as single:  # noqa: BLE001
+                        q.error = self._describe(single)
+        for q in starts:  # a START that failed leaves nothing behind
+            if q.error is not None:
+                self._free_row(q.seq)
+                self._release(q.seq.kv)
+                q.seq.kv = None
+        return "; ".join(n for n in notes if n)
+
+    def _run(self, run, K: int, T: int, now: float, contiguous: bool) -> str:
+        """One decoder_step call for sequences with (if ``contiguous``) consecutive cross rows."""
+        N = len(run)
+        t0 = time.perf_counter()
+        rows = [q.seq.row for q in run]
+        if contiguous:
+            a, b = rows[0], rows[-1] + 1
+            cross_k, cross_v = self.cross_k[:, a:b], self.cross_v[:, a:b]  # per layer: contiguous views
+        else:  # copy the rows together (into pooled buffers)
+            shape = (self.cross_k.shape[0], N) + self.cross_k.shape[2:]
+            cross_k, cross_v = self.pool.get(shape, self.cross_k.dtype), self.pool.get(shape, self.cross_k.dtype)
+            np.take(self.cross_k, rows, axis=1, out=cross_k, mode="clip")
+            np.take(self.cross_v, rows, axis=1, out=cross_v, mode="clip")
         kv = None
         kv_new = False
         try:
-            kv, kv_new = self._kv_for(members, K, T, cross.k)
-            ids = members[0].ids if N == 1 else np.concatenate([q.ids for q in members], axis=0)
-            lengths = np.array([q.seq.length for q in members], dtype=np.int64)
-            logits, new_k, new_v = self.step_session.run(["logits", "new_k", "new_v"], {
-                "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
-                "past_length": lengths,
-                "past_k": kv.k, "past_v": kv.v,
-                "cross_k": cross.k, "cross_v": cross.v,
-            })
+            kv, kv_new = self._kv_for(run, K, T)
+            ids = run[0].ids if N == 1 else np.concatenate([q.ids for q in run], axis=0)
+            lengths = np.array([q.seq.length for q in run], dtype=np.int64)
+            feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "past_length": lengths}
+            for name, array in (("past_k", kv.k), ("past_v", kv.v), ("cross_k", cross_k), ("cross_v", cross_v)):
+                self._feed_layers(feeds, name, array)
+            t1 = time.perf_counter()
+            logits, new_k, new_v = self.step_session.run(["logits", "new_k", "new_v"], feeds)
+            t2 = time.perf_counter()
             if logits.shape[:2] != (N, K) or new_k.shape[4] != T:
                 raise RuntimeError(f"decoder_step returned logits {list(logits.shape)}, new_k {list(new_k.shape)} "
                                    f"for N={N}, K={K}, T={T}")
@@ -501,19 +715,16 @@ class TritonPythonModel:
                 self.vocab = int(logits.shape[-1])
             if not logits.flags.writeable:
                 logits = logits.copy()
-            self._postprocess(members, logits)
-            # commit: append the new K/V and point the sequences at the (possibly new) slabs
-            for n, q in enumerate(members):
+            self._postprocess(run, logits)
+            t3 = time.perf_counter()
+            # commit: append the new K/V and point the sequences at the (possibly new) cache slab
+            for n, q in enumerate(run):
                 if q.error is not None:
                     continue
                 seq = q.seq
                 p = seq.length
                 kv.k[:, n, :, :, p:p + T] = new_k[:, n]
                 kv.v[:, n, :, :, p:p + T] = new_v[:, n]
-                if cross_new:
-                    old, seq.cross, seq.cross_idx = seq.cross, cross, n
-                    cross.live += 1
-                    self._release(old)
                 if kv_new:
                     old, seq.kv, seq.kv_idx = seq.kv, kv, n
                     kv.live += 1
@@ -525,10 +736,14 @@ class TritonPythonModel:
                 if q.start:
                     self.seqs[q.cid] = seq
         finally:
-            for slab, new in ((cross, cross_new), (kv, kv_new)):
-                if new and slab is not None and slab.live == 0:
-                    slab.live = 1
-                    self._release(slab)
+            if kv_new and kv.live == 0:  # nobody took the new slab (errors): back to the pool
+                kv.live = 1
+                self._release(kv)
+            if not contiguous:
+                self.pool.put(cross_k)
+                self.pool.put(cross_v)
+        return (f"N={N} prep {1e3 * (t1 - t0):.1f}{'' if contiguous else '+cross copy'}{'+gather' if kv_new else ''} "
+                f"ort {1e3 * (t2 - t1):.1f} post {1e3 * (t3 - t2):.1f} commit {1e3 * (time.perf_counter() - t3):.1f}")
 
     def _postprocess(self, members, logits: np.ndarray) -> None:
         """Suppression, log_softmax, top-k and extra ids; sets q.response (or q.error) per member."""
@@ -542,8 +757,10 @@ class TritonPythonModel:
         rows = logits.reshape(N * K, V)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             m = rows.max(axis=1, keepdims=True)
-            m = np.where(np.isfinite(m), m, np.float32(0))
-            lse = (m + np.log(np.exp(rows - m).sum(axis=1, keepdims=True, dtype=np.float32))).reshape(N, K, 1)
+            m[~np.isfinite(m)] = 0
+            tmp = np.subtract(rows, m)
+            np.exp(tmp, out=tmp)
+            lse = (m + np.log(tmp.sum(axis=1, keepdims=True))).reshape(N, K, 1)
         by_k = {}
         for n, q in enumerate(members):
             by_k.setdefault(min(q.top_k, V), []).append(n)
@@ -584,6 +801,7 @@ class TritonPythonModel:
     # ------------------------------------------------------------------ execute
     def _process_round(self, reqs, now: float, stats: list) -> None:
         groups = {}
+        self._pending_starts = 0
         for req in reqs:
             try:
                 self._bind(req, now)
@@ -597,24 +815,9 @@ class TritonPythonModel:
                 continue
             groups.setdefault((req.K, req.T), []).append(req)
         for (K, T), members in groups.items():
-            # same order as the slabs they already share -> the slabs are used without copying
-            members.sort(key=lambda q: (1, q.index, 0) if q.start else (0, id(q.seq.cross), q.seq.cross_idx))
             t0 = time.perf_counter()
-            try:
-                self._step(members, K, T, now)
-            except Exception as error:  # noqa: BLE001
-                if len(members) == 1:
-                    members[0].error = self._describe(error)
-                else:
-                    self.logger.log_warn(f"decoder group of {len(members)} (K={K}, T={T}) failed: "
-                                         f"{self._describe(error)}; retrying one by one")
-                    for q in members:
-                        q.error = q.response = None
-                        try:
-                            self._step([q], K, T, now)
-                        except Exception as single:  # noqa: BLE001
-                            q.error = self._describe(single)
-            stats.append(f"N={len(members)} K={K} T={T} {1e3 * (time.perf_counter() - t0):.1f}ms")
+            detail = self._step(members, K, T, now)
+            stats.append(f"N={len(members)} K={K} T={T} {1e3 * (time.perf_counter() - t0):.1f}ms ({detail})")
 
     def _describe(self, error: Exception) -> str:
         if isinstance(error, RequestError):

@@ -63,7 +63,7 @@ def resolve_providers(requested: str, logger) -> list:
                 chosen.append("CUDAExecutionProvider")
         else:
             logger.log_warn(f"execution provider {p} is not available in this onnxruntime "
-                            f"(available: {', '.join(available)}); falling back")
+                            f"(available: {', '.join(available)}); falling back to CPUExecutionProvider")
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return list(dict.fromkeys(chosen))
@@ -112,6 +112,13 @@ class TritonPythonModel:
         graph_outputs = [o.name for o in self.session.get_outputs()]
         self.graph_output = self.output_name if self.output_name in graph_outputs else graph_outputs[0]
         self.max_batch = int(self.config.get("max_batch_size", 0)) or None
+        if _param(self.config, "warmup", "1") not in ("0", "false", "False") and all(self.feature_dims):
+            started = time.perf_counter()
+            try:  # the first run of a session is slow: pay for it before serving
+                self._run(np.zeros([1] + self.feature_dims, np.float32))
+                self.logger.log_info(f"encoder warm-up {1e3 * (time.perf_counter() - started):.0f} ms")
+            except Exception as error:  # noqa: BLE001 - only a warm-up
+                self.logger.log_warn(f"encoder warm-up failed: {error!r}")
 
     def _features(self, request) -> np.ndarray:
         tensor = pb_utils.get_input_tensor_by_name(request, "input_features")
