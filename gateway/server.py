@@ -79,13 +79,15 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         if kind == "audio_content":
             data = request.audio_content
             self._check_size(len(data))
-            return decode_audio(data)
+            return decode_audio(data, max_duration_s=self.config.max_audio_duration_s)
         raw = request.raw_audio
         self._check_size(len(raw.pcm))
         encoding = _RAW_ENCODINGS.get(raw.encoding)
         if encoding is None:
             raise RequestError(f"unsupported raw_audio.encoding {raw.encoding}")
-        return pcm_to_float(raw.pcm, raw.sample_rate_hz, encoding=encoding, channels=raw.channels or 1)
+        return pcm_to_float(
+            raw.pcm, raw.sample_rate_hz, encoding=encoding, channels=raw.channels or 1, max_duration_s=self.config.max_audio_duration_s
+        )
 
     def _check_size(self, n_bytes: int) -> None:
         if n_bytes > self.config.max_audio_bytes:
@@ -99,11 +101,6 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 raise RequestError(f"beam_size must be in 1..{MAX_BEAM_SIZE}, got {request.beam_size}")
             options = TranscribeOptions(language=request.language or None, beam_size=beam_size)
             audio = await asyncio.to_thread(self._decode, request)
-            duration_s = len(audio) / 16000
-            if duration_s > self.config.max_audio_duration_s:
-                raise RequestError(
-                    f"audio lasts {duration_s:.1f} s; this server accepts at most {self.config.max_audio_duration_s:.0f} s"
-                )
             transcript = await self.transcriber.transcribe(audio, options)
         except (RequestError, AudioDecodeError, UnknownLanguageError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

@@ -1,14 +1,13 @@
 """ONNX vs PyTorch parity of the exported whisper graphs (see docs/INTERFACES.md).
 
 Needs the export output: `python -m export --model whisper-base --out build/models/whisper-base`
-(the Makefile runs it before the tests). Directory: $ASR_MODEL_DIR, default build/models/whisper-base.
+(`make test` runs it first). Directory: $ASR_MODEL_DIR, default build/models/whisper-base, via the
+`model_dir` fixture of conftest.py (which fails when the export is missing).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,30 +17,21 @@ pytest.importorskip("onnxruntime")
 
 from export import whisper as wx  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("ASR_MODEL_DIR", REPO / "build" / "models" / "whisper-base"))
 CLIPS = [("zh", "jishu"), ("en", "quick_brown_fox")]  # sequence 0, sequence 1
 N_TEACHER = 13  # teacher-forced tokens per beam (sequence 1 consumes all of them)
-
-if not (MODEL_DIR / "model_info.json").exists():
-    pytest.skip(
-        f"{MODEL_DIR} not exported; run `python -m export --model whisper-base --out {MODEL_DIR}`",
-        allow_module_level=True,
-    )
-
 
 # ----------------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
-def info():
-    return json.loads((MODEL_DIR / "model_info.json").read_text())
+def info(model_dir):
+    return json.loads((model_dir / "model_info.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(model_dir):
     torch.set_num_threads(2)
-    return wx.load_reference(MODEL_DIR)
+    return wx.load_reference(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +53,25 @@ def hf_encoder_output(reference, features):
         return model.model.encoder(torch.from_numpy(features)).last_hidden_state.numpy()
 
 
-def _sessions(variant):
-    return {g: wx.ort_session(MODEL_DIR / "onnx" / variant / f"{g}.onnx") for g in
+def _sessions(model_dir, variant):
+    return {g: wx.ort_session(model_dir / "onnx" / variant / f"{g}.onnx") for g in
             ("encoder", "decoder_init", "decoder_step")}
 
 
 @pytest.fixture(scope="module")
-def fp32_sessions():
-    return _sessions("fp32")
+def fp32_sessions(model_dir):
+    return _sessions(model_dir, "fp32")
 
 
 @pytest.fixture(scope="module")
-def int8_sessions():
-    return _sessions("int8")
+def int8_sessions(model_dir):
+    return _sessions(model_dir, "int8")
+
+
+@pytest.fixture(scope="module")
+def onnx_encoder_outputs(fp32_sessions, int8_sessions, features):
+    return {v: s["encoder"].run(None, {"input_features": features})[0]
+            for v, s in (("fp32", fp32_sessions), ("int8", int8_sessions))}
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +192,7 @@ def torch_step_fn(module):
 # -------------------------------------------------------------------------------------- tests
 
 
-def test_model_info_and_layout(info):
+def test_model_info_and_layout(info, model_dir):
     assert info["family"] == "whisper" and info["name"] == "whisper-base"
     expect = {"n_mels": 80, "n_frames": 3000, "n_audio_ctx": 1500, "d_model": 512, "n_layers": 6,
               "n_heads": 8, "head_dim": 64, "vocab_size": 51865, "max_target_positions": 448,
@@ -208,21 +204,21 @@ def test_model_info_and_layout(info):
     assert len(info["lang_to_id"]) == 99
     assert info["begin_suppress_tokens"] == [220, 50257]
     assert 50358 in info["suppress_tokens"] and len(info["suppress_tokens"]) == 88
-    tok = json.loads((MODEL_DIR / "tokenizer.json").read_text(encoding="utf-8"))
+    tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     added = {a["content"]: a["id"] for a in tok["added_tokens"]}
     assert added["<|startoftranscript|>"] == info["sot"] and added["<|zh|>"] == info["lang_to_id"]["zh"]
     for variant in ("fp32", "int8"):
         for g in ("encoder", "decoder_init", "decoder_step"):
-            assert (MODEL_DIR / "onnx" / variant / f"{g}.onnx").is_file()
-    gen = json.loads((MODEL_DIR / "hf" / "generation_config.json").read_text())
+            assert (model_dir / "onnx" / variant / f"{g}.onnx").is_file()
+    gen = json.loads((model_dir / "hf" / "generation_config.json").read_text())
     assert gen["lang_to_id"]["<|zh|>"] == 50260 and gen["task_to_id"]["transcribe"] == 50359
     assert gen["no_timestamps_token_id"] == 50363 and gen["max_length"] == 448 and gen["is_multilingual"]
 
 
-def test_ct2_reader_on_assembled_weights():
+def test_ct2_reader_on_assembled_weights(model_dir):
     from export.ct2 import read_model
 
-    path = MODEL_DIR / "ct2" / "model.bin"
+    path = model_dir / "ct2" / "model.bin"
     assert path.stat().st_size == 145_217_532
     m = read_model(path)
     assert m.spec == "WhisperSpec" and m.binary_version == 6
@@ -234,7 +230,7 @@ def test_ct2_reader_on_assembled_weights():
     assert int(m["encoder/num_heads"].data) == 8
 
 
-def test_onnx_io_contract():
+def test_onnx_io_contract(model_dir):
     import onnx
 
     def sig(vi):
@@ -243,7 +239,7 @@ def test_onnx_io_contract():
 
     F32, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     for variant in ("fp32", "int8"):
-        d = MODEL_DIR / "onnx" / variant
+        d = model_dir / "onnx" / variant
         m = onnx.load(str(d / "decoder_step.onnx"), load_external_data=False)
         ins = {i.name: sig(i) for i in m.graph.input}
         outs = {o.name: sig(o) for o in m.graph.output}
@@ -262,14 +258,14 @@ def test_onnx_io_contract():
         assert [o.name for o in m.graph.output] == ["cross_k", "cross_v"]
 
 
-def test_encoder_parity(fp32_sessions, int8_sessions, features, hf_encoder_output):
-    (out,) = fp32_sessions["encoder"].run(None, {"input_features": features})
+def test_encoder_parity(onnx_encoder_outputs, hf_encoder_output):
+    out = onnx_encoder_outputs["fp32"]
     assert out.shape == (2, 1500, 512)
     scale = np.abs(hf_encoder_output).max()
     rel = np.abs(out - hf_encoder_output).max() / scale
     print(f"\nencoder fp32: max|diff| {np.abs(out - hf_encoder_output).max():.2e} (relative {rel:.2e})")
     assert rel < 1e-3
-    (q,) = int8_sessions["encoder"].run(None, {"input_features": features})
+    q = onnx_encoder_outputs["int8"]
     cos = np.sum(q * hf_encoder_output, -1) / (np.linalg.norm(q, axis=-1) * np.linalg.norm(hf_encoder_output, axis=-1))
     print(f"encoder int8: min frame cosine {cos.min():.4f}, mean {cos.mean():.4f}")
     assert cos.mean() > 0.995 and cos.min() > 0.9
@@ -321,8 +317,8 @@ def test_decoder_step_torch_module_matches_hf(reference, hf_encoder_output, prom
     assert diffs.max() < 5e-3 and agree.all()
 
 
-def test_int8_pipeline_agrees_in_argmax(int8_sessions, features, prompts, teacher, hf_logits, info):
-    (enc,) = int8_sessions["encoder"].run(None, {"input_features": features})
+def test_int8_pipeline_agrees_in_argmax(int8_sessions, onnx_encoder_outputs, prompts, teacher, hf_logits, info):
+    enc = onnx_encoder_outputs["int8"]
     ck, cv = int8_sessions["decoder_init"].run(None, {"encoder_output": enc})
     results = run_protocol(onnx_step_fn(int8_sessions["decoder_step"]), ck, cv, prompts, teacher, info)
     diffs, agree = _compare(results, hf_logits)
@@ -334,14 +330,16 @@ def test_int8_pipeline_agrees_in_argmax(int8_sessions, features, prompts, teache
     assert agree.mean() >= 0.85 and greedy.mean() >= 0.9
 
 
-def test_onnx_greedy_transcripts(fp32_sessions, int8_sessions, features, prompts, reference, info):
+def test_onnx_greedy_transcripts(fp32_sessions, int8_sessions, onnx_encoder_outputs, features, prompts, reference,
+                                 info):
     _, processor = reference
     texts = {}
     for variant, s in (("fp32", fp32_sessions), ("int8", int8_sessions)):
         sessions = (s["encoder"], s["decoder_init"], s["decoder_step"])
         for n, (lang, name) in enumerate(CLIPS):
             ids = wx.onnx_greedy_decode(sessions, features[n:n + 1], prompts[n], info["eot"],
-                                        info["suppress_tokens"], info["begin_suppress_tokens"], 40)
+                                        info["suppress_tokens"], info["begin_suppress_tokens"], 40,
+                                        encoder_output=onnx_encoder_outputs[variant][n:n + 1])
             texts[variant, name] = processor.tokenizer.decode(ids, skip_special_tokens=True)
     print("\n" + "\n".join(f"{v} {n}: {t!r}" for (v, n), t in texts.items()))
     assert "quick brown fox" in texts["fp32", "quick_brown_fox"].lower()

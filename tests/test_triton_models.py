@@ -24,6 +24,12 @@ if not MODEL_DIR.is_absolute():
 PRECISION = os.environ.get("ASR_TEST_PRECISION", "fp32")
 TRITON_DIR = Path(os.environ.get("ASR_TRITON_DIR", ROOT / "build" / "triton"))
 
+# Same computation, same tensor shapes: Triton must match ONNX Runtime closely.
+ATOL = 2e-3
+# int8 graphs quantize activations per tensor at run time (DynamicQuantizeLinear), so their
+# results depend on the other rows of the batch (other beams, other sequences, prefill vs step):
+# comparisons across different shapes are loose for them.
+ATOL_ACROSS_SHAPES = 2e-3 if PRECISION == "fp32" else 0.6
 MAX_SEQUENCES = 10          # small, so the cap can be tested
 IDLE_TIMEOUT_S = 6.0        # model-side eviction (Triton's own idle limit stays at 60 s)
 
@@ -79,6 +85,9 @@ class Reference:
             "past_k": z, "past_v": z, "cross_k": ck, "cross_v": cv})
         return self.logprobs(logits[0, 0], first)
 
+    def sequence(self, enc: np.ndarray) -> "DirectSeq":
+        return DirectSeq(self, enc)
+
     def greedy(self, enc: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray]]:
         """Prefill + ``steps`` greedy steps with an incremental cache; (tokens, log-probs per output)."""
         ck, cv = self.init.run(None, {"encoder_output": enc})
@@ -99,6 +108,30 @@ class Reference:
             lps.append(lp)
             new = [tok]
         return tokens, lps
+
+
+class DirectSeq:
+    """The decoder contract step by step with onnxruntime: cache reorder by parent beams + append."""
+
+    def __init__(self, ref: Reference, enc: np.ndarray):
+        self.ref = ref
+        self.ck, self.cv = ref.init.run(None, {"encoder_output": enc})
+        self.pk = self.pv = np.zeros((ref.L, 1, 1, self.ck.shape[2], 0, self.ck.shape[4]), np.float32)
+        self.first = True
+
+    def step(self, ids, parents=None) -> np.ndarray:
+        """ids [K, T] -> log-probs [K, V]."""
+        if parents is not None:
+            self.pk = np.take(self.pk, parents, axis=2)
+            self.pv = np.take(self.pv, parents, axis=2)
+        logits, nk, nv = self.ref.step.run(None, {
+            "input_ids": np.asarray(ids, np.int64)[np.newaxis], "past_length": np.array([self.pk.shape[4]], np.int64),
+            "past_k": self.pk, "past_v": self.pv, "cross_k": self.ck, "cross_v": self.cv})
+        self.pk = np.concatenate([self.pk, nk], axis=4)
+        self.pv = np.concatenate([self.pv, nv], axis=4)
+        lp = self.ref.logprobs(logits[0], self.first)
+        self.first = False
+        return lp
 
 
 # --------------------------------------------------------------------------- Triton helpers
@@ -171,7 +204,7 @@ def stats(client, model: str, expect_inferences: int | None = None) -> tuple[int
         time.sleep(0.05)
 
 
-def assert_matches(top_ids, top_lp, ref_lp, atol=2e-3):
+def assert_matches(top_ids, top_lp, ref_lp, atol=ATOL):
     """Triton's top-k equals the reference log-probs (ids may swap only on near-ties)."""
     np.testing.assert_allclose(top_lp, ref_lp[top_ids], atol=atol)
     best = np.sort(ref_lp)[::-1][: len(top_ids)]
@@ -291,32 +324,42 @@ def test_interleaved_sequences_keep_their_own_state(client, ref, enc):
 
 
 def test_beam_reorder_matches_recompute(client, ref, enc):
+    """parent_beams reorders the server-side cache: the log-probs equal (a) the same steps with
+    onnxruntime and an explicitly reordered cache and (b) a recomputation from scratch of every
+    beam's token history."""
     seq = Seq(client, new_id(), enc, ref, top_k=4)
+    direct = ref.sequence(enc)
     prefix = list(ref.prefix)
+
+    def check(top_ids, top_lp, direct_lp, histories):
+        for k, history in enumerate(histories):
+            assert_matches(top_ids[k], top_lp[k], direct_lp[k])
+            assert_matches(top_ids[k], top_lp[k], ref.recompute(enc, history, first=False), atol=ATOL_ACROSS_SHAPES)
+
     try:
-        top_ids, _, _ = seq.step(np.array([prefix]))
+        top_ids, top_lp, _ = seq.step(np.array([prefix]))
+        assert_matches(top_ids[0], top_lp[0], direct.step([prefix])[0])
         first = [int(t) for t in top_ids[0, :3]]  # three distinct candidates
         # step 1: expand one beam into K=3 (all continue cached beam 0)
-        top_ids, top_lp, _ = seq.step(np.array([[t] for t in first]), parents=[0, 0, 0])
+        ids = [[t] for t in first]
+        top_ids, top_lp, _ = seq.step(np.array(ids), parents=[0, 0, 0])
         histories = [prefix + [t] for t in first]
-        for k in range(3):
-            assert_matches(top_ids[k], top_lp[k], ref.recompute(enc, histories[k], first=False))
-        # step 2: reorder (permute + duplicate) and extend with extra ids requested
+        check(top_ids, top_lp, direct.step(ids, parents=[0, 0, 0]), histories)
+        # step 2: reorder (permute + duplicate) and ask for extra ids
         parents = [2, 0, 2]
         nxt = [int(top_ids[p, j]) for j, p in enumerate(parents)]
         extra = np.array([[nxt[0], 11, -1]] * 3)
         top_ids, top_lp, extra_lp = seq.step(np.array([[t] for t in nxt]), parents=parents, extra=extra)
+        direct_lp = direct.step([[t] for t in nxt], parents=parents)
         histories = [histories[p] + [t] for p, t in zip(parents, nxt)]
+        check(top_ids, top_lp, direct_lp, histories)
         for k in range(3):
-            ref_lp = ref.recompute(enc, histories[k], first=False)
-            assert_matches(top_ids[k], top_lp[k], ref_lp)
-            np.testing.assert_allclose(extra_lp[k, :2], ref_lp[[nxt[0], 11]], atol=2e-3)
+            np.testing.assert_allclose(extra_lp[k, :2], direct_lp[k, [nxt[0], 11]], atol=ATOL)
             assert extra_lp[k, 2] == -np.inf
-        # step 3: identity order (parent_beams absent) still consistent
+        # step 3: parent_beams absent = identity order
         nxt = [int(top_ids[k, 0]) for k in range(3)]
         top_ids, top_lp, _ = seq.step(np.array([[t] for t in nxt]))
-        for k in range(3):
-            assert_matches(top_ids[k], top_lp[k], ref.recompute(enc, histories[k] + [nxt[k]], first=False))
+        check(top_ids, top_lp, direct.step([[t] for t in nxt]), [h + [t] for h, t in zip(histories, nxt)])
     finally:
         seq.end()
 
@@ -369,7 +412,10 @@ def test_concurrent_sequences_are_batched(client, triton, ref, enc):
     with ThreadPoolExecutor(n) as pool:
         results = list(pool.map(run, range(n)))
     after = stats(client, "decoder", before[0] + n * (steps + 2))
-    assert results == refs
+    if PRECISION == "fp32":  # int8: batch-dependent activation quantization may flip near-ties
+        assert results == refs
+    else:
+        assert all(len(r) == steps + 1 for r in results)
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == n * (steps + 2)  # START + steps + END per sequence
     assert executions < inferences / 2, f"decoder steps not batched: {inferences} requests, {executions} executions"
@@ -418,7 +464,9 @@ def test_bad_requests_get_errors_and_server_keeps_serving(client, triton, ref, e
             o.client.close()
         # the good sequence goes on exactly as if the bad requests never happened
         ids, lp, _ = good.step(np.array([[int(top_ids[0, 0])]]))
-        assert_matches(ids[0], lp[0], ref.recompute(enc, list(ref.prefix) + [int(top_ids[0, 0])], first=False))
+        direct = ref.sequence(enc)
+        direct.step([ref.prefix])
+        assert_matches(ids[0], lp[0], direct.step([[int(top_ids[0, 0])]])[0])
     finally:
         good.end()
     assert client.is_server_live() and client.is_model_ready("decoder") and client.is_model_ready("encoder")
