@@ -91,7 +91,7 @@ def test_undecodable_bytes(asr_stub):
     with pytest.raises(grpc.RpcError) as error:
         asr_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=b"this is a text file, not audio\n" * 20), timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "decode" in error.value.details().lower()
+    assert "audio" in error.value.details().lower()
 
 
 def test_no_audio_field(asr_stub):
