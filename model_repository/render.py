@@ -33,6 +33,22 @@ MODELS = {
     "encoder": ["encoder.onnx"],
     "decoder": ["decoder_init.onnx", "decoder_step.onnx"],
 }
+# Family switch (docs/INTERFACES.md): graphs per model, and extra decoder parameters taken from
+# model_info.json. glm_asr: the decoder embeds ids itself (embed_tokens.onnx) and puts the audio
+# embeddings of the START request at the audio placeholder positions.
+FAMILY_MODELS = {
+    "glm_asr": {"encoder": ["encoder.onnx"], "decoder": ["embed_tokens.onnx", "decoder_step.onnx"]},
+}
+
+
+def family_parameters(family: str, info: dict) -> dict[str, dict[str, str]]:
+    """Extra config parameters per model ({model: {key: value}}) of a family."""
+    if family == "glm_asr":
+        if info.get("audio_token_id") is None:
+            raise RenderError("model_info.json of a glm_asr model lacks audio_token_id (re-run the export)")
+        return {"decoder": {"embed_onnx_file": "embed_tokens.onnx", "audio_token_id": str(int(info["audio_token_id"]))}}
+    return {}
+
 
 DEFAULT_TUNABLES: dict[str, object] = {
     # both models
@@ -58,9 +74,10 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "decoder_instance_count": 1,
     "decoder_intra_op_threads": 0,
     "default_top_k": 5,
-    "buffer_pool_mb": 512,                  # reusable KV-cache buffers kept per decoder instance
+    "buffer_pool_mb": 1024,                 # reusable KV-cache buffers kept per decoder instance
     "split_layer_inputs": True,             # feed K/V per layer (rewrites decoder_step at load; needs onnx)
     "max_runs": 2,                          # decoder_step calls per (K, T) group before copying cross K/V
+    "max_dummy_fraction": 0.25,             # ... or one call padded with dummy rows for missing sequences
 }
 # shorthands accepted by render_repository / --set
 ALIASES = {
@@ -268,7 +285,8 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
     # where each graph comes from (missing graphs of a precision fall back to fp32, loudly)
     sources: dict[str, Path] = {}
     used_precisions = {}
-    for graphs in MODELS.values():
+    models = FAMILY_MODELS.get(family, MODELS)
+    for graphs in models.values():
         for graph in graphs:
             src = onnx_dir / graph
             if not src.exists() and precision != "fp32" and (onnx_root / "fp32" / graph).exists():
@@ -313,6 +331,7 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
             "BUFFER_POOL_MB": int(values["buffer_pool_mb"]),
             "SPLIT_LAYER_INPUTS": _fmt_bool(values["split_layer_inputs"]),
             "MAX_RUNS": int(values["max_runs"]),
+            "MAX_DUMMY_FRACTION": float(values["max_dummy_fraction"]),
         },
     }
     for name, vals in per_model.items():
@@ -323,9 +342,12 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
         raise RenderError("max_candidate_sequences and max_sequences must be >= 1")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, graphs in MODELS.items():
+    extra_parameters = family_parameters(family, info)
+    for name, graphs in models.items():
         template_path = HERE / name / "config.pbtxt.in"
         text = substitute(template_path.read_text(encoding="utf-8"), {**common, **per_model[name]}, str(template_path))
+        for key, value in extra_parameters.get(name, {}).items():
+            text += f'parameters {{ key: "{key}" value {{ string_value: "{_pbtxt_string(value)}" }} }}\n'
         model_out = out_dir / name
         version = model_out / "1"
         version.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # gateway/, model_repository/ (also when run as plain `pytest`)
+    sys.path.insert(0, str(ROOT))
 MODEL_DIR = Path(os.environ.get("ASR_MODEL_DIR", ROOT / "build" / "models" / "whisper-base"))
 if not MODEL_DIR.is_absolute():
     MODEL_DIR = ROOT / MODEL_DIR
@@ -217,7 +220,8 @@ def ref():
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory):
+def triton_server(tmp_path_factory):
+    """A tritonserver of this module's own: small max_sequences and idle timeout to test them."""
     from gateway.triton_process import TritonProcess
     from model_repository.render import render_repository
 
@@ -232,8 +236,8 @@ def triton(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(triton):
-    c = grpcclient.InferenceServerClient(triton.grpc_url)
+def client(triton_server):
+    c = grpcclient.InferenceServerClient(triton_server.grpc_url)
     yield c
     c.close()
 
@@ -265,12 +269,12 @@ def test_encoder_matches_onnxruntime(client, ref, features, enc):
     np.testing.assert_allclose(out, enc, atol=1e-4, rtol=1e-4)
 
 
-def test_encoder_batches_concurrent_requests(client, triton, features, enc):
+def test_encoder_batches_concurrent_requests(client, triton_server, features, enc):
     before = stats(client, "encoder")
     n = 4
 
     def one(_):
-        c = grpcclient.InferenceServerClient(triton.grpc_url)
+        c = grpcclient.InferenceServerClient(triton_server.grpc_url)
         try:
             return c.infer("encoder", [_tensor("input_features", features, "FP32")],
                            client_timeout=120).as_numpy("encoder_output")
@@ -375,13 +379,14 @@ def test_beam_reorder_matches_recompute(client, ref, enc):
 def test_end_frees_state_and_max_sequences_is_enforced(client, ref, enc):
     seqs = []
     try:
-        for i in range(MAX_SEQUENCES):
+        for _ in range(MAX_SEQUENCES):
             s = Seq(client, new_id(), enc, ref)
             s.step(np.array([ref.prefix]))
             seqs.append(s)
         extra = Seq(client, new_id(), enc, ref)
-        with pytest.raises(InferenceServerException, match="max_sequences"):
+        with pytest.raises(InferenceServerException, match="max_sequences") as refused:
             extra.step(np.array([ref.prefix]))
+        assert "UNAVAILABLE" in str(refused.value.status())
         extra.end()  # Triton still holds the slot of the refused sequence: release it
         seqs.pop(0).end()  # END frees one cache ...
         again = Seq(client, new_id(), enc, ref)
@@ -400,7 +405,7 @@ def test_end_frees_state_and_max_sequences_is_enforced(client, ref, enc):
             s.end()
 
 
-def test_concurrent_sequences_are_batched(client, triton, ref, enc):
+def test_concurrent_sequences_are_batched(client, triton_server, ref, enc):
     n, steps = 8, 10
     encs = [variant(enc, i) for i in range(n)]
     refs = [ref.greedy(e, steps)[0] for e in encs]
@@ -408,7 +413,7 @@ def test_concurrent_sequences_are_batched(client, triton, ref, enc):
     barrier = threading.Barrier(n)
 
     def run(i):
-        c = grpcclient.InferenceServerClient(triton.grpc_url)
+        c = grpcclient.InferenceServerClient(triton_server.grpc_url)
         seq = Seq(c, new_id(), encs[i], ref)
         try:
             barrier.wait(timeout=30)
@@ -429,7 +434,7 @@ def test_concurrent_sequences_are_batched(client, triton, ref, enc):
     assert executions < inferences / 2, f"decoder steps not batched: {inferences} requests, {executions} executions"
 
 
-def test_bad_requests_get_errors_and_server_keeps_serving(client, triton, ref, enc):
+def test_bad_requests_get_errors_and_server_keeps_serving(client, triton_server, ref, enc):
     # wrong shape for the encoder: rejected, not a crash
     with pytest.raises(InferenceServerException):
         client.infer("encoder", [_tensor("input_features", np.zeros((1, 80, 100), np.float32), "FP32")])
@@ -443,14 +448,20 @@ def test_bad_requests_get_errors_and_server_keeps_serving(client, triton, ref, e
     good = Seq(client, new_id(), enc, ref)
     try:
         top_ids, _, _ = good.step(np.array([ref.prefix]))
-        with pytest.raises(InferenceServerException, match="parent_beams"):
+        with pytest.raises(InferenceServerException, match="parent_beams") as bad_parents:
             good.step(np.array([[1], [2]]), parents=[0, 5])        # no cached beam 5
+        assert "INVALID_ARGUMENT" in str(bad_parents.value.status())
         with pytest.raises(InferenceServerException, match="input_ids"):
             good.step(np.array([[10 ** 7]]))                        # not a token id
         with pytest.raises(InferenceServerException, match="parent_beams is required"):
             good.step(np.array([[1], [2]]))                         # K changes without parents
+        with pytest.raises(InferenceServerException, match=r"parent_beams must be \[1, K=2\]"):
+            good.step(np.array([[1], [2]]), parents=[0, 0, 0])      # wrong shape (checked by the model)
+        with pytest.raises(InferenceServerException):               # wrong rank (checked by Triton)
+            client.infer("decoder", [_tensor("input_ids", np.array([[1, 2]], np.int64), "INT64")],
+                         sequence_id=good.id)
         # one bad request in the same batch as good ones fails alone
-        others = [Seq(grpcclient.InferenceServerClient(triton.grpc_url), new_id(), variant(enc, i + 3), ref)
+        others = [Seq(grpcclient.InferenceServerClient(triton_server.grpc_url), new_id(), variant(enc, i + 3), ref)
                   for i in range(3)]
         for o in others:
             o.step(np.array([ref.prefix]))
@@ -485,6 +496,7 @@ def test_idle_sequences_are_evicted(client, ref, enc):
     s.step(np.array([ref.prefix]))
     time.sleep(IDLE_TIMEOUT_S + 0.5)
     # any decoder request runs the eviction sweep; this one finds its own cache gone
-    with pytest.raises(InferenceServerException, match="evicted"):
+    with pytest.raises(InferenceServerException, match="evicted") as gone:
         s.step(np.array([[1]]))
+    assert "NOT_FOUND" in str(gone.value.status())
     s.end()

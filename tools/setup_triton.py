@@ -82,10 +82,13 @@ def ensure_libpython(version: str) -> None:
     if os.geteuid() == 0 and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         try:
-            run(["apt-get", "install", "-y", "--no-install-recommends", pkg], env=env)
-        except subprocess.CalledProcessError:
-            run(["apt-get", "update"], env=env)
-            run(["apt-get", "install", "-y", "--no-install-recommends", pkg], env=env)
+            try:
+                run(["apt-get", "install", "-y", "--no-install-recommends", pkg], env=env)
+            except subprocess.CalledProcessError:
+                run(["apt-get", "update"], env=env)
+                run(["apt-get", "install", "-y", "--no-install-recommends", pkg], env=env)
+        except subprocess.CalledProcessError as error:
+            log(f"apt-get failed ({error})")
         if have_libpython(version):
             return
     sys.exit(f"error: the system library libpython{version}.so.1.0 is missing. "
@@ -199,8 +202,8 @@ def install_pylib(dest: Path, requirements: list[str], stub_python: str) -> None
     pylib = dest / "pylib"
     tmp = dest / "pylib.new"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-script-location", "--no-warn-conflicts",
-           "--target", str(tmp), "--only-binary=:all:", "--python-version", stub_python,
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-script-location",
+           "--no-warn-conflicts", "--target", str(tmp), "--only-binary=:all:", "--python-version", stub_python,
            *requirements]
     run(cmd)
     shutil.rmtree(pylib, ignore_errors=True)

@@ -7,19 +7,20 @@ correlation id:
   - the self-attention KV cache ([L, K, H, P, dh] per sequence),
   - the suppress lists and the step count.
 Each step reorders the cache by parent_beams, groups the requests of this call by (K, T) and
-runs decoder_step.onnx once per group (past padded to the group's longest; past_length masks
-the rest), appends the new K/V, and returns top-k log-probs (log_softmax after suppression)
-plus the log-probs of requested extra ids. END frees the sequence; sequences idle longer than
-sequence_idle_timeout_s are evicted; at most max_sequences are held.
+runs decoder_step.onnx once per group (past padded to the group's longest, past_length masks
+the rest; see _plan for the rare split of a group), appends the new K/V, and returns top-k
+log-probs (log_softmax after suppression) plus the log-probs of requested extra ids. END frees
+the sequence; sequences idle longer than sequence_idle_timeout_s are evicted; at most
+max_sequences are held.
 
 Memory layout (on CPU the cost that matters is copying caches, not arithmetic):
   - decoder_step.onnx is loaded with one input per layer for the stacked K/V (see
     split_layer_inputs): ONNX Runtime would otherwise copy every layer out of the stack on
     every step;
   - cross K/V of all live sequences live in one store [L, R, H, S, dh] with the live sequences
-    in rows [0, n); a batch whose rows are consecutive is fed as views (no copy), a batch split
-    into a few runs of consecutive rows runs as that many calls, a more fragmented one copies
-    its rows together;
+    in rows [0, n); a batch whose rows are consecutive is fed as views (no copy); a few missing
+    rows are filled with dummy rows (computed and dropped), a batch split into a few runs of
+    consecutive rows runs as that many calls, a more fragmented one copies its rows together;
   - the self-attention caches of the sequences that ran together share a slab with the
     graph's layout [L, N, K, H, cap, dh]; the same batch again without reordering runs on it in
     place (new tokens go into spare capacity), otherwise one gather copy (the parent_beams
@@ -59,6 +60,7 @@ def _add_pylib() -> str:
 _PYLIB = _add_pylib()
 
 import json  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -214,11 +216,23 @@ def topk_rows(x: np.ndarray, k: int):
 
 # --------------------------------------------------------------------------- state
 class RequestError(Exception):
-    """A problem with one request: reported to its client, never fails the others."""
+    """A problem with one request: reported to its client, never fails the others.
+
+    code: the TritonError code the client sees (INVALID_ARG -> gRPC INVALID_ARGUMENT, ...)."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARG"):
+        super().__init__(message)
+        self.code = code
 
 
 class _Pool:
-    """Released cache buffers (flat arrays) for reuse: avoids page-faulting fresh memory."""
+    """Released cache buffers (flat arrays) for reuse.
+
+    Fresh memory is expensive (page faults on first touch: tens of ms per 100 MB, far more in a
+    VM), and every beam-search step builds a new cache slab, so buffers are recycled: get()
+    takes the smallest free buffer that is large enough, and new buffers get 25% headroom so a
+    cache that grows by a few positions still fits next time.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -230,17 +244,17 @@ class _Pool:
         dtype = np.dtype(dtype)
         best = -1
         for i, buf in enumerate(self.free):
-            if buf.dtype == dtype and n <= buf.size <= 2 * n + 65536 and (best < 0 or buf.size < self.free[best].size):
+            if buf.dtype == dtype and buf.size >= n and (best < 0 or buf.size < self.free[best].size):
                 best = i
         if best >= 0:
             buf = self.free.pop(best)
             self.bytes -= buf.nbytes
-            return buf[:n].reshape(shape)
-        return np.empty(shape, dtype)
+        else:
+            buf = np.empty(n + n // 4, dtype)
+        return buf[:n].reshape(shape)
 
     def put(self, arr: np.ndarray) -> None:
-        while arr.base is not None and isinstance(arr.base, np.ndarray) and arr.base.flags.c_contiguous \
-                and arr.base.dtype == arr.dtype:
+        while isinstance(arr.base, np.ndarray) and arr.base.dtype == arr.dtype and arr.base.flags.c_contiguous:
             arr = arr.base
         if not arr.flags.c_contiguous or not arr.flags.writeable or arr.nbytes > self.max_bytes:
             return
@@ -277,7 +291,7 @@ class _Seq:
 
 class _Req:
     __slots__ = ("index", "cid", "start", "end", "ids", "K", "T", "parents", "top_k", "extra", "enc",
-                 "suppress", "begin", "seq", "response", "error")
+                 "suppress", "begin", "seq", "response", "error", "code")
 
     def __init__(self, index):
         self.index = index
@@ -287,6 +301,7 @@ class _Req:
         self.K = self.T = 0
         self.top_k = 5
         self.seq = self.response = self.error = None
+        self.code = "INTERNAL"
 
 
 def _flag(request, name: str, bit: int) -> bool:
@@ -298,8 +313,12 @@ def _flag(request, name: str, bit: int) -> bool:
     return bool(flags() & bit) if callable(flags) else False
 
 
-def _error_response(message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def _error_response(message: str, code: str = "INTERNAL"):
+    try:
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
+    except (AttributeError, TypeError):  # older backends: message only
+        error = pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 # --------------------------------------------------------------------------- model
@@ -328,7 +347,7 @@ class TritonPythonModel:
         self.vocab = vocab if vocab > 0 else None
         max_pos = int(_param(cfg, "max_target_positions", "-1"))
         self.max_positions = max_pos if max_pos > 0 else None
-        self.pool = _Pool(int(float(_param(cfg, "buffer_pool_mb", "512")) * (1 << 20)))
+        self.pool = _Pool(int(float(_param(cfg, "buffer_pool_mb", "1024")) * (1 << 20)))
 
         step_inputs = {i.name: i for i in self.step_session.get_inputs()}
         expected = {"input_ids", "past_length"} | {n + ".0" if n in self.split else n for n in LAYER_STACKED}
@@ -349,9 +368,16 @@ class TritonPythonModel:
         self.row_owner = []         # row r of cross_k/cross_v belongs to row_owner[r]
         self.cross_k = self.cross_v = None
         self._pending_starts = 0
+        self.last_active = time.monotonic()
+        self._evicted = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._janitor, name="decoder-janitor", daemon=True).start()
         # a batch whose sequences' cross rows form at most this many runs of consecutive rows runs as
         # that many decoder_step calls on views; more fragmented batches copy their rows together
         self.max_runs = max(1, int(_param(cfg, "max_runs", "2")))
+        # ... or as one call with dummy rows for the missing ones when at most this fraction is missing
+        self.max_dummy_fraction = float(_param(cfg, "max_dummy_fraction", "0.25"))
         self.logger.log_info(
             f"decoder ready: family={_param(cfg, 'family', '?')} model={_param(cfg, 'model_name', '?')} "
             f"precision={_param(cfg, 'precision', '?')} vocab={self.vocab} max_positions={self.max_positions} "
@@ -503,8 +529,8 @@ class TritonPythonModel:
             raise RequestError(f"encoder_output gives cross K/V {list(ck.shape[2:])}, the live sequences have "
                                f"{list(self.cross_k.shape[2:])}")
         capacity = 0 if self.cross_k is None else self.cross_k.shape[1]
-        if n + add > capacity:
-            self._resize_rows(max(n + add, 2 * capacity, 4), ck)
+        if n + add > capacity:  # grow (rarely: the store is kept, see _free_row)
+            self._resize_rows(max(n + add, min(2 * capacity, self.max_sequences), 4), ck)
         for j, seq in enumerate(seqs):
             seq.row = n + j
             self.row_owner.append(seq)
@@ -521,6 +547,10 @@ class TritonPythonModel:
         self.cross_k, self.cross_v = new_k, new_v
 
     def _free_row(self, seq) -> None:
+        """Free a sequence's row: the last live row moves into the hole (rows stay [0, n)).
+
+        The store itself is kept (its pages are already faulted in) until the decoder has been
+        idle for sequence_idle_timeout_s (see _evict_idle)."""
         r = seq.row
         if r is None:
             return
@@ -533,11 +563,6 @@ class TritonPythonModel:
             self.row_owner[r] = moved
             moved.row = r
         self.row_owner.pop()
-        n, capacity = len(self.row_owner), self.cross_k.shape[1]
-        if n == 0:
-            self.cross_k = self.cross_v = None  # give the memory back when idle
-        elif capacity > 8 and n <= capacity // 4:
-            self._resize_rows(max(2 * n, 4), self.cross_k)
 
     def _drop(self, cid) -> None:
         seq = self.seqs.pop(cid, None)
@@ -549,8 +574,13 @@ class TritonPythonModel:
     def _evict_idle(self, now: float) -> None:
         for cid, seq in list(self.seqs.items()):
             if now - seq.last_used > self.idle_timeout_s:
-                self.logger.log_info(f"decoder: evicting sequence {cid} idle for {now - seq.last_used:.0f} s")
+                self._evicted.append(f"{cid} (idle {now - seq.last_used:.0f} s)")
                 self._drop(cid)
+        if not self.seqs and now - self.last_active > self.idle_timeout_s and (self.cross_k is not None
+                                                                              or self.pool.free):
+            self.cross_k = self.cross_v = None  # idle: give the memory back
+            self.pool.free.clear()
+            self.pool.bytes = 0
 
     def _bind(self, req: _Req, now: float) -> None:
         """Attach the sequence state (new on START) and validate the step against it."""
@@ -559,7 +589,7 @@ class TritonPythonModel:
             if len(self.seqs) - int(existing) + self._pending_starts >= self.max_sequences:
                 raise RequestError(
                     f"the decoder already holds {len(self.seqs)} sequences (max_sequences={self.max_sequences}); "
-                    "END finished sequences or retry later")
+                    "END finished sequences or retry later", code="UNAVAILABLE")
             if req.K < 1:
                 raise RequestError("the START request needs at least one beam (input_ids [1, K>=1, T])")
             if existing:  # restarting a sequence id: the old cache is gone
@@ -574,7 +604,7 @@ class TritonPythonModel:
             if seq is None:
                 raise RequestError(
                     f"sequence {req.cid} has no decoder state: it was not STARTed, already ENDed, or evicted "
-                    f"after {self.idle_timeout_s:g} s idle")
+                    f"after {self.idle_timeout_s:g} s idle", code="NOT_FOUND")
             req.seq = seq
             length = seq.length
             if req.K == 0:
@@ -602,13 +632,14 @@ class TritonPythonModel:
                                        {self.init_input: np.ascontiguousarray(enc, dtype=np.float32)})
         self._add_rows([q.seq for q in starts], ck, cv)
 
-    def _kv_for(self, members, K: int, T: int):
-        """Self-attention past [L, N, K, H, cap, dh] for the run, cache reordered by parent_beams."""
-        N = len(members)
-        lengths = [q.seq.length for q in members]
-        need = max(lengths) + T
+    def _kv_for(self, slots, K: int, T: int):
+        """Self-attention past [L, N, K, H, cap, dh] for the slots (None = dummy row, empty past),
+        each cache reordered by its parent_beams."""
+        N = len(slots)
+        members = [q for q in slots if q is not None]
+        need = max(q.seq.length for q in members) + T
         slab = members[0].seq.kv
-        if (slab is not None and not any(q.start for q in members) and slab.k.shape[1] == N
+        if (slab is not None and len(members) == N and not any(q.start for q in members) and slab.k.shape[1] == N
                 and slab.k.shape[2] == K and slab.cap >= need
                 and all(q.seq.kv is slab and q.seq.kv_idx == n and q.parents is None for n, q in enumerate(members))):
             return slab, False  # same sequences, same order, no reordering: in place, no copy at all
@@ -622,8 +653,8 @@ class TritonPythonModel:
                 L, H, dh = self.cross_k.shape[0], self.cross_k.shape[2], self.cross_k.shape[4]
         shape = (L, N, K, H, cap, dh)
         pk, pv = self.pool.get(shape, self.kv_dtype), self.pool.get(shape, self.kv_dtype)
-        for n, q in enumerate(members):
-            p = q.seq.length
+        for n, q in enumerate(slots):
+            p = q.seq.length if q is not None else 0
             if p:
                 sk, sv, row = q.seq.kv.k, q.seq.kv.v, q.seq.kv_idx
                 if q.parents is None:
@@ -646,27 +677,18 @@ class TritonPythonModel:
             try:
                 self._start(starts)
             except Exception as error:  # noqa: BLE001 - fails these START requests only
-                message = self._describe(error)
                 for q in starts:
-                    q.error = message
+                    self._fail(q, error)
                 members = [q for q in members if not q.start]
             notes.append(f"init {1e3 * (time.perf_counter() - t0):.1f}")
         members.sort(key=lambda q: q.seq.row)
-        runs = []
-        for q in members:  # runs of consecutive cross rows
-            if runs and runs[-1][-1].seq.row + 1 == q.seq.row:
-                runs[-1].append(q)
-            else:
-                runs.append([q])
-        contiguous = "cross_k" in self.split and len(runs) <= self.max_runs
-        if not contiguous and members:
-            runs = [members]
-        for run in runs:
+        for slots, view in self._plan(members):
             try:
-                notes.append(self._run(run, K, T, now, contiguous))
+                notes.append(self._run(slots, K, T, now, view))
             except Exception as error:  # noqa: BLE001
+                run = [q for q in slots if q is not None]
                 if len(run) == 1:
-                    run[0].error = self._describe(error)
+                    self._fail(run[0], error)
                     continue
                 self.logger.log_warn(f"decoder run of {len(run)} sequences (K={K}, T={T}) failed: "
                                      f"{self._describe(error)}; retrying one by one")
@@ -675,7 +697,7 @@ class TritonPythonModel:
                     try:
                         self._run([q], K, T, now, "cross_k" in self.split)
                     except Exception as single:  # noqa: BLE001
-                        q.error = self._describe(single)
+                        self._fail(q, single)
         for q in starts:  # a START that failed leaves nothing behind
             if q.error is not None:
                 self._free_row(q.seq)
@@ -683,13 +705,43 @@ class TritonPythonModel:
                 q.seq.kv = None
         return "; ".join(n for n in notes if n)
 
-    def _run(self, run, K: int, T: int, now: float, contiguous: bool) -> str:
-        """One decoder_step call for sequences with (if ``contiguous``) consecutive cross rows."""
-        N = len(run)
+    def _plan(self, members):
+        """Split a (K, T) group (sorted by cross row) into decoder_step calls: [(slots, view)].
+
+        view=True: the slots are consecutive cross rows, fed as views; a slot may be None (a row
+        whose sequence is not in this batch: computed as a dummy with an empty past and dropped),
+        which is cheaper than a second call when few rows are missing. Otherwise up to max_runs
+        calls over runs of consecutive rows, or one call on a copy of the rows."""
+        if not members:
+            return []
+        if "cross_k" not in self.split:
+            return [(members, False)]
+        lo, hi = members[0].seq.row, members[-1].seq.row
+        holes = hi - lo + 1 - len(members)
+        if holes <= max(1, int(self.max_dummy_fraction * len(members))):
+            slots = [None] * (hi - lo + 1)
+            for q in members:
+                slots[q.seq.row - lo] = q
+            return [(slots, True)]
+        runs = []
+        for q in members:
+            if runs and runs[-1][-1].seq.row + 1 == q.seq.row:
+                runs[-1].append(q)
+            else:
+                runs.append([q])
+        if len(runs) <= self.max_runs:
+            return [(run, True) for run in runs]
+        return [(members, False)]
+
+    def _run(self, slots, K: int, T: int, now: float, contiguous: bool) -> str:
+        """One decoder_step call for the slots: consecutive cross rows fed as views when
+        ``contiguous`` (None slots are dummies), else the members' rows copied together."""
+        run = [q for q in slots if q is not None]
+        N = len(slots)
         t0 = time.perf_counter()
         rows = [q.seq.row for q in run]
         if contiguous:
-            a, b = rows[0], rows[-1] + 1
+            a, b = rows[0], rows[0] + N
             cross_k, cross_v = self.cross_k[:, a:b], self.cross_v[:, a:b]  # per layer: contiguous views
         else:  # copy the rows together (into pooled buffers)
             shape = (self.cross_k.shape[0], N) + self.cross_k.shape[2:]
@@ -699,9 +751,10 @@ class TritonPythonModel:
         kv = None
         kv_new = False
         try:
-            kv, kv_new = self._kv_for(run, K, T)
-            ids = run[0].ids if N == 1 else np.concatenate([q.ids for q in run], axis=0)
-            lengths = np.array([q.seq.length for q in run], dtype=np.int64)
+            kv, kv_new = self._kv_for(slots, K, T)
+            dummy = np.zeros((1, K, T), np.int64)
+            ids = run[0].ids if N == 1 else np.concatenate([q.ids if q is not None else dummy for q in slots], axis=0)
+            lengths = np.array([q.seq.length if q is not None else 0 for q in slots], dtype=np.int64)
             feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "past_length": lengths}
             for name, array in (("past_k", kv.k), ("past_v", kv.v), ("cross_k", cross_k), ("cross_v", cross_v)):
                 self._feed_layers(feeds, name, array)
@@ -713,13 +766,16 @@ class TritonPythonModel:
                                    f"for N={N}, K={K}, T={T}")
             if self.vocab is None:
                 self.vocab = int(logits.shape[-1])
-            if not logits.flags.writeable:
+            real = [n for n, q in enumerate(slots) if q is not None]
+            if len(real) < N:
+                logits = logits[real]  # (a copy)
+            elif not logits.flags.writeable:
                 logits = logits.copy()
             self._postprocess(run, logits)
             t3 = time.perf_counter()
             # commit: append the new K/V and point the sequences at the (possibly new) cache slab
-            for n, q in enumerate(run):
-                if q.error is not None:
+            for n, q in enumerate(slots):
+                if q is None or q.error is not None:
                     continue
                 seq = q.seq
                 p = seq.length
@@ -742,7 +798,8 @@ class TritonPythonModel:
             if not contiguous:
                 self.pool.put(cross_k)
                 self.pool.put(cross_v)
-        return (f"N={N} prep {1e3 * (t1 - t0):.1f}{'' if contiguous else '+cross copy'}{'+gather' if kv_new else ''} "
+        return (f"N={len(run)}{f'+{N - len(run)} dummy' if N > len(run) else ''} prep {1e3 * (t1 - t0):.1f}"
+                f"{'' if contiguous else '+cross copy'}{'+gather' if kv_new else ''} "
                 f"ort {1e3 * (t2 - t1):.1f} post {1e3 * (t3 - t2):.1f} commit {1e3 * (time.perf_counter() - t3):.1f}")
 
     def _postprocess(self, members, logits: np.ndarray) -> None:
@@ -788,7 +845,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("extra_logprobs", np.ascontiguousarray(extra[np.newaxis])),
                 ])
             except RequestError as error:
-                q.error = str(error)
+                q.error, q.code = str(error), error.code
 
     def _empty_response(self, req: _Req):
         k = req.top_k
@@ -806,7 +863,7 @@ class TritonPythonModel:
             try:
                 self._bind(req, now)
             except RequestError as error:
-                req.error = str(error)
+                req.error, req.code = str(error), error.code
                 continue
             if req.K == 0:
                 req.response = self._empty_response(req)
@@ -819,6 +876,10 @@ class TritonPythonModel:
             detail = self._step(members, K, T, now)
             stats.append(f"N={len(members)} K={K} T={T} {1e3 * (time.perf_counter() - t0):.1f}ms ({detail})")
 
+    def _fail(self, req: _Req, error: Exception) -> None:
+        req.error = self._describe(error)
+        req.code = error.code if isinstance(error, RequestError) else "INTERNAL"
+
     def _describe(self, error: Exception) -> str:
         if isinstance(error, RequestError):
             return str(error)
@@ -826,10 +887,26 @@ class TritonPythonModel:
         text = str(error).strip().splitlines()
         return f"decoder inference failed: {type(error).__name__}: {text[-1][:500] if text else ''}"
 
+    def _janitor(self) -> None:
+        """Evicts idle sequences and frees idle memory even when no request comes."""
+        period = max(1.0, min(30.0, self.idle_timeout_s / 2))
+        while not self._stop.wait(period):
+            with self._lock:
+                self._evict_idle(time.monotonic())
+
     def execute(self, requests):
+        with self._lock:
+            return self._execute(requests)
+
+    def _execute(self, requests):
         started = time.perf_counter()
         now = time.monotonic()
         self._evict_idle(now)
+        if self._evicted:  # (logged here: the janitor thread does not log)
+            self.logger.log_info(f"decoder: evicted idle sequences {', '.join(self._evicted[:20])}"
+                                 f"{' ...' if len(self._evicted) > 20 else ''}")
+            self._evicted.clear()
+        self.last_active = now
         reqs = []
         for i, request in enumerate(requests):
             req = _Req(i)
@@ -842,9 +919,9 @@ class TritonPythonModel:
                     raise RequestError("decoder requests need a sequence (correlation) id")
                 self._parse(req, request)
             except RequestError as error:
-                req.error = str(error)
+                req.error, req.code = str(error), error.code
             except Exception as error:  # noqa: BLE001
-                req.error = self._describe(error)
+                self._fail(req, error)
         stats = []
         # steps of one sequence must run one after another: split duplicates into rounds
         pending = [r for r in reqs if r.error is None]
@@ -863,7 +940,7 @@ class TritonPythonModel:
             if req.error is not None:
                 if req.end and req.cid not in (None, 0, ""):
                     self._drop(req.cid)
-                responses.append(_error_response(f"decoder: {req.error}"))
+                responses.append(_error_response(f"decoder: {req.error}", req.code))
             else:
                 responses.append(req.response)
         self.logger.log_verbose(
@@ -873,6 +950,8 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        for cid in list(self.seqs):
-            self._drop(cid)
+        self._stop.set()
+        with self._lock:
+            for cid in list(self.seqs):
+                self._drop(cid)
         self.init_session = self.step_session = None

@@ -86,8 +86,12 @@ def make_session(path: str, config: dict, logger) -> "ort.InferenceSession":
     return session
 
 
-def error_response(message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def error_response(message: str, code: str = "INTERNAL"):
+    try:
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
+    except (AttributeError, TypeError):  # older backends: message only
+        error = pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 class TritonPythonModel:
@@ -150,7 +154,7 @@ class TritonPythonModel:
                 arrays.append(self._features(request))
                 good.append(i)
             except Exception as error:  # noqa: BLE001 - reported to that request only
-                responses[i] = error_response(f"encoder: {error}")
+                responses[i] = error_response(f"encoder: {error}", "INVALID_ARG")
         if good:
             shapes = {a.shape[1:] for a in arrays}
             outputs = None
