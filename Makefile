@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv triton proto export repository serve demo test bench clean help
+.PHONY: system setup venv triton proto export repository serve demo test bench clean help
 
 help:
 	@echo "make setup | export [MODEL=whisper-base PRECISION=fp32|int8] | serve | demo | test | bench | clean"
@@ -34,7 +34,10 @@ triton: venv
 proto: venv
 	$(PY) -m gateway.protocol
 
-setup: venv triton proto
+system:
+	bash tools/setup_system.sh
+
+setup: system venv triton proto
 
 export: setup
 	$(PY) -m export --model $(MODEL) --out $(MODEL_DIR)

@@ -1,6 +1,7 @@
 """Command-line client for the gateway.
 
     python -m gateway.cli transcribe FILE... [--server localhost:50051] [--json] [--language zh]
+    python -m gateway.cli batch INPUT_DIR --out OUT_DIR [--concurrency 4] [--server localhost:50051]
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _add_unavailable_batch_parser(sub, error: ImportError) -> None:
+    def explain(_args: argparse.Namespace) -> int:
+        print(f"batch needs the full requirements (requirements.txt): {error}", file=sys.stderr)
+        return 2
+
+    p = sub.add_parser("batch", help=f"unavailable here: {error}")
+    p.set_defaults(func=explain)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway.cli", description="ASR gateway client")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write OUT/<name>.json per file")
     p.add_argument("--timeout", type=float, default=600.0, help="per-file deadline in seconds")
     p.set_defaults(func=_cmd_transcribe)
+    try:
+        from gateway.batch import add_batch_parser  # needs analysis/ and its packages (not in the gateway image)
+    except ImportError as error:
+        _add_unavailable_batch_parser(sub, error)
+    else:
+        add_batch_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,7 +1,7 @@
 """A local stack: tritonserver (from build/triton) + the gateway, on this machine.
 
     python -m gateway.local serve   # foreground; Ctrl-C stops both
-    python -m gateway.local demo    # start, transcribe the sample recordings, write results, stop
+    python -m gateway.local demo    # start, transcribe + analyse data/calls into tickets, a ledger and a dashboard, stop
 
 Used by `make serve`, `make demo` and the test session.
 """
@@ -9,7 +9,6 @@ Used by `make serve`, `make demo` and the test session.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from gateway.triton_process import TritonProcess, find_free_port
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "build" / "models" / "whisper-base"
 DEFAULT_REPOSITORY = PROJECT_ROOT / "build" / "model_repository"
+DEFAULT_DEMO_INPUT = PROJECT_ROOT / "data" / "calls"  # 20 synthesized hotline calls (tools/synth_calls.py)
 DEFAULT_DEMO_OUT = PROJECT_ROOT / "out" / "demo"
 
 
@@ -147,33 +147,32 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from gateway.cli import transcribe_files
+    """The main job on the embedded default: the synthesized hotline calls -> tickets and a ledger."""
+    from gateway.batch import BatchError, run_batch
 
-    files = [Path(f) for f in args.files] or sample_recordings()
+    input_dir = Path(args.input_dir)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     triton, gateway = _start_stack(args)
-    failures = 0
     try:
-        started = time.perf_counter()
-        total_audio = 0.0
-        for index, (path, result, error) in enumerate(transcribe_files(files, server=gateway.address), start=1):
-            if error:
-                failures += 1
-                print(f"[{index}/{len(files)}] {path.name}: FAILED {error}", flush=True)
-                continue
-            total_audio += float(result.get("audio_duration_s", 0.0))
-            target = out_dir / f"{path.stem}.json"
-            tmp = target.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"file": str(path), **result}, ensure_ascii=False, indent=2), encoding="utf-8")
-            tmp.replace(target)
-            print(f"[{index}/{len(files)}] {path.name} ({result.get('language')}, {float(result.get('audio_duration_s', 0)):.1f} s): {result.get('text', '')}", flush=True)
-        wall = time.perf_counter() - started
-        print(f"\n{len(files) - failures}/{len(files)} files, {total_audio:.1f} s of audio in {wall:.1f} s; results in {out_dir}/", flush=True)
+        summary = run_batch(
+            input_dir,
+            out_dir,
+            server=gateway.address,
+            concurrency=args.concurrency,
+            history_db=out_dir / "history.sqlite",
+        )
+    except BatchError as error:
+        print(f"batch failed: {error}", file=sys.stderr)
+        return 2
     finally:
         gateway.stop()
         triton.stop()
-    return 1 if failures else 0
+    print(
+        f"\n{summary.transcribed} transcribed, {summary.skipped} already done, {summary.failed} failed; "
+        f"{summary.audio_seconds:.0f} s of audio in {summary.wall_seconds:.1f} s ({summary.throughput:.1f}x real time)"
+    )
+    print(f"results: {out_dir}/  (ledger.xlsx, dashboard.html, <call>.json, failures.csv)")
+    return 1 if summary.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--log-dir", default=str(PROJECT_ROOT / "build" / "logs"))
         p.set_defaults(func=func)
         if name == "demo":
-            p.add_argument("files", nargs="*", help="audio files (default: the sample recordings)")
+            p.add_argument("input_dir", nargs="?", default=str(DEFAULT_DEMO_INPUT), help="folder of recordings")
             p.add_argument("--out", default=str(DEFAULT_DEMO_OUT))
+            p.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,95 @@
+"""Sound-alike matching of place names, for what the ASR mis-heard.
+
+Whisper base writes unfamiliar names as other characters with the same or similar sound:
+滨湖区 -> 冰湖去, 柳岸路 -> 流暗露, 高新区 -> 高兴去, 幸福家园 -> 幸福家人. Comparing toneless
+pinyin with the usual "fuzzy" pairs merged (zh/z, ch/c, sh/s, n/l, -ng/-n, as Chinese input
+methods do) finds them again. A match must sound alike syllable by syllable; names of
+four or more syllables may differ in one syllable if the rest are the same characters.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Iterable
+
+_NOT_HAN = "_"
+
+
+def _fuzzy(syllable: str) -> str:
+    for retroflex, plain in (("zh", "z"), ("ch", "c"), ("sh", "s")):
+        if syllable.startswith(retroflex):
+            syllable = plain + syllable[2:]
+            break
+    if syllable.startswith("n") and not syllable.startswith("ng"):
+        syllable = "l" + syllable[1:]
+    if syllable.endswith("ng") and len(syllable) > 2:
+        syllable = syllable[:-1]
+    return syllable
+
+
+@functools.lru_cache(maxsize=1)
+def _converter():
+    try:
+        from pypinyin import Style, lazy_pinyin
+    except ImportError:  # optional: without it names must be heard right
+        return None
+    return lambda text: lazy_pinyin(text, style=Style.NORMAL, errors=lambda chunk: [_NOT_HAN] * len(chunk))
+
+
+def syllables(text: str) -> list[str] | None:
+    """One fuzzy toneless syllable per character ('_' for non-Han); None without pypinyin."""
+    convert = _converter()
+    if convert is None:
+        return None
+    result = [_fuzzy(item) if item != _NOT_HAN else _NOT_HAN for item in convert(text)]
+    return result if len(result) == len(text) else None  # alignment lost: do not guess
+
+
+@dataclass(frozen=True)
+class SoundMatch:
+    name: str       # the gazetteer name
+    heard: str      # the characters in the transcript
+    offset: int
+
+
+class PhoneticIndex:
+    def __init__(self, names: Iterable[str]) -> None:
+        self._by_first: dict[str, list[tuple[str, list[str]]]] = {}
+        for name in sorted(set(names), key=len, reverse=True):
+            sounds = syllables(name)
+            if sounds and len(sounds) >= 3 and _NOT_HAN not in sounds:  # two syllables match too much
+                self._by_first.setdefault(sounds[0], []).append((name, sounds))
+
+    @property
+    def available(self) -> bool:
+        return bool(self._by_first)
+
+    def find(self, text: str, protected: frozenset[int] = frozenset()) -> list[SoundMatch]:
+        """Non-overlapping sound-alike matches, longest names first at each position.
+
+        `protected`: character positions already holding a correctly written name
+        (南湖大道 must not become 南湖街道 because they differ in one syllable)."""
+        sounds = syllables(text)
+        if not sounds or not self._by_first:
+            return []
+        matches, position = [], 0
+        while position < len(sounds):
+            found = None
+            for name, target in self._by_first.get(sounds[position], ()):
+                heard = text[position:position + len(target)]
+                if len(heard) < len(target) or heard == name:
+                    continue  # exact matches are the caller's job
+                if any(index in protected for index in range(position, position + len(target))):
+                    continue
+                differing = sum(1 for a, b in zip(sounds[position:position + len(target)], target) if a != b)
+                same_chars = sum(1 for a, b in zip(heard, name) if a == b)
+                if differing == 0 or (differing == 1 and len(target) >= 4 and same_chars >= len(target) - 1):
+                    found = SoundMatch(name, heard, position)
+                    break
+            if found:
+                matches.append(found)
+                position += len(found.name)
+            else:
+                position += 1
+        return matches

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Debian packages the project needs outside the virtualenv (idempotent):
+#   fonts-wqy-microhei  CJK font for the dashboard charts
+# (libpython3.11 for Triton's Python backend stub is checked by tools/setup_triton.py)
+set -euo pipefail
+packages=(fonts-wqy-microhei)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing Debian packages: ${missing[*]} (run: sudo apt-get install -y ${missing[*]})" >&2
+  exit 1
+fi
+echo "installing Debian packages: ${missing[*]}"
+apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
