@@ -12,13 +12,16 @@ MODEL_DIR  := $(BUILD)/models/$(MODEL)
 REPOSITORY := $(BUILD)/model_repository
 TRITON_DIR := $(BUILD)/triton
 PYTEST_ARGS ?=
+CHECKPOINT ?=
+CALIBRATION ?=
+GLM_TEST_DIR := $(BUILD)/models/glm-asr-tiny
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: system setup venv triton proto export repository serve demo test bench clean help
+.PHONY: system setup venv triton proto export repository serve demo test bench trt clean help
 
 help:
-	@echo "make setup | export [MODEL=whisper-base PRECISION=fp32|int8] | serve | demo | test | bench | clean"
+	@echo "make setup | export [MODEL=whisper-base|glm-asr-tiny|glm-asr-nano CHECKPOINT=DIR PRECISION=fp32|fp16|int8] | serve | demo | test | bench | trt | clean"
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +43,7 @@ system:
 setup: system venv triton proto
 
 export: setup
-	$(PY) -m export --model $(MODEL) --out $(MODEL_DIR)
+	$(PY) -m export --model $(MODEL) --out $(MODEL_DIR) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 	$(PY) -m model_repository.render --model-dir $(MODEL_DIR) --precision $(PRECISION) \
 		--execution-provider $(EXECUTION_PROVIDER) --out $(REPOSITORY)
 
@@ -53,7 +56,14 @@ demo: export
 	$(PY) -m gateway.local demo --model-dir $(MODEL_DIR) --repository $(REPOSITORY)
 
 test: export
-	ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m export --model glm-asr-tiny --out $(GLM_TEST_DIR)
+	ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) ASR_GLM_MODEL_DIR=$(abspath $(GLM_TEST_DIR)) \
+		$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# TensorRT engines from the ONNX files (stops with a clear message where TensorRT is absent).
+trt: export
+	$(PY) -m export.trt --model-dir $(MODEL_DIR) --precision $(if $(filter int8,$(PRECISION)),int8,fp16) \
+		$(if $(CALIBRATION),--calibration $(CALIBRATION))
 
 bench: export
 	$(VENV)/bin/pip install --quiet -r bench/requirements.txt

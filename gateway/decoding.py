@@ -21,6 +21,9 @@ Search (``openai/whisper`` ``BeamSearchDecoder`` + ``MaximumLikelihoodRanker``):
   excludes EOT; if none finished, the live beams are ranked instead.
 
 ``beam_size == 1`` is greedy decoding: the argmax token each step, stop at EOT.
+
+EOT may be several token ids (``eot_id`` a sequence: GLM-ASR ends on any of three); any
+of them finishes a hypothesis, exactly as a single EOT does.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ class DecodingResult:
     score: float  # ranking score (length-normalised, scorer bonuses included)
     eot_logprob: float | None = None  # log-prob of the final EOT when finished
     n_steps: int = 0  # decoder steps run
+    eot_token: int | None = None  # which EOT id ended it (several with multi-EOS models)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class _Hypothesis:
     score: float  # sum_logprob + scorer bonuses: what the search ranks by
     state: Any = None  # scorer state
     eot_logprob: float | None = None
+    eot_token: int | None = None
 
 
 @dataclass
@@ -203,11 +208,24 @@ def _check_output(out: StepOutput, n_rows: int, extra_ids: np.ndarray | None) ->
             raise DecodingError("step returned NaN extra log-probs")
 
 
+def _eot_set(eot_id: int | Sequence[int]) -> frozenset[int]:
+    """The end-of-text ids: one id or a non-empty sequence of ids."""
+    if isinstance(eot_id, (int, np.integer)) and not isinstance(eot_id, bool):
+        return frozenset((int(eot_id),))
+    try:
+        ids = frozenset(int(t) for t in eot_id)
+    except TypeError:
+        raise DecodingOptionsError(f"eot_id must be an int or a sequence of ints, got {eot_id!r}") from None
+    if not ids:
+        raise DecodingOptionsError("eot_id must name at least one token id")
+    return ids
+
+
 def _candidates(
     beams: Sequence[_Hypothesis],
     out: StepOutput,
     extra_ids: np.ndarray | None,
-    eot_id: int,
+    eot_ids: frozenset[int],
     scorer: TokenScorer | None,
 ) -> list[_Candidate]:
     """Every finite (beam, next token) pair, best score first."""
@@ -229,7 +247,7 @@ def _candidates(
             score = beam.score + lp
             state = beam.state
             if scorer is not None:
-                if token == eot_id:
+                if token in eot_ids:
                     score += scorer.finish(beam.state)
                 else:
                     bonus, state = scorer.advance(beam.state, token)
@@ -259,6 +277,7 @@ def _finish(cand: _Candidate) -> _Hypothesis:
         score=cand.score,
         state=parent.state,
         eot_logprob=cand.logprob,
+        eot_token=cand.token,
     )
 
 
@@ -274,6 +293,7 @@ def _to_result(hyp: _Hypothesis, rank_score: float, n_steps: int) -> DecodingRes
         score=rank_score,
         eot_logprob=hyp.eot_logprob,
         n_steps=n_steps,
+        eot_token=hyp.eot_token,
     )
 
 
@@ -281,12 +301,15 @@ async def beam_search(
     session: DecoderSession,
     prompt_ids: Sequence[int],
     options: DecodingOptions,
-    eot_id: int,
+    eot_id: int | Sequence[int],
     max_length: int,
     *,
     scorer: TokenScorer | None = None,
 ) -> DecodingResult:
-    """Best hypothesis after the prompt; see the module docstring for the search rules."""
+    """Best hypothesis after the prompt; see the module docstring for the search rules.
+
+    ``eot_id``: the end-of-text id, or several (any of them ends a hypothesis)."""
+    eot_ids = _eot_set(eot_id)
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise InvalidPromptError("prompt_ids is empty; it must hold at least <|startoftranscript|>")
@@ -316,8 +339,8 @@ async def beam_search(
         next_beams: list[_Hypothesis] = []
         parent_rows: list[int] = []
         newly_finished: list[_Hypothesis] = []
-        for cand in _candidates(beams, out, extra_ids, eot_id, scorer):
-            if cand.token == eot_id:
+        for cand in _candidates(beams, out, extra_ids, eot_ids, scorer):
+            if cand.token in eot_ids:
                 newly_finished.append(_finish(cand))
             else:
                 next_beams.append(_extend(cand))
