@@ -6,14 +6,21 @@ Raw PCM (gRPC ``RawAudio``) is converted with numpy and resampled by the same
 FFmpeg resampler, so both inputs share one rate-conversion path.
 
 Channels are downmixed by averaging them (FFmpeg's own float downmix adds
-stereo channels at 0.707 each, i.e. +3 dB for identical channels). Corrupt
-packets are skipped and counted; undecodable input raises AudioDecodeError.
-Empty input is not an error: it decodes to an empty array.
+stereo channels at 0.707 each, i.e. +3 dB for identical channels), or kept apart
+(``keep_channels``: stereo call recordings, agent on one channel and caller on the
+other). Corrupt packets are skipped and counted; undecodable input raises
+AudioDecodeError. Empty input is not an error: it decodes to an empty array.
+Output is written into one buffer sized from the container's duration, so a long
+recording is held once, not twice.
+
+:class:`PcmStream` and :class:`ContainerStream` decode audio that arrives in pieces
+(StreamingRecognize): raw PCM at a declared rate, or an encoded byte stream.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 
 import av
@@ -24,6 +31,10 @@ MIN_SAMPLE_RATE_HZ = 1000
 MAX_SAMPLE_RATE_HZ = 384000
 MAX_PCM_CHANNELS = 32
 PCM_FRAME_SAMPLES = 65536  # samples per channel in each frame pushed to the resampler
+MAX_SEPARATE_CHANNELS = 8  # channels that can be kept apart (keep_channels=True)
+MAX_PREALLOCATED_S = 4 * 3600.0  # longest duration estimate the output buffer is sized for
+_MIN_BUFFER_SAMPLES = 16000
+_CHECK_BLOCK = 1 << 20
 
 # Demuxers FFmpeg may pick for request bytes. Demuxers that open other files or URLs
 # (hls, concat, dash, image2, ...) and subtitle/text formats are not on it.
@@ -52,7 +63,7 @@ class AudioTooLongError(AudioDecodeError):
 class DecodedAudio:
     """Mono float32 samples at ``sample_rate`` plus what the source said about itself."""
 
-    samples: np.ndarray  # float32 [n], mono, at sample_rate
+    samples: np.ndarray  # float32 [n] mono (or [channels, n] with keep_channels), at sample_rate
     sample_rate: int  # Hz of `samples`
     source_sample_rate: int  # Hz of the input (the first decoded frame for containers)
     source_channels: int
@@ -64,22 +75,59 @@ class DecodedAudio:
     @property
     def duration_s(self) -> float:
         """Duration of `samples` in seconds."""
-        return self.samples.shape[0] / self.sample_rate
+        return self.samples.shape[-1] / self.sample_rate
 
 
-class _MonoResampler:
-    """Frames of any format/layout/rate -> mono float32 chunks at ``rate``.
+class _SampleBuffer:
+    """Growable float32 [channels, n] store written in place.
 
-    Each frame is converted to planar float at the target rate with its own channel
-    layout, then the channels are averaged. A new FFmpeg resampler is started (and the
-    previous one flushed) whenever the input format, layout or rate changes mid-stream.
+    Long recordings are the reason: collecting per-frame chunks and concatenating them at the
+    end holds every sample twice (a 2-hour file is 460 MB of float32 at 16 kHz). The buffer is
+    allocated once from the container's duration estimate (np.empty: pages are only committed
+    as they are written) and grown by half when the estimate was short.
     """
 
-    def __init__(self, rate: int):
+    def __init__(self, channels: int, expected_samples: int = 0):
+        self.channels = channels
+        self._data = np.empty((channels, max(int(expected_samples), _MIN_BUFFER_SAMPLES)), dtype=np.float32)
+        self.size = 0
+
+    def append(self, block: np.ndarray) -> None:  # [channels, m]
+        m = block.shape[1]
+        if self.size + m > self._data.shape[1]:
+            grown = np.empty((self.channels, max(self.size + m, self._data.shape[1] * 3 // 2)), dtype=np.float32)
+            grown[:, : self.size] = self._data[:, : self.size]
+            self._data = grown
+        self._data[:, self.size : self.size + m] = block
+        self.size += m
+
+    def result(self) -> np.ndarray:
+        """[channels, n] view of the samples written (unused capacity is never touched)."""
+        return self._data[:, : self.size]
+
+
+class _Resampler:
+    """Frames of any format/layout/rate -> float32 at ``rate``, mono or every channel.
+
+    Each frame is converted to planar float at the target rate with its own channel layout;
+    then either the channels are averaged (``keep_channels=False``) or kept as they are. With
+    ``keep_channels`` the channel count is fixed by the first frame; a later frame with another
+    count (rare: a layout change mid-stream) is averaged and copied into every channel. A new
+    FFmpeg resampler is started (and the previous one flushed) whenever the input format,
+    layout or rate changes mid-stream.
+    """
+
+    def __init__(self, rate: int, *, keep_channels: bool = False, expected_samples: int = 0):
         self.rate = rate
+        self.keep_channels = keep_channels
+        self._expected = expected_samples
         self._resampler: av.AudioResampler | None = None
         self._key: tuple | None = None
-        self._chunks: list[np.ndarray] = []
+        self._buffer: _SampleBuffer | None = None
+
+    @property
+    def channels(self) -> int:
+        return self._buffer.channels if self._buffer is not None else 0
 
     def push(self, frame: av.AudioFrame) -> None:
         key = (frame.format.name, frame.layout.name, frame.sample_rate)
@@ -90,12 +138,12 @@ class _MonoResampler:
         self._collect(self._resampler.resample(frame))
 
     def finish(self) -> np.ndarray:
+        """Mono float32 [n], or [channels, n] with ``keep_channels``."""
         self._flush()
-        if not self._chunks:
-            return np.zeros(0, dtype=np.float32)
-        samples = np.concatenate(self._chunks)
-        self._chunks = []
-        return samples
+        if self._buffer is None:
+            return np.zeros((1, 0) if self.keep_channels else 0, dtype=np.float32)
+        samples = self._buffer.result()
+        return samples if self.keep_channels else samples[0]
 
     def _flush(self) -> None:
         if self._resampler is not None:
@@ -106,15 +154,42 @@ class _MonoResampler:
     def _collect(self, frames: list[av.AudioFrame]) -> None:
         for frame in frames:
             planes = frame.to_ndarray()  # [channels, n] float32 (planar)
-            if planes.shape[0] == 1:
-                self._chunks.append(planes[0])
-            else:
-                self._chunks.append(planes.mean(axis=0, dtype=np.float32))
+            if self._buffer is None:
+                self._buffer = _SampleBuffer(planes.shape[0] if self.keep_channels else 1, self._expected)
+            if not self.keep_channels:
+                if planes.shape[0] > 1:
+                    planes = planes.mean(axis=0, dtype=np.float32, keepdims=True)
+            elif planes.shape[0] != self._buffer.channels:
+                mono = planes.mean(axis=0, dtype=np.float32, keepdims=True)
+                planes = np.broadcast_to(mono, (self._buffer.channels, mono.shape[1]))
+            self._buffer.append(planes)
+
+
+def _expected_samples(container, stream, rate: int, max_duration_s: float | None) -> int:
+    """Output samples the container says it holds (0 when unknown), capped by the limits."""
+    seconds = 0.0
+    try:
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / av.time_base
+    except (TypeError, ValueError, ZeroDivisionError):
+        seconds = 0.0
+    cap_s = min(MAX_PREALLOCATED_S, max_duration_s) if max_duration_s else MAX_PREALLOCATED_S
+    seconds = min(max(seconds, 0.0), cap_s)
+    return int((seconds * 1.01 + 1.0) * rate) if seconds > 0 else 0
 
 
 def _check_finite(samples: np.ndarray, what: str) -> None:
-    if not np.isfinite(samples).all():
-        bad = int(np.count_nonzero(~np.isfinite(samples)))
+    # One float64 sum (no temporary as large as the audio) catches NaN/Inf; only then count.
+    if np.isfinite(np.sum(samples, dtype=np.float64)):
+        return
+    flat = samples.reshape(-1)
+    bad = sum(
+        int(np.count_nonzero(~np.isfinite(flat[i : i + _CHECK_BLOCK])))
+        for i in range(0, flat.shape[0], _CHECK_BLOCK)
+    )
+    if bad:
         raise AudioDecodeError(f"{what} contains {bad} NaN/Inf samples")
 
 
@@ -122,6 +197,14 @@ def _check_duration(duration_s: float, max_duration_s: float | None) -> None:
     if max_duration_s is not None and duration_s > max_duration_s:
         raise AudioTooLongError(
             f"audio is {duration_s:.1f} s long; at most {max_duration_s:.1f} s is accepted"
+        )
+
+
+def _check_channels(channels: int, keep_channels: bool) -> None:
+    if keep_channels and channels > MAX_SEPARATE_CHANNELS:
+        raise AudioDecodeError(
+            f"audio has {channels} channels; at most {MAX_SEPARATE_CHANNELS} can be transcribed "
+            "separately (downmix it instead)"
         )
 
 
@@ -137,16 +220,19 @@ def load_audio(
     *,
     sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
+    keep_channels: bool = False,
 ) -> DecodedAudio:
-    """Decode any container FFmpeg reads into mono float32 at ``sample_rate``.
+    """Decode any container FFmpeg reads into float32 at ``sample_rate``.
 
+    Mono (channels averaged) by default; ``keep_channels`` gives [channels, n] (at most
+    MAX_SEPARATE_CHANNELS), e.g. agent and caller of a stereo call recording.
     Empty ``data`` gives empty samples. Raises AudioDecodeError when the bytes are not
     decodable audio, AudioTooLongError past ``max_duration_s`` (checked while decoding).
     """
     _check_sample_rate(sample_rate)
     if not data:
         return DecodedAudio(
-            samples=np.zeros(0, dtype=np.float32),
+            samples=np.zeros((1, 0) if keep_channels else 0, dtype=np.float32),
             sample_rate=sample_rate,
             source_sample_rate=sample_rate,
             source_channels=1,
@@ -174,7 +260,11 @@ def load_audio(
         if stream.codec_context is None:
             raise AudioDecodeError(f"no decoder for the audio stream in {container_name} input")
         codec = stream.codec_context.name
-        resampler = _MonoResampler(sample_rate)
+        resampler = _Resampler(
+            sample_rate,
+            keep_channels=keep_channels,
+            expected_samples=_expected_samples(container, stream, sample_rate, max_duration_s),
+        )
         source_rate = 0
         source_channels = 0
         source_duration_s = 0.0
@@ -202,6 +292,7 @@ def load_audio(
                 if not source_rate:
                     source_rate = frame.sample_rate
                     source_channels = frame.layout.nb_channels
+                    _check_channels(source_channels, keep_channels)
                 source_duration_s += frame.samples / frame.sample_rate
                 _check_duration(source_duration_s, max_duration_s)
                 try:
@@ -238,9 +329,12 @@ def decode_audio(
     *,
     sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
+    keep_channels: bool = False,
 ) -> np.ndarray:
-    """Samples only of :func:`load_audio`: mono float32 [n] at ``sample_rate``."""
-    return load_audio(data, sample_rate=sample_rate, max_duration_s=max_duration_s).samples
+    """Samples only of :func:`load_audio`: float32 [n] (or [channels, n]) at ``sample_rate``."""
+    return load_audio(
+        data, sample_rate=sample_rate, max_duration_s=max_duration_s, keep_channels=keep_channels
+    ).samples
 
 
 def load_pcm(
@@ -251,8 +345,10 @@ def load_pcm(
     *,
     target_sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
+    keep_channels: bool = False,
 ) -> DecodedAudio:
-    """Raw interleaved PCM -> mono float32 at ``target_sample_rate``.
+    """Raw interleaved PCM -> float32 at ``target_sample_rate``: mono (channels averaged),
+    or [channels, n] with ``keep_channels``.
 
     s16le is scaled by 1/32768; f32le is taken as is and must be finite.
     """
@@ -265,6 +361,7 @@ def load_pcm(
     _check_sample_rate(target_sample_rate, "target_sample_rate")
     if not 1 <= channels <= MAX_PCM_CHANNELS:
         raise AudioDecodeError(f"channels {channels} is outside 1..{MAX_PCM_CHANNELS}")
+    _check_channels(channels, keep_channels)
     frame_bytes = dtype.itemsize * channels
     if len(data) % frame_bytes:
         raise AudioDecodeError(
@@ -278,24 +375,20 @@ def load_pcm(
     interleaved = np.frombuffer(data, dtype=dtype).reshape(n_frames, channels)
     if encoding == "f32le":
         _check_finite(interleaved, "f32le PCM")
-    if channels == 1:
-        mono = interleaved[:, 0].astype(np.float32)
+    if keep_channels:
+        planes = [interleaved[:, c].astype(np.float32) for c in range(channels)]
+    elif channels == 1:
+        planes = [interleaved[:, 0].astype(np.float32)]
     else:
-        mono = interleaved.mean(axis=1, dtype=np.float32)
+        planes = [interleaved.mean(axis=1, dtype=np.float32)]
+    del interleaved
     if dtype.kind == "i":
-        mono *= np.float32(_S16_SCALE)
+        for plane in planes:
+            plane *= np.float32(_S16_SCALE)
 
-    if sample_rate == target_sample_rate:
-        samples = mono
-    else:
-        resampler = _MonoResampler(target_sample_rate)
-        for start in range(0, n_frames, PCM_FRAME_SAMPLES):
-            frame = av.AudioFrame.from_ndarray(
-                mono[None, start : start + PCM_FRAME_SAMPLES], format="flt", layout="mono"
-            )
-            frame.sample_rate = sample_rate
-            resampler.push(frame)
-        samples = resampler.finish()
+    if sample_rate != target_sample_rate:
+        planes = [_resample_mono(plane, sample_rate, target_sample_rate) for plane in planes]
+    samples = np.stack(planes) if keep_channels else planes[0]
 
     return DecodedAudio(
         samples=samples,
@@ -308,6 +401,18 @@ def load_pcm(
     )
 
 
+def _resample_mono(mono: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    expected = int(len(mono) * target_rate / rate) + target_rate
+    resampler = _Resampler(target_rate, expected_samples=expected)
+    for start in range(0, len(mono), PCM_FRAME_SAMPLES):
+        frame = av.AudioFrame.from_ndarray(
+            mono[None, start : start + PCM_FRAME_SAMPLES], format="flt", layout="mono"
+        )
+        frame.sample_rate = rate
+        resampler.push(frame)
+    return resampler.finish()
+
+
 def pcm_to_float(
     data: bytes,
     sample_rate: int,
@@ -316,8 +421,9 @@ def pcm_to_float(
     *,
     target_sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
+    keep_channels: bool = False,
 ) -> np.ndarray:
-    """Samples only of :func:`load_pcm`: mono float32 [n] at ``target_sample_rate``."""
+    """Samples only of :func:`load_pcm`: float32 [n] (or [channels, n]) at ``target_sample_rate``."""
     return load_pcm(
         data,
         sample_rate,
@@ -325,5 +431,276 @@ def pcm_to_float(
         channels,
         target_sample_rate=target_sample_rate,
         max_duration_s=max_duration_s,
+        keep_channels=keep_channels,
     ).samples
 
+
+
+# --------------------------------------------------------------------------- streams
+class _StreamResampler:
+    """Incremental mono resampler: frames in, the 16 kHz samples they produced out."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self._resampler: av.AudioResampler | None = None
+        self._key: tuple | None = None
+
+    def push(self, frame: av.AudioFrame | None) -> np.ndarray:
+        parts = []
+        if frame is not None:
+            key = (frame.format.name, frame.layout.name, frame.sample_rate)
+            if key != self._key:
+                parts.extend(self._drain(None))
+                self._resampler = av.AudioResampler(format="fltp", rate=self.rate)
+                self._key = key
+            parts.extend(self._drain(frame))
+        else:
+            parts.extend(self._drain(None))
+            self._resampler = None
+            self._key = None
+        if not parts:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _drain(self, frame: av.AudioFrame | None) -> list[np.ndarray]:
+        if self._resampler is None:
+            return []
+        out = []
+        for resampled in self._resampler.resample(frame):
+            planes = resampled.to_ndarray()
+            out.append(planes[0] if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32))
+        return out
+
+
+class PcmStream:
+    """Raw interleaved PCM arriving in pieces -> mono float32 at ``target_sample_rate``.
+
+    Pieces need not end on a frame boundary (the rest is kept for the next piece).
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        encoding: str = "s16le",
+        channels: int = 1,
+        *,
+        target_sample_rate: int = SAMPLE_RATE,
+    ) -> None:
+        self.dtype = PCM_ENCODINGS.get(encoding)
+        if self.dtype is None:
+            raise AudioDecodeError(
+                f"unknown PCM encoding {encoding!r}; expected one of {sorted(PCM_ENCODINGS)}"
+            )
+        _check_sample_rate(sample_rate)
+        _check_sample_rate(target_sample_rate, "target_sample_rate")
+        if not 1 <= channels <= MAX_PCM_CHANNELS:
+            raise AudioDecodeError(f"channels {channels} is outside 1..{MAX_PCM_CHANNELS}")
+        self.encoding = encoding
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.target_sample_rate = target_sample_rate
+        self.source_samples = 0  # frames (per channel) received so far
+        self._frame_bytes = self.dtype.itemsize * channels
+        self._rest = b""
+        self._resampler = None if sample_rate == target_sample_rate else _StreamResampler(target_sample_rate)
+
+    @property
+    def source_duration_s(self) -> float:
+        return self.source_samples / self.sample_rate
+
+    def feed(self, data: bytes) -> np.ndarray:
+        """Samples (at the target rate) that ``data`` completes; may be empty."""
+        data = self._rest + data if self._rest else data
+        whole = len(data) - len(data) % self._frame_bytes
+        self._rest = data[whole:]
+        if whole == 0:
+            return np.zeros(0, dtype=np.float32)
+        interleaved = np.frombuffer(data[:whole], dtype=self.dtype).reshape(-1, self.channels)
+        if self.encoding == "f32le":
+            _check_finite(interleaved, "f32le PCM")
+        mono = interleaved[:, 0].astype(np.float32) if self.channels == 1 else interleaved.mean(axis=1, dtype=np.float32)
+        if self.dtype.kind == "i":
+            mono *= np.float32(_S16_SCALE)
+        self.source_samples += mono.shape[0]
+        if self._resampler is None:
+            return mono
+        frame = av.AudioFrame.from_ndarray(mono[None], format="flt", layout="mono")
+        frame.sample_rate = self.sample_rate
+        return self._resampler.push(frame)
+
+    def finish(self) -> np.ndarray:
+        """The resampler's tail; a trailing partial frame is dropped."""
+        self._rest = b""
+        return self._resampler.push(None) if self._resampler is not None else np.zeros(0, dtype=np.float32)
+
+
+class _BytePipe:
+    """File-like object FFmpeg reads from while another thread writes into it."""
+
+    def __init__(self, max_buffered_bytes: int) -> None:
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._closed = False
+        self._aborted = False
+        self._cond = threading.Condition()
+        self.max_buffered_bytes = max_buffered_bytes
+        self.bytes_read = 0
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            if self._buffered + len(data) > self.max_buffered_bytes:
+                raise AudioDecodeError(
+                    f"the decoder is more than {self.max_buffered_bytes} bytes behind the stream"
+                )
+            self._chunks.append(data)
+            self._buffered += len(data)
+            self._cond.notify_all()
+
+    def close(self, abort: bool = False) -> None:
+        with self._cond:
+            self._closed = True
+            self._aborted = self._aborted or abort
+            self._cond.notify_all()
+
+    def read(self, n: int = -1) -> bytes:
+        with self._cond:
+            while not self._chunks and not self._closed:
+                self._cond.wait()
+            if self._aborted or not self._chunks:
+                return b""
+            data = b"".join(self._chunks)
+            if n is None or n < 0 or n >= len(data):
+                self._chunks = []
+            else:
+                self._chunks = [data[n:]]
+                data = data[:n]
+            self._buffered -= len(data)
+            self.bytes_read += len(data)
+            return data
+
+
+class ContainerStream:
+    """An encoded byte stream (OGG/Opus, MP3, WAV, AMR, ADTS AAC, FLAC, WebM, ...) arriving
+    in pieces -> mono float32 at ``target_sample_rate``.
+
+    FFmpeg demuxes and decodes in a worker thread that reads from a pipe; ``feed`` writes a
+    piece and returns whatever has been decoded since the last call (decoding runs behind the
+    writes by a little). ``container`` names the FFmpeg demuxer; empty means probe (which
+    reads a few KB before the first samples come out). Corrupt packets are skipped.
+    """
+
+    def __init__(
+        self,
+        container: str = "",
+        *,
+        target_sample_rate: int = SAMPLE_RATE,
+        max_buffered_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        container = container.strip().lower()
+        if container and container not in ALLOWED_DEMUXERS.split(","):
+            raise AudioDecodeError(
+                f"unknown container {container!r}; expected one of {ALLOWED_DEMUXERS}"
+            )
+        _check_sample_rate(target_sample_rate, "target_sample_rate")
+        self.container = container or None
+        self.target_sample_rate = target_sample_rate
+        self.codec = ""
+        self.source_sample_rate = 0
+        self.source_channels = 0
+        self.source_duration_s = 0.0
+        self.corrupt_packets = 0
+        self._pipe = _BytePipe(max_buffered_bytes)
+        self._out: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._error: AudioDecodeError | None = None
+        self._thread = threading.Thread(target=self._run, name="audio-stream-decoder", daemon=True)
+        self._thread.start()
+
+    def feed(self, data: bytes) -> np.ndarray:
+        self._raise_error()
+        if data:
+            self._pipe.write(data)
+        return self._take()
+
+    def finish(self, timeout_s: float = 30.0) -> np.ndarray:
+        """End of input: waits for the decoder to drain and returns the remaining samples."""
+        self._pipe.close()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.close()
+            raise AudioDecodeError(f"decoding the end of the stream took more than {timeout_s:.0f} s")
+        self._raise_error()
+        return self._take()
+
+    def close(self) -> None:
+        """Abandon the stream (cancellation): the worker stops at its next read."""
+        self._pipe.close(abort=True)
+
+    def _take(self) -> np.ndarray:
+        with self._lock:
+            parts, self._out = self._out, []
+        if not parts:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _emit(self, samples: np.ndarray) -> None:
+        if samples.size:
+            if not np.isfinite(np.sum(samples, dtype=np.float64)):
+                raise AudioDecodeError(f"decoded {self.codec} audio contains NaN/Inf samples")
+            with self._lock:
+                self._out.append(samples)
+
+    def _run(self) -> None:
+        try:
+            options = {"probesize": "32768", "analyzeduration": "0"}
+            if self.container is None:
+                options["format_whitelist"] = ALLOWED_DEMUXERS
+            try:
+                container = av.open(self._pipe, mode="r", format=self.container, container_options=options)
+            except (av.FFmpegError, OSError, ValueError) as exc:
+                raise AudioDecodeError(
+                    f"cannot read the stream as {self.container or 'an audio container'} "
+                    f"({exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc})"
+                ) from exc
+            with container:
+                if not container.streams.audio:
+                    raise AudioDecodeError(f"no audio stream in the {container.format.name} stream")
+                stream = container.streams.audio[0]
+                self.codec = stream.codec_context.name if stream.codec_context else "?"
+                resampler = _StreamResampler(self.target_sample_rate)
+                packets = container.demux(stream)
+                while True:
+                    try:
+                        packet = next(packets)
+                    except StopIteration:
+                        break
+                    except av.FFmpegError:
+                        self.corrupt_packets += 1
+                        break
+                    try:
+                        frames = packet.decode()
+                    except av.FFmpegError:
+                        self.corrupt_packets += 1
+                        continue
+                    for frame in frames:
+                        if frame.sample_rate <= 0 or frame.samples <= 0:
+                            continue
+                        if not self.source_sample_rate:
+                            self.source_sample_rate = frame.sample_rate
+                            self.source_channels = frame.layout.nb_channels
+                        self.source_duration_s += frame.samples / frame.sample_rate
+                        try:
+                            self._emit(resampler.push(frame))
+                        except (av.FFmpegError, ValueError):
+                            self.corrupt_packets += 1
+                self._emit(resampler.push(None))
+        except AudioDecodeError as error:
+            self._error = error
+        except Exception as error:  # noqa: BLE001 - reported to the caller as a decode error
+            self._error = AudioDecodeError(f"stream decoding failed: {error.__class__.__name__}: {error}")
+        finally:
+            self._pipe.close(abort=True)

@@ -113,8 +113,13 @@ class TritonAsrClient:
         *,
         suppress_ids: list[int] | None = None,
         begin_suppress_ids: list[int] | None = None,
+        timestamp_rules: tuple[int, int, int, int] | None = None,
     ) -> TritonDecoderSession:
-        return TritonDecoderSession(self, encoder_output, suppress_ids or [], begin_suppress_ids or [])
+        """``timestamp_rules`` = (timestamp_begin, no_timestamps id, max initial timestamp index, eot id):
+        the decoder applies Whisper's timestamp rules to this sequence (docs/INTERFACES.md)."""
+        return TritonDecoderSession(
+            self, encoder_output, suppress_ids or [], begin_suppress_ids or [], timestamp_rules=timestamp_rules
+        )
 
     async def _decoder_infer(self, inputs, sequence_id: int, start: bool, end: bool):
         outputs = [triton_grpc.InferRequestedOutput(name) for name in ("topk_logprobs", "topk_ids", "extra_logprobs")]
@@ -145,8 +150,11 @@ class TritonDecoderSession:
         encoder_output: np.ndarray,
         suppress_ids: list[int],
         begin_suppress_ids: list[int],
+        *,
+        timestamp_rules: tuple[int, int, int, int] | None = None,
     ) -> None:
         self._client = client
+        self._timestamp_rules = timestamp_rules
         self._encoder_output = encoder_output
         self._suppress_ids = suppress_ids
         self._begin_suppress_ids = begin_suppress_ids
@@ -176,6 +184,9 @@ class TritonDecoderSession:
             if self._begin_suppress_ids:
                 begin = np.array([self._begin_suppress_ids], dtype=np.int32)
                 inputs.append(_tensor("begin_suppress_ids", begin, "INT32"))
+            if self._timestamp_rules is not None:
+                rules = np.array([self._timestamp_rules], dtype=np.int32)
+                inputs.append(_tensor("timestamp_rules", rules, "INT32"))
         elif parent_beams is not None:
             parents = np.ascontiguousarray(parent_beams, dtype=np.int32)[np.newaxis]
             inputs.append(_tensor("parent_beams", parents, "INT32"))

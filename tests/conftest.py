@@ -70,8 +70,10 @@ def triton(repository, tmp_path_factory):
 def gateway(triton, model_dir, tmp_path_factory):
     from gateway.local import GatewayProcess
 
-    log_path = tmp_path_factory.mktemp("logs") / "gateway.log"
-    with GatewayProcess(model_dir, triton.grpc_url, log_path=log_path) as process:
+    logs = tmp_path_factory.mktemp("logs")
+    # never the project's default history database: tests write tickets
+    extra = ["--history-db", str(logs / "history.sqlite")]
+    with GatewayProcess(model_dir, triton.grpc_url, log_path=logs / "gateway.log", extra_args=extra) as process:
         yield process
 
 

@@ -453,12 +453,19 @@ def test_list_file_errors_name_file_and_line(tmp_path):
         load_hotword_file(tmp_path / "missing.txt")
 
 
-def test_shipped_lists_load():
-    root = os.path.join(os.path.dirname(__file__), "..", "config", "hotwords")
+def test_example_lists_load():
+    root = os.path.join(os.path.dirname(__file__), "..", "config", "hotwords.example")
     registry = HotwordRegistry(root, VOCAB)
     phrases = registry.phrases
     assert {"朝阳区", "建国路", "三里屯", "市住房和城乡建设委员会"} <= set(phrases)
     assert phrases["市住房和城乡建设委员会"] == 1.5
+
+
+def test_default_server_lists_ship_empty():
+    """Server lists bias every request, so a deployment opts in with its own names."""
+    root = os.path.join(os.path.dirname(__file__), "..", "config", "hotwords")
+    registry = HotwordRegistry(root, VOCAB)
+    assert registry.phrases == {} and registry.scorer() is None
 
 
 def test_registry_merges_reloads_and_keeps_old_lists_on_errors(tmp_path):

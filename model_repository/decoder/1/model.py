@@ -27,6 +27,15 @@ Memory layout (on CPU the cost that matters is copying caches, not arithmetic):
     reorder folded in) builds the next slab; released slabs go to a buffer pool instead of
     fresh page-faulted memory.
 
+Family switch (config parameter `family`; only the graph-running layer differs, the cache, beam
+and top-k machinery is shared):
+  - whisper: START runs decoder_init.onnx (cross-attention K/V kept per sequence); every step
+    feeds token ids to decoder_step.onnx;
+  - glm_asr: no cross-attention. Every step embeds its ids with embed_tokens.onnx; in a START
+    request the positions holding the audio placeholder (`audio_token_id` parameter) get the
+    rows of encoder_output (the audio embeddings, one per placeholder, in order); the step graph
+    runs on inputs_embeds.
+
 The backend stub runs Python in isolated mode (PYTHONPATH is ignored): the directory holding
 numpy (< 2) and onnxruntime comes from the `pylib_dir` parameter of config.pbtxt, else from
 the ASR_TRITON_PYLIB environment variable.
@@ -274,7 +283,7 @@ class _Slab:
 
 class _Seq:
     __slots__ = ("cid", "row", "kv", "kv_idx", "length", "beams", "suppress",
-                 "begin_suppress", "steps", "last_used")
+                 "begin_suppress", "steps", "last_used", "ts_rules", "history", "ts_pending")
 
     def __init__(self, cid, suppress, begin_suppress, now):
         self.cid = cid
@@ -287,11 +296,14 @@ class _Seq:
         self.begin_suppress = begin_suppress
         self.steps = 0
         self.last_used = now
+        self.ts_rules = None    # Whisper timestamp rules (timestamp_rules input), see _timestamp_rules
+        self.history = None     # [K, n] tokens generated so far per beam (timestamp rules only)
+        self.ts_pending = None  # (step, history) of a step not yet known to be committed
 
 
 class _Req:
     __slots__ = ("index", "cid", "start", "end", "ids", "K", "T", "parents", "top_k", "extra", "enc",
-                 "suppress", "begin", "seq", "response", "error", "code")
+                 "suppress", "begin", "seq", "response", "error", "code", "ts_rules")
 
     def __init__(self, index):
         self.index = index
@@ -302,6 +314,7 @@ class _Req:
         self.top_k = 5
         self.seq = self.response = self.error = None
         self.code = "INTERNAL"
+        self.ts_rules = None
 
 
 def _flag(request, name: str, bit: int) -> bool:
@@ -333,8 +346,18 @@ class TritonPythonModel:
             self.logger.log_warn(f"numpy {np.__version__} in the backend stub: the Python backend needs numpy < 2")
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         cfg = self.config
-        self.init_session = make_session(os.path.join(version_dir, _param(cfg, "init_onnx_file", "decoder_init.onnx")),
-                                         cfg, self.logger)
+        self.family = _param(cfg, "family", "whisper")
+        self.embeds = self.family == "glm_asr"  # family switch: see the module docstring
+        self.init_session = self.embed_session = None
+        if self.embeds:
+            self.embed_session = make_session(
+                os.path.join(version_dir, _param(cfg, "embed_onnx_file", "embed_tokens.onnx")), cfg, self.logger)
+            self.audio_token_id = int(_param(cfg, "audio_token_id", "-1"))
+            if self.audio_token_id < 0:
+                raise pb_utils.TritonModelException("a glm_asr decoder needs the audio_token_id parameter")
+        else:
+            self.init_session = make_session(
+                os.path.join(version_dir, _param(cfg, "init_onnx_file", "decoder_init.onnx")), cfg, self.logger)
         self.step_session, self.split = self._load_step(
             os.path.join(version_dir, _param(cfg, "step_onnx_file", "decoder_step.onnx")), cfg)
         self.max_sequences = int(_param(cfg, "max_sequences", "64"))
@@ -350,7 +373,9 @@ class TritonPythonModel:
         self.pool = _Pool(int(float(_param(cfg, "buffer_pool_mb", "1024")) * (1 << 20)))
 
         step_inputs = {i.name: i for i in self.step_session.get_inputs()}
-        expected = {"input_ids", "past_length"} | {n + ".0" if n in self.split else n for n in LAYER_STACKED}
+        stacked = LAYER_STACKED[:2] if self.embeds else LAYER_STACKED
+        expected = {"inputs_embeds" if self.embeds else "input_ids", "past_length"} | {
+            n + ".0" if n in self.split else n for n in stacked}
         missing = expected - set(step_inputs)
         if missing:
             raise pb_utils.TritonModelException(f"decoder_step.onnx lacks inputs {sorted(missing)}")
@@ -362,8 +387,12 @@ class TritonPythonModel:
             shape = meta.shape  # [L, N, K, H, P, dh]
         self.kv_dtype = _ORT_TYPES.get(meta.type, np.float32)
         self.kv_dims = tuple(d if isinstance(d, int) and d > 0 else None for d in (shape[0], shape[3], shape[5]))
-        init_inputs = [i.name for i in self.init_session.get_inputs()]
-        self.init_input = "encoder_output" if "encoder_output" in init_inputs else init_inputs[0]
+        if self.embeds:
+            self.init_input = None
+            self.embeds_dtype = _ORT_TYPES.get(step_inputs["inputs_embeds"].type, np.float32)
+        else:
+            init_inputs = [i.name for i in self.init_session.get_inputs()]
+            self.init_input = "encoder_output" if "encoder_output" in init_inputs else init_inputs[0]
         self.seqs = {}
         self.row_owner = []         # row r of cross_k/cross_v belongs to row_owner[r]
         self.cross_k = self.cross_v = None
@@ -388,6 +417,20 @@ class TritonPythonModel:
 
     def _warmup(self) -> None:
         """One tiny decoder_init + decoder_step run, so the first real request does not pay for it."""
+        if self.embeds:
+            started = time.perf_counter()
+            try:
+                L, H, dh = self.kv_dims
+                past = np.zeros((L, 1, 1, H, CAP_STEP, dh), self.kv_dtype)
+                feeds = {"inputs_embeds": self._embed([None], np.zeros((1, 1, 1), np.int64)),
+                         "past_length": np.zeros(1, np.int64)}
+                for name, array in (("past_k", past), ("past_v", past)):
+                    self._feed_layers(feeds, name, array)
+                self.step_session.run(["logits", "new_k", "new_v"], feeds)
+                self.logger.log_info(f"decoder warm-up {1e3 * (time.perf_counter() - started):.0f} ms")
+            except Exception as error:  # noqa: BLE001 - only a warm-up
+                self.logger.log_warn(f"decoder warm-up failed: {error!r}")
+            return
         dims = next((i.get("dims") for i in self.config.get("input", []) if i.get("name") == "encoder_output"), None)
         dims = [int(d) for d in dims] if dims else []
         if len(dims) != 2 or min(dims) <= 0:
@@ -494,6 +537,24 @@ class TritonPythonModel:
             req.enc = enc
             req.suppress = self._id_list(request, "suppress_ids")
             req.begin = self._id_list(request, "begin_suppress_ids")
+            req.ts_rules = self._timestamp_rules_input(request)
+
+    def _timestamp_rules_input(self, request):
+        """timestamp_rules [1, 4] = (timestamp_begin, no_timestamps id, max initial timestamp index
+        (-1: none), eot id), or None when absent."""
+        t = pb_utils.get_input_tensor_by_name(request, "timestamp_rules")
+        if t is None:
+            return None
+        arr = t.as_numpy()
+        if arr.shape != (1, 4):
+            raise RequestError(f"timestamp_rules must be [1, 4] (timestamp_begin, no_timestamps, "
+                               f"max_initial_timestamp_index, eot), got {list(arr.shape)}")
+        ts_begin, no_ts, max_initial, eot = (int(v) for v in arr.reshape(-1))
+        vocab = self.vocab or (1 << 31)
+        if not (0 < ts_begin < vocab and 0 <= no_ts < vocab and 0 <= eot < ts_begin and max_initial >= -1):
+            raise RequestError(f"timestamp_rules {arr.reshape(-1).tolist()} are not valid token ids for a "
+                               f"vocabulary of {self.vocab}")
+        return ts_begin, no_ts, max_initial, eot
 
     def _id_list(self, request, name: str):
         t = pb_utils.get_input_tensor_by_name(request, name)
@@ -595,6 +656,7 @@ class TritonPythonModel:
             if existing:  # restarting a sequence id: the old cache is gone
                 self._drop(req.cid)
             req.seq = _Seq(req.cid, req.suppress, req.begin, now)
+            req.seq.ts_rules = req.ts_rules
             self._pending_starts += 1
             length = 0
         else:
@@ -624,6 +686,13 @@ class TritonPythonModel:
     # ------------------------------------------------------------------ one group step
     def _start(self, starts) -> None:
         """Cross K/V for new sequences (one decoder_init run) stored in fresh rows."""
+        if self.embeds:  # glm_asr: the audio embeddings enter with the prompt (see _embed)
+            for q in starts:  # a bad START fails alone (it still runs, uncommitted, with its batch)
+                counts = (q.ids[0] == self.audio_token_id).sum(axis=1)
+                if counts.min() != counts.max() or int(counts[0]) != q.enc.shape[1]:
+                    self._fail(q, RequestError(f"the START prompt holds {counts.tolist()} audio placeholders (id "
+                                               f"{self.audio_token_id}) per beam for {q.enc.shape[1]} audio embeddings"))
+            return
         shapes = {q.enc.shape[1:] for q in starts}
         if len(shapes) != 1:
             raise RequestError(f"encoder_output shapes differ within one batch: {sorted(shapes)}")
@@ -681,7 +750,7 @@ class TritonPythonModel:
                     self._fail(q, error)
                 members = [q for q in members if not q.start]
             notes.append(f"init {1e3 * (time.perf_counter() - t0):.1f}")
-        members.sort(key=lambda q: q.seq.row)
+        members.sort(key=lambda q: -1 if q.seq.row is None else q.seq.row)
         for slots, view in self._plan(members):
             try:
                 notes.append(self._run(slots, K, T, now, view))
@@ -740,7 +809,9 @@ class TritonPythonModel:
         N = len(slots)
         t0 = time.perf_counter()
         rows = [q.seq.row for q in run]
-        if contiguous:
+        if self.embeds:  # no cross-attention
+            cross_k = cross_v = None
+        elif contiguous:
             a, b = rows[0], rows[0] + N
             cross_k, cross_v = self.cross_k[:, a:b], self.cross_v[:, a:b]  # per layer: contiguous views
         else:  # copy the rows together (into pooled buffers)
@@ -755,8 +826,13 @@ class TritonPythonModel:
             dummy = np.zeros((1, K, T), np.int64)
             ids = run[0].ids if N == 1 else np.concatenate([q.ids if q is not None else dummy for q in slots], axis=0)
             lengths = np.array([q.seq.length if q is not None else 0 for q in slots], dtype=np.int64)
-            feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "past_length": lengths}
-            for name, array in (("past_k", kv.k), ("past_v", kv.v), ("cross_k", cross_k), ("cross_v", cross_v)):
+            if self.embeds:
+                feeds = {"inputs_embeds": self._embed(slots, ids), "past_length": lengths}
+                stacks = (("past_k", kv.k), ("past_v", kv.v))
+            else:
+                feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "past_length": lengths}
+                stacks = (("past_k", kv.k), ("past_v", kv.v), ("cross_k", cross_k), ("cross_v", cross_v))
+            for name, array in stacks:
                 self._feed_layers(feeds, name, array)
             t1 = time.perf_counter()
             logits, new_k, new_v = self.step_session.run(["logits", "new_k", "new_v"], feeds)
@@ -795,12 +871,29 @@ class TritonPythonModel:
             if kv_new and kv.live == 0:  # nobody took the new slab (errors): back to the pool
                 kv.live = 1
                 self._release(kv)
-            if not contiguous:
+            if not contiguous and cross_k is not None:
                 self.pool.put(cross_k)
                 self.pool.put(cross_v)
         return (f"N={len(run)}{f'+{N - len(run)} dummy' if N > len(run) else ''} prep {1e3 * (t1 - t0):.1f}"
                 f"{'' if contiguous else '+cross copy'}{'+gather' if kv_new else ''} "
                 f"ort {1e3 * (t2 - t1):.1f} post {1e3 * (t3 - t2):.1f} commit {1e3 * (time.perf_counter() - t3):.1f}")
+
+    def _embed(self, slots, ids: np.ndarray) -> np.ndarray:
+        """glm_asr: inputs_embeds [N, K, T, D] of ids [N, K, T]; in the rows of START requests the
+        audio placeholders get that request's audio embeddings (checked in _start)."""
+        (emb,) = self.embed_session.run(["inputs_embeds"], {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)})
+        if emb.dtype != self.embeds_dtype or not emb.flags.writeable:
+            emb = emb.astype(self.embeds_dtype)
+        for n, q in enumerate(slots):
+            if q is not None and q.start and q.error is None:
+                audio = q.enc[0].astype(emb.dtype, copy=False)  # [A, D]
+                if audio.shape[-1] != emb.shape[-1]:
+                    self._fail(q, RequestError(f"encoder_output has width {audio.shape[-1]}, the decoder embeds "
+                                               f"to {emb.shape[-1]}"))
+                    continue
+                mask = q.ids[0] == self.audio_token_id  # [K, T], A per row
+                emb[n][mask] = np.broadcast_to(audio, (mask.shape[0],) + audio.shape).reshape(-1, audio.shape[-1])
+        return emb
 
     def _postprocess(self, members, logits: np.ndarray) -> None:
         """Suppression, log_softmax, top-k and extra ids; sets q.response (or q.error) per member."""
@@ -811,6 +904,8 @@ class TritonPythonModel:
                 logits[n][:, seq.suppress[seq.suppress < V]] = NEG_INF
             if seq.steps == 0 and seq.begin_suppress is not None:
                 logits[n][:, seq.begin_suppress[seq.begin_suppress < V]] = NEG_INF
+            if seq.ts_rules is not None:
+                self._timestamp_rules(q, logits[n])
         rows = logits.reshape(N * K, V)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             m = rows.max(axis=1, keepdims=True)
@@ -846,6 +941,52 @@ class TritonPythonModel:
                 ])
             except RequestError as error:
                 q.error, q.code = str(error), error.code
+
+    def _timestamp_rules(self, q, logits: np.ndarray) -> None:
+        """openai-whisper's ApplyTimestampRules on logits [K, V] (after suppression), per beam.
+
+        The tokens each beam generated so far (the prompt excluded) are kept per sequence and
+        reordered by parent_beams like the cache. A step's history only becomes the sequence's
+        history once the step is committed (seq.steps moved on), so a retried step starts over.
+        """
+        seq = q.seq
+        ts_begin, no_ts, max_initial, eot = seq.ts_rules
+        if seq.ts_pending is not None and seq.ts_pending[0] == seq.steps - 1:
+            seq.history = seq.ts_pending[1]
+        K, V = logits.shape
+        if q.start or seq.history is None:
+            history = np.zeros((K, 0), np.int64)
+        else:
+            base = seq.history if q.parents is None else seq.history[q.parents]
+            history = np.concatenate([base, q.ids[0].astype(np.int64)], axis=1)
+        seq.ts_pending = (seq.steps, history)
+        if no_ts < V:
+            logits[:, no_ts] = NEG_INF
+        for k in range(K):
+            tokens = history[k]
+            row = logits[k]
+            last_ts = tokens.size >= 1 and tokens[-1] >= ts_begin
+            penultimate_ts = tokens.size < 2 or tokens[-2] >= ts_begin
+            if last_ts:
+                if penultimate_ts:  # a pair is complete: text (or EOT) next
+                    row[ts_begin:] = NEG_INF
+                else:  # a segment just ended: another timestamp or EOT, no text
+                    row[:eot] = NEG_INF
+            stamps = tokens[tokens >= ts_begin]
+            if stamps.size:  # timestamps never decrease; a segment has a nonzero length
+                last = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
+                row[ts_begin:last] = NEG_INF
+            if tokens.size == 0:  # the first token is a timestamp, at most max_initial
+                row[:ts_begin] = NEG_INF
+                if max_initial >= 0:
+                    row[ts_begin + max_initial + 1:] = NEG_INF
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                stamp_part = row[ts_begin:]
+                top = stamp_part.max() if stamp_part.size else NEG_INF
+                if np.isfinite(top):
+                    stamp_lse = top + np.log(np.exp(stamp_part - top).sum())
+                    if stamp_lse > row[:ts_begin].max():  # timestamps together beat every text token
+                        row[:ts_begin] = NEG_INF
 
     def _empty_response(self, req: _Req):
         k = req.top_k
@@ -954,4 +1095,4 @@ class TritonPythonModel:
         with self._lock:
             for cid in list(self.seqs):
                 self._drop(cid)
-        self.init_session = self.step_session = None
+        self.init_session = self.step_session = self.embed_session = None

@@ -1,0 +1,117 @@
+"""Ticket analysis behind the gRPC API: AnalyzeTicket, CorrectTicket and Transcribe(analyze=true).
+
+The analyzer (taxonomy, embeddings) and the SQLite history are opened once per gateway
+process; analysis is CPU work, so it runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from google.protobuf.struct_pb2 import Struct
+
+from gateway.protocol import asr_pb2
+
+
+class TicketServiceError(ValueError):
+    """A client error in an analysis request (maps to INVALID_ARGUMENT)."""
+
+
+class TicketNotFound(LookupError):
+    """CorrectTicket named a ticket the history does not hold (maps to NOT_FOUND)."""
+
+
+def ticket_to_pb(ticket) -> asr_pb2.Ticket:
+    record = ticket.to_dict()
+    place = record.get("place") or {}
+    details = Struct()
+    details.update(json.loads(json.dumps(record, ensure_ascii=False, default=str)))
+    return asr_pb2.Ticket(
+        ticket_id=ticket.ticket_id,
+        received_at=str(record.get("received_at", "")),
+        category=ticket.category,
+        category_confidence=float(ticket.category_confidence),
+        category_evidence=[str(e.get("text", "")) for e in ticket.category_evidence],
+        urgency=ticket.urgency,
+        urgency_reasons=list(ticket.urgency_reasons),
+        district=place.get("district") or "",
+        street=place.get("street") or "",
+        address=place.get("address") or "",
+        department=ticket.department or "",
+        department_reason=ticket.department_reason or "",
+        duplicate_of=ticket.duplicate_of or "",
+        duplicate_score=float(ticket.duplicate_score or 0.0),
+        summary=ticket.summary or "",
+        flags=list(ticket.flags),
+        machine_generated=bool(ticket.machine_generated),
+        details=details,
+    )
+
+
+class TicketService:
+    """Lazily opened analyzer + history store, shared by all requests of one gateway."""
+
+    def __init__(self, history_db: Path | None = None, config_dir: Path | None = None) -> None:
+        self._history_db = history_db
+        self._config_dir = config_dir
+        self._lock = threading.Lock()
+        self._analyzer = None
+        self._store = None
+
+    def _open(self):
+        with self._lock:
+            if self._analyzer is None:
+                from analysis.analyzer import TicketAnalyzer, load_config
+                from analysis.store import HistoryStore
+
+                config = load_config(self._config_dir)
+                analyzer = TicketAnalyzer(config)
+                path = self._history_db or Path(config.defaults.store_path)
+                self._store = HistoryStore(path, categories=config.taxonomy.names)
+                self._analyzer = analyzer
+        return self._analyzer, self._store
+
+    def warm_up(self) -> None:
+        """Load the taxonomy, embedding model and history now rather than on the first request."""
+        self._open()
+
+    def analyze_sync(self, text: str, metadata: Mapping[str, Any], *, segments: Iterable[Mapping] | None = None, record: bool = False):
+        from analysis.errors import AnalysisError, HistoryStoreError
+
+        analyzer, store = self._open()
+        try:
+            return analyzer.analyze(text, dict(metadata), segments=segments, store=store, record=record)
+        except HistoryStoreError:
+            raise
+        except AnalysisError as error:
+            raise TicketServiceError(str(error)) from error
+
+    async def analyze(self, text: str, metadata: Mapping[str, Any], *, segments=None, record: bool = False) -> asr_pb2.Ticket:
+        ticket = await asyncio.to_thread(self.analyze_sync, text, metadata, segments=segments, record=record)
+        return ticket_to_pb(ticket)
+
+    def correct_sync(self, ticket_id: str, field: str, value: str, by: str) -> asr_pb2.CorrectTicketResponse:
+        from analysis.errors import CorrectionError, TicketNotFoundError
+
+        _, store = self._open()
+        try:
+            correction = store.correct(ticket_id, field, value, by)
+        except TicketNotFoundError as error:
+            raise TicketNotFound(str(error)) from error
+        except CorrectionError as error:
+            raise TicketServiceError(str(error)) from error
+        return asr_pb2.CorrectTicketResponse(
+            ticket_id=correction.ticket_id,
+            field=correction.field,
+            old_value=json.dumps(correction.old_value, ensure_ascii=False),
+            new_value=json.dumps(correction.new_value, ensure_ascii=False),
+            corrected_by=correction.corrected_by,
+            corrected_at=correction.corrected_at.isoformat(),
+        )
+
+    async def correct(self, ticket_id: str, field: str, value: str, by: str) -> asr_pb2.CorrectTicketResponse:
+        return await asyncio.to_thread(self.correct_sync, ticket_id, field, value, by)

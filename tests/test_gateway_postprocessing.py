@@ -1,0 +1,102 @@
+"""Hotwords, ITN and ticket analysis through the real gateway (gRPC) and Triton."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from gateway.protocol import asr_pb2
+from tests.conftest import PROJECT_ROOT, normalize_for_cer
+
+HOTWORD_DIR = PROJECT_ROOT / "data" / "hotwords"
+CALLS_DIR = PROJECT_ROOT / "data" / "calls"
+
+
+def _hotword_clips(limit: int):
+    lines = (HOTWORD_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines[:limit]]
+
+
+def test_hotwords_raise_term_recall(asr_stub):
+    found_without = found_with = total = 0
+    for clip in _hotword_clips(6):
+        audio = (HOTWORD_DIR / clip["audio"]).read_bytes()
+        base = dict(audio_content=audio, language="zh", beam_size=5, disable_server_hotwords=True)
+        plain = asr_stub.Transcribe(asr_pb2.TranscribeRequest(**base), timeout=120)
+        boosted = asr_stub.Transcribe(
+            asr_pb2.TranscribeRequest(**base, hotwords=[asr_pb2.Hotword(phrase=t, weight=1.0) for t in clip["terms"]]),
+            timeout=120,
+        )
+        for term in clip["terms"]:
+            total += 1
+            found_without += normalize_for_cer(term) in normalize_for_cer(plain.text)
+            found_with += normalize_for_cer(term) in normalize_for_cer(boosted.text)
+    assert found_with > found_without, f"recall {found_without}/{total} -> {found_with}/{total}"
+
+
+@pytest.mark.parametrize(
+    "hotword, message",
+    [(asr_pb2.Hotword(phrase="", weight=1.0), "empty"), (asr_pb2.Hotword(phrase="朝阳区", weight=50.0), "weight")],
+)
+def test_bad_hotwords_are_invalid_argument(asr_stub, hotword, message):
+    audio = (HOTWORD_DIR / "hw_000.flac").read_bytes()
+    with pytest.raises(grpc.RpcError) as error:
+        asr_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=audio, language="zh", hotwords=[hotword]), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details().lower()
+
+
+def test_itn_keeps_raw_text_and_adds_normalized(asr_stub):
+    audio = (CALLS_DIR / "call_01_E006.flac").read_bytes()
+    raw = asr_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=audio, language="zh", beam_size=1), timeout=120)
+    with_itn = asr_stub.Transcribe(
+        asr_pb2.TranscribeRequest(audio_content=audio, language="zh", beam_size=1, itn=True), timeout=120
+    )
+    assert with_itn.text == raw.text
+    assert with_itn.normalized_text
+    assert raw.normalized_text == ""
+    assert all(s.normalized_text for s in with_itn.segments if s.text)
+
+
+def test_transcribe_with_analyze_returns_a_ticket(asr_stub):
+    audio = (CALLS_DIR / "call_01_E006.flac").read_bytes()
+    response = asr_stub.Transcribe(
+        asr_pb2.TranscribeRequest(
+            audio_content=audio, language="zh", beam_size=1, analyze=True,
+            ticket_metadata={"received_at": "2026-11-16T08:50:00", "file": "call_01_E006.flac"},
+        ),
+        timeout=120,
+    )
+    ticket = response.ticket
+    assert ticket.machine_generated
+    assert ticket.category == "住房物业", response.text
+    assert ticket.urgency in ("high", "medium", "low")
+    assert ticket.details["transcript"] == response.text
+
+
+def test_analyze_and_correct_ticket_rpcs(asr_stub):
+    ticket = asr_stub.AnalyzeTicket(
+        asr_pb2.AnalyzeTicketRequest(text="江北区铁路新村门口的垃圾桶满了好几天了没人清运，臭得要命", record=True), timeout=60
+    )
+    assert ticket.category == "环境卫生" and ticket.district == "江北区" and ticket.department
+    corrected = asr_stub.CorrectTicket(
+        asr_pb2.CorrectTicketRequest(ticket_id=ticket.ticket_id, field="urgency", value="high", corrected_by="审核员"), timeout=30
+    )
+    assert json.loads(corrected.new_value) == "high" and json.loads(corrected.old_value) == ticket.urgency
+    with pytest.raises(grpc.RpcError) as error:
+        asr_stub.CorrectTicket(
+            asr_pb2.CorrectTicketRequest(ticket_id="HL-nope", field="urgency", value="high", corrected_by="x"), timeout=30
+        )
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as error:
+        asr_stub.CorrectTicket(
+            asr_pb2.CorrectTicketRequest(ticket_id=ticket.ticket_id, field="urgency", value="whenever", corrected_by="x"), timeout=30
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_analyze_empty_text(asr_stub):
+    ticket = asr_stub.AnalyzeTicket(asr_pb2.AnalyzeTicketRequest(text=""), timeout=60)
+    assert ticket.machine_generated and ticket.category
