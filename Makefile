@@ -18,7 +18,7 @@ GLM_TEST_DIR := $(BUILD)/models/glm-asr-tiny
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: system setup venv triton proto export repository serve demo test bench trt clean help
+.PHONY: system setup venv triton vad proto export repository serve demo test bench trt clean help
 
 help:
 	@echo "make setup | export [MODEL=whisper-base|glm-asr-tiny|glm-asr-nano CHECKPOINT=DIR PRECISION=fp32|fp16|int8] | serve | demo | test | bench | trt | clean"
