@@ -40,7 +40,10 @@ proto: venv
 system:
 	bash tools/setup_system.sh
 
-setup: system venv triton proto
+vad: venv
+	$(PY) tools/setup_vad.py --dest $(BUILD)/vad
+
+setup: system venv triton vad proto
 
 export: setup
 	$(PY) -m export --model $(MODEL) --out $(MODEL_DIR) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
