@@ -98,14 +98,6 @@ class GatewayProcess:
         self.stop()
 
 
-def sample_recordings() -> list[Path]:
-    """The embedded default input: the natural zh and en clips shipped by pytest-audioeval."""
-    import pytest_audioeval  # shipped test speech, installed by `make setup`
-
-    root = Path(next(iter(pytest_audioeval.__path__))).resolve() / "samples" / "audio"
-    return sorted((root / "zh").glob("*.wav")) + sorted((root / "en").glob("*.wav"))
-
-
 def _start_stack(args) -> tuple[TritonProcess, GatewayProcess]:
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)

