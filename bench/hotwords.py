@@ -1,19 +1,25 @@
 """Hotword biasing on the real decoding path: term recall, CER, false insertions, overhead.
 
-    python -m bench.hotwords [--model-dir build/models/whisper-base] [--precision fp32] [--boost 1.5]
+    python -m bench.hotwords [--model-dir build/models/whisper-base] [--precision fp32] [--boost 3.5 2.5]
 
 Starts a local Triton (rendered repository of the exported model) and decodes in-process
 with :class:`gateway.transcriber.Transcriber`'s pieces (features, Triton encoder, the
 stateful Triton decoder, ``beam_search``) with and without a
-:class:`gateway.hotwords.HotwordScorer` (the gateway does not take hotwords over gRPC yet).
+:class:`gateway.hotwords.HotwordScorer` (the same scorer the gRPC gateway builds).
 
 - hotword set: ``data/hotwords`` (``tools/make_hotword_set.py``): clips with rare place and
   department names; hotword list = ``terms.txt`` (spoken) + ``distractors.txt`` (never spoken);
+- general set: speech the list was not made for: the 20 demo calls (``data/calls``, a
+  fictional city's streets and departments) and the zh sample clips (pytest-audioeval);
+- conditions: no hotwords; the bench list at each ``--boost``, capped (the default
+  ``DecodingOptions.max_biased_logprob=0``) and, for the main boost, uncapped (how biasing
+  behaved before the cap); a 10,000-phrase list; and an *unrelated* list, the 103 Beijing
+  names of ``config/hotwords.example`` (capped and uncapped): what a deployment's server list
+  does to calls that mention none of its names;
 - term recall: spoken terms found in the hypothesis (simplified Chinese, no punctuation);
-- CER: on the hotword clips, and on the unrelated zh sample clips (pytest-audioeval) decoded
-  with the same hotword list (does biasing hurt other speech?);
-- false insertions: list terms not in a clip's reference that appear in its hypothesis
-  (distractors, and all list terms);
+- CER: on the hotword clips and on the general set (does biasing hurt other speech?);
+- false insertions: terms of the condition's list that are not in a clip's reference but
+  appear in its hypothesis (distractors; all list terms; on the general set);
 - overhead: time inside the scorer per decoder step against the decoder step itself, for
   the bench list and for a 10,000-phrase list; graph build time for 10,000 phrases.
 
@@ -26,9 +32,11 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +45,7 @@ import numpy as np
 from gateway.audio import decode_audio
 from gateway.decoding import DecodingOptions, beam_search
 from gateway.features import log_mel_spectrogram
-from gateway.hotwords import ContextGraph, HotwordOptions, HotwordScorer, WhisperVocabulary, load_hotword_file, parse_hotwords
+from gateway.hotwords import ContextGraph, HotwordOptions, HotwordScorer, load_hotword_file, parse_hotwords
 from gateway.transcriber import Transcriber
 from gateway.triton_client import TritonAsrClient
 from gateway.triton_process import TritonProcess
@@ -46,6 +54,7 @@ from tests.conftest import cer, normalize_for_cer, sample_clips
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA = PROJECT_ROOT / "data" / "hotwords"
+EXAMPLE_LISTS = PROJECT_ROOT / "config" / "hotwords.example"
 
 
 class TimedSession:
@@ -109,7 +118,14 @@ class Decoded:
     scorer_s: float = 0.0
 
 
-async def decode(transcriber: Transcriber, audio: np.ndarray, beam_size: int, scorer: HotwordScorer | None) -> Decoded:
+@dataclass(frozen=True)
+class Condition:
+    scorer: HotwordScorer | None
+    capped: bool = True  # DecodingOptions.max_biased_logprob = 0 (default) or None
+    terms: tuple[str, ...] = ()  # the list's phrases (insertions on the general set)
+
+
+async def decode(transcriber: Transcriber, audio: np.ndarray, beam_size: int, condition: Condition) -> Decoded:
     """One <= 30 s clip through Triton, as Transcriber._transcribe_window does, plus a scorer."""
     t0 = time.perf_counter()
     features = log_mel_spectrogram(audio, n_mels=transcriber.n_mels)
@@ -120,12 +136,13 @@ async def decode(transcriber: Transcriber, audio: np.ndarray, beam_size: int, sc
             encoder_output, suppress_ids=list(info["suppress_tokens"]), begin_suppress_ids=list(info["begin_suppress_tokens"])
         )
     )
-    timed = TimedScorer(scorer) if scorer is not None else None
+    timed = TimedScorer(condition.scorer) if condition.scorer is not None else None
+    cap = DecodingOptions().max_biased_logprob if condition.capped else None
     try:
         result = await beam_search(
             session,
             transcriber.tokenizer.sot_sequence(language="zh"),
-            DecodingOptions(beam_size=beam_size),
+            DecodingOptions(beam_size=beam_size, max_biased_logprob=cap),
             eot_id=info["eot"],
             max_length=transcriber.max_length,
             scorer=timed,
@@ -158,8 +175,32 @@ def synthetic_phrases(n: int, seed: int = 0) -> list[str]:
     return sorted(out)
 
 
+def load_general_set() -> list[dict]:
+    """Speech the bench list was not made for: the demo calls and the zh sample clips."""
+    calls = PROJECT_ROOT / "data" / "calls"
+    rows = []
+    for line in (calls / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            audio = decode_audio((calls / entry["file"]).read_bytes())
+            rows.append({"audio_array": audio, "text": entry["text"], "terms": [], "name": entry["file"]})
+    for clip in sample_clips():
+        if clip.language == "zh":
+            rows.append({"audio_array": decode_audio(clip.path.read_bytes()), "text": clip.reference_text, "terms": [], "name": clip.name})
+    return rows
+
+
+def load_example_list() -> list:
+    """The example server lists (Beijing districts, streets, departments): unrelated to both sets."""
+    return [hw for path in sorted(EXAMPLE_LISTS.glob("*.txt")) for hw in load_hotword_file(path)]
+
+
 def contains(text: str, term: str) -> bool:
     return normalize_for_cer(term) in normalize_for_cer(text)
+
+
+def list_insertions(rows, decoded: list[Decoded], terms: Sequence[str]) -> int:
+    return sum(contains(d.text, t) and not contains(row["text"], t) for row, d in zip(rows, decoded) for t in terms)
 
 
 def summarise(rows, decoded: list[Decoded], terms_all: list[str], distractors: list[str]) -> dict:
@@ -205,7 +246,7 @@ async def bench(args) -> dict:
             client = TritonAsrClient(triton.grpc_url)
             try:
                 transcriber = Transcriber(client, args.model_dir)
-                vocabulary = WhisperVocabulary(transcriber.tokenizer)
+                vocabulary = transcriber.family.hotword_vocabulary()
                 terms = list(load_hotword_file(DATA / "terms.txt"))
                 distractors = list(load_hotword_file(DATA / "distractors.txt"))
                 hotwords = parse_hotwords(terms + distractors)
@@ -223,37 +264,48 @@ async def bench(args) -> dict:
                 rows = load_set()
                 if args.limit:
                     rows = rows[: args.limit]
-                general = [
-                    {"audio_array": decode_audio(c.path.read_bytes()), "text": c.reference_text, "terms": [], "name": c.name}
-                    for c in sample_clips()
-                    if c.language == "zh"
-                ]
-                await decode(transcriber, rows[0]["audio_array"], args.beam_size, None)  # warm-up
+                general = load_general_set()
+                example = parse_hotwords(load_example_list())
+                example_graph = ContextGraph(example, vocabulary)
+                example_terms = tuple(h.phrase for h in example)
+                bench_terms = tuple(h.phrase for h in hotwords)
+                await decode(transcriber, rows[0]["audio_array"], args.beam_size, Condition(None))  # warm-up
                 term_names = [h.phrase for h in terms]
                 dist_names = [h.phrase for h in distractors]
-                conditions: dict[str, HotwordScorer | None] = {"baseline": None}
+                main_boost = args.boost[0]
+                conditions: dict[str, Condition] = {"baseline": Condition(None)}
                 for boost in args.boost:
-                    conditions[f"boost {boost:g}"] = HotwordScorer(graph, HotwordOptions(boost=boost))
-                conditions[f"boost {args.boost[0]:g}, 10k list"] = HotwordScorer(big_graph, HotwordOptions(boost=args.boost[0]))
+                    conditions[f"boost {boost:g}"] = Condition(HotwordScorer(graph, HotwordOptions(boost=boost)), True, bench_terms)
+                conditions[f"boost {main_boost:g} uncapped"] = Condition(HotwordScorer(graph, HotwordOptions(boost=main_boost)), False, bench_terms)
+                conditions[f"boost {main_boost:g}, 10k list"] = Condition(
+                    HotwordScorer(big_graph, HotwordOptions(boost=main_boost)), True, tuple(h.phrase for h in big))
+                unrelated = HotwordScorer(example_graph, HotwordOptions(boost=main_boost))
+                conditions[f"boost {main_boost:g}, unrelated list"] = Condition(unrelated, True, example_terms)
+                conditions[f"boost {main_boost:g}, unrelated list uncapped"] = Condition(unrelated, False, example_terms)
+                if args.only:
+                    conditions = {k: v for k, v in conditions.items() if k == "baseline" or re.search(args.only, k)}
                 # conditions interleaved clip by clip: machine load affects all of them alike
                 decoded: dict[str, list[Decoded]] = {name: [] for name in conditions}
                 general_decoded: dict[str, list[Decoded]] = {name: [] for name in conditions}
                 for i, row in enumerate(rows):
-                    print(f"clip {i + 1}/{len(rows)}", end="\r", flush=True)
-                    for name, scorer in conditions.items():
-                        decoded[name].append(await decode(transcriber, row["audio_array"], args.beam_size, scorer))
-                for row in general:
-                    for name, scorer in conditions.items():
-                        general_decoded[name].append(await decode(transcriber, row["audio_array"], args.beam_size, scorer))
+                    print(f"hotword clip {i + 1}/{len(rows)}", end="\r", flush=True)
+                    for name, condition in conditions.items():
+                        decoded[name].append(await decode(transcriber, row["audio_array"], args.beam_size, condition))
+                for i, row in enumerate(general):
+                    print(f"general clip {i + 1}/{len(general)}  ", end="\r", flush=True)
+                    for name, condition in conditions.items():
+                        general_decoded[name].append(await decode(transcriber, row["audio_array"], args.beam_size, condition))
                 results = {}
                 base_s = sum(d.seconds for d in decoded["baseline"])
-                for name in conditions:
+                for name, condition in conditions.items():
                     summary = summarise(rows, decoded[name], term_names, dist_names)
                     summary["decode_time_vs_baseline"] = sum(d.seconds for d in decoded[name]) / base_s
                     summary["texts"] = [d.text for d in decoded[name]]
                     summary["general_cer"] = statistics.mean(cer(d.text, r["text"]) for d, r in zip(general_decoded[name], general))
+                    summary["general_list_insertions"] = list_insertions(general, general_decoded[name], condition.terms)
                     summary["general_texts"] = [d.text for d in general_decoded[name]]
                     results[name] = summary
+                report["general"] = [{"name": r["name"], "text": r["text"]} for r in general]
                 report["results"] = results
                 report["clips"] = [{"audio": r["audio"], "text": r["text"], "terms": r["terms"]} for r in rows]
             finally:
@@ -265,10 +317,11 @@ def print_report(report: dict) -> None:
     results = report["results"]
     print(f"\nbeam {report['beam_size']}, {report['precision']}; list: {report['bench_list']['phrases']} phrases "
           f"(graph {report['bench_list']['build_ms']:.1f} ms); 10k list graph {report['list_10k']['build_ms']:.0f} ms\n")
-    print("| condition | term recall | CER hotword set | CER general zh | distractor insertions (rate) | other list-term insertions | decode s (vs baseline) | decoder steps | step ms (median) | time in Triton steps s | scorer ms/step | scorer overhead |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"general set: {len(report['general'])} clips (demo calls + zh samples)\n")
+    print("| condition | term recall | CER hotword set | CER general | list-term insertions general | distractor insertions (rate) | other list-term insertions | decode s (vs baseline) | decoder steps | step ms (median) | time in Triton steps s | scorer ms/step | scorer overhead |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        general = f"{100 * r['general_cer']:.1f}%"
+        general = f"{100 * r['general_cer']:.1f}% | {r['general_list_insertions']}"
         print(
             f"| {name} | {100 * r['term_recall']:.1f}% ({r['terms_found']}/{r['terms_total']}) | {100 * r['cer']:.1f}% | {general} | "
             f"{r['distractor_insertions']} ({100 * r['distractor_insertion_rate']:.2f}%) | {r['other_list_term_insertions']} | "
@@ -280,6 +333,14 @@ def print_report(report: dict) -> None:
     for clip, a, b in zip(report["clips"], base, results[best]["texts"]):
         mark = "  " if a == b else "* "
         print(f"{mark}{clip['text']}\n    base: {a}\n    hw:   {b}")
+    print("\ngeneral clips that change under a list (baseline -> each condition that differs):")
+    for i, clip in enumerate(report["general"]):
+        a = results["baseline"]["general_texts"][i]
+        changed = [(name, r["general_texts"][i]) for name, r in results.items() if name != "baseline" and r["general_texts"][i] != a]
+        if changed:
+            print(f"* {clip['name']}: {clip['text']}\n    base: {a}")
+            for name, text in changed:
+                print(f"    {name}: {text}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--boost", type=float, nargs="+", default=[3.5, 2.5], help="one or more boosts to compare (the first is the main one)")
+    parser.add_argument("--only", default="", help="regex: run only the conditions it matches (and the baseline)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N hotword clips")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "build" / "bench" / "hotwords.json")
     args = parser.parse_args(argv)

@@ -24,6 +24,16 @@ Search (``openai/whisper`` ``BeamSearchDecoder`` + ``MaximumLikelihoodRanker``):
 
 EOT may be several token ids (``eot_id`` a sequence: GLM-ASR ends on any of three); any
 of them finishes a hypothesis, exactly as a single EOT does.
+
+Scorer bonuses are capped (``max_biased_logprob``, default 0): a bonus may lift a token
+at most to that log-prob, i.e. biasing can make a token look certain but never better
+than certain. Without the cap a list of names earns more than the audio costs, so a
+hypothesis gains by spelling names that were never said (repetition loops of listed
+terms). The search keeps the bookkeeping exact: per hypothesis it tracks the bonus
+actually *granted* to the scorer's unfinished match (``-finish(state)`` is the nominal
+one) and to completed matches; when a match breaks or the hypothesis ends unfinished,
+exactly what was granted is taken back, and a completed match keeps what was granted
+to its tokens (plus its completion bonus, capped by the completing token's room).
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ class DecodingOptions:
     patience: float = 1.0  # stop after round(beam_size * patience) finished hypotheses
     length_penalty: float | None = None  # None: divide by length; alpha in [0, 1]: GNMT penalty
     max_new_tokens: int | None = None  # generated tokens (EOT included); None: up to max_length
+    # a scorer bonus lifts a token's log-prob at most to this (natural log); None: uncapped
+    max_biased_logprob: float | None = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int):
@@ -76,6 +88,15 @@ class DecodingOptions:
             or self.max_new_tokens < 1
         ):
             raise DecodingOptionsError(f"max_new_tokens must be None or an int >= 1, got {self.max_new_tokens!r}")
+        if self.max_biased_logprob is not None and not (
+            isinstance(self.max_biased_logprob, (int, float))
+            and not isinstance(self.max_biased_logprob, bool)
+            and math.isfinite(self.max_biased_logprob)
+            and self.max_biased_logprob <= 0.0
+        ):
+            raise DecodingOptionsError(
+                f"max_biased_logprob must be None or a finite log-prob <= 0, got {self.max_biased_logprob!r}"
+            )
 
     @property
     def max_candidates(self) -> int:
@@ -133,7 +154,9 @@ class TokenScorer(Protocol):
         ...
 
     def finish(self, state: Any) -> float:
-        """Bonus when the hypothesis ends (EOT or length limit), e.g. to take back a partial match."""
+        """Bonus when the hypothesis ends (EOT or length limit): minus the bonus earned by
+        the unfinished match of ``state`` (0 when nothing is pending). The search also reads
+        it as the nominal pending bonus of a state to keep capped bonuses exact."""
         ...
 
 
@@ -151,14 +174,47 @@ class DecodingResult:
 
 
 @dataclass(frozen=True)
+class _Bonus:
+    """Scorer bonus of a hypothesis: nominal pending (the scorer's) and what was granted."""
+
+    nominal_pending: float = 0.0  # -scorer.finish(state)
+    granted_pending: float = 0.0  # granted to the unfinished match (taken back if it breaks)
+    granted_committed: float = 0.0  # granted to completed matches (kept)
+
+    @property
+    def granted(self) -> float:
+        return self.granted_pending + self.granted_committed
+
+    def step(self, nominal_bonus: float, nominal_pending: float, room: float) -> _Bonus:
+        """After a token whose nominal bonus is ``nominal_bonus`` and after which the scorer's
+        pending bonus is ``nominal_pending``; at most ``room`` (>= 0) may be granted to it."""
+        pending_rise = nominal_pending - self.nominal_pending
+        completed = max(0.0, nominal_bonus - pending_rise)  # nominal bonus of matches completed now
+        kept = min(self.granted_pending, max(0.0, nominal_pending))
+        freed = self.granted_pending - kept  # granted to a match that completed or broke
+        converted = min(freed, completed)  # a completed match keeps what its tokens were granted
+        grant_completed = min(completed - converted, room)
+        grant_pending = min(max(0.0, pending_rise), room - grant_completed, max(0.0, nominal_pending) - kept)
+        return _Bonus(
+            nominal_pending=nominal_pending,
+            granted_pending=kept + max(0.0, grant_pending),
+            granted_committed=self.granted_committed + converted + grant_completed,
+        )
+
+
+_NO_BONUS = _Bonus()
+
+
+@dataclass(frozen=True)
 class _Hypothesis:
     tokens: tuple[int, ...]
     token_logprobs: tuple[float, ...]
     sum_logprob: float  # model log-probs only
-    score: float  # sum_logprob + scorer bonuses: what the search ranks by
+    score: float  # sum_logprob + granted scorer bonuses: what the search ranks by
     state: Any = None  # scorer state
     eot_logprob: float | None = None
     eot_token: int | None = None
+    bonus: _Bonus = _NO_BONUS
 
 
 @dataclass
@@ -170,6 +226,7 @@ class _Candidate:
     logprob: float
     score: float
     state: Any = None  # scorer state after the token
+    bonus: _Bonus = _NO_BONUS
 
 
 def _length_normalised(score: float, length: int, length_penalty: float | None) -> float:
@@ -227,6 +284,7 @@ def _candidates(
     extra_ids: np.ndarray | None,
     eot_ids: frozenset[int],
     scorer: TokenScorer | None,
+    max_biased_logprob: float | None,
 ) -> list[_Candidate]:
     """Every finite (beam, next token) pair, best score first."""
     logprobs = np.asarray(out.topk_logprobs, dtype=np.float64)
@@ -245,14 +303,16 @@ def _candidates(
             if not math.isfinite(lp):  # suppressed (-inf)
                 continue
             score = beam.score + lp
-            state = beam.state
+            state, bonus = beam.state, beam.bonus
             if scorer is not None:
                 if token in eot_ids:
-                    score += scorer.finish(beam.state)
+                    score -= beam.bonus.granted_pending  # an unfinished match gives back what it got
                 else:
-                    bonus, state = scorer.advance(beam.state, token)
-                    score += bonus
-            candidates.append(_Candidate((-score, row, rank), row, beam, token, lp, score, state))
+                    nominal, state = scorer.advance(beam.state, token)
+                    room = math.inf if max_biased_logprob is None else max(0.0, max_biased_logprob - lp)
+                    bonus = beam.bonus.step(nominal, -scorer.finish(state), room)
+                    score += bonus.granted - beam.bonus.granted
+            candidates.append(_Candidate((-score, row, rank), row, beam, token, lp, score, state, bonus))
     candidates.sort(key=lambda c: c.sort_key)
     return candidates
 
@@ -265,6 +325,7 @@ def _extend(cand: _Candidate) -> _Hypothesis:
         sum_logprob=parent.sum_logprob + cand.logprob,
         score=cand.score,
         state=cand.state,
+        bonus=cand.bonus,
     )
 
 
@@ -339,7 +400,7 @@ async def beam_search(
         next_beams: list[_Hypothesis] = []
         parent_rows: list[int] = []
         newly_finished: list[_Hypothesis] = []
-        for cand in _candidates(beams, out, extra_ids, eot_ids, scorer):
+        for cand in _candidates(beams, out, extra_ids, eot_ids, scorer, options.max_biased_logprob):
             if cand.token in eot_ids:
                 newly_finished.append(_finish(cand))
             else:
@@ -366,8 +427,10 @@ async def beam_search(
     else:
         # Nothing ended with EOT (length limit): rank the live beams instead.
         live = next_beams or beams
-        end = (lambda h: scorer.finish(h.state)) if scorer is not None else (lambda h: 0.0)
-        pool = [_Hypothesis(h.tokens, h.token_logprobs, h.sum_logprob, h.score + end(h), h.state) for h in live]
+        pool = [
+            _Hypothesis(h.tokens, h.token_logprobs, h.sum_logprob, h.score - h.bonus.granted_pending, h.state)
+            for h in live
+        ]
         if not any(h.tokens for h in pool):
             raise DecodingError("every candidate had log-prob -inf: no hypothesis to return")
     ranked = [(_length_normalised(h.score, len(h.tokens), options.length_penalty), h) for h in pool]

@@ -17,7 +17,9 @@ model-specific, from the exported model directory only (``model_info.json``, ``t
 - ``decode(tokens)``: text of generated ids;
 - language: ``supports_language_detection`` and, for Whisper, the detection prompt/ids;
   ``language_of(text)`` for a family that does not report the language (joining chunk texts);
-- ``supports_timestamps``: Whisper's timestamp tokens (word timestamps); GLM-ASR has none.
+- ``supports_timestamps``: Whisper's timestamp tokens (word timestamps); GLM-ASR has none;
+- ``hotword_vocabulary()``: token bytes for hotword biasing (``gateway.hotwords``), None for a
+  family whose tokenizer the context graph cannot read (both families here are byte-level BPE).
 
 ``load_family(model_dir)`` picks the implementation from ``model_info.json``'s ``family``;
 ``check_deployed(family, deployed)`` compares it with what Triton serves (the decoder's
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.hotwords import ByteLevelVocabulary, TokenVocabulary, WhisperVocabulary
 from gateway.tokenizer import (
     MODEL_INFO_FILE,
     TOKENIZER_FILE,
@@ -69,6 +72,7 @@ class ModelFamily(ABC):
     max_new_tokens: int | None  # generated tokens per window (None: up to max_length)
     supports_language_detection: bool
     supports_timestamps: bool
+    _vocabulary: TokenVocabulary | None = None
 
     @abstractmethod
     def validate(self, language: str | None, task: str = "transcribe") -> None:
@@ -99,6 +103,15 @@ class ModelFamily(ABC):
         if cjk and cjk >= latin / 4:
             return "zh"
         return "en" if latin else ""
+
+    def hotword_vocabulary(self) -> TokenVocabulary | None:
+        """Token bytes for hotword biasing (built once); None: this family cannot take hotwords."""
+        if self._vocabulary is None:
+            self._vocabulary = self._build_vocabulary()
+        return self._vocabulary
+
+    def _build_vocabulary(self) -> TokenVocabulary | None:
+        return None
 
     # language detection (Whisper only)
     def language_detection_prompt(self) -> list[int]:
@@ -153,6 +166,9 @@ class WhisperFamily(ModelFamily):
 
     def language_token_ids(self) -> dict[str, int]:
         return dict(self.tokenizer.special.lang_to_id)
+
+    def _build_vocabulary(self) -> TokenVocabulary:
+        return WhisperVocabulary(self.tokenizer)
 
 
 class GlmAsrFamily(ModelFamily):
@@ -231,6 +247,11 @@ class GlmAsrFamily(ModelFamily):
     def decode(self, tokens: Iterable[int]) -> str:
         ids = [int(t) for t in tokens if int(t) not in self._special_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def _build_vocabulary(self) -> TokenVocabulary:
+        # every added token (chat markers, audio placeholder, eos) is a control token here
+        ignore = {*self.tokenizer.get_added_tokens_decoder(), *self.eos_ids, self.audio_token_id}
+        return ByteLevelVocabulary(self.tokenizer, ignore, int(self.model_info.get("vocab_size") or self.tokenizer.get_vocab_size()))
 
 
 def _read_json(path: Path) -> dict:

@@ -219,17 +219,19 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-class WhisperVocabulary:
-    """Token bytes and batch encoding for a :class:`gateway.tokenizer.WhisperTokenizer`."""
+class ByteLevelVocabulary:
+    """Token bytes and batch encoding for a byte-level BPE ``tokenizers.Tokenizer`` (Whisper's,
+    GLM-ASR's): ids ``>= vocab_size``, those in ``ignore_ids`` (special/added tokens) and ids
+    whose string is not GPT-2 byte-level map to None."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, ignore_ids: Iterable[int], vocab_size: int) -> None:
         self._tokenizer = tokenizer
         decoder = _byte_decoder()
+        ignore = frozenset(int(i) for i in ignore_ids)
         table: list[bytes | None] = []
-        vocab_size = tokenizer.special.timestamp_begin
-        for token_id in range(vocab_size):
-            piece = tokenizer.decode_token(token_id)
-            if not piece or tokenizer.is_special(token_id) or any(c not in decoder for c in piece):
+        for token_id in range(int(vocab_size)):
+            piece = tokenizer.id_to_token(token_id)
+            if not piece or token_id in ignore or any(c not in decoder for c in piece):
                 table.append(None)
             else:
                 table.append(bytes(decoder[c] for c in piece))
@@ -239,10 +241,14 @@ class WhisperVocabulary:
         return self._table[token_id] if 0 <= token_id < len(self._table) else None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        backend = getattr(self._tokenizer, "_tokenizer", None)  # HF tokenizers: batch encode in Rust
-        if backend is not None and hasattr(backend, "encode_batch"):
-            return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
-        return [self._tokenizer.encode(t) for t in texts]
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+
+class WhisperVocabulary(ByteLevelVocabulary):
+    """The vocabulary of a :class:`gateway.tokenizer.WhisperTokenizer` (control and timestamp tokens ignored)."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__(tokenizer.backend, tokenizer.special_ids, tokenizer.timestamp_begin)
 
 
 # ---------------------------------------------------------------------------------------

@@ -181,6 +181,8 @@ _TIME = re.compile(
 _TIME_BEFORE = re.compile(r"(今天|明天|后天|昨天|前天|今早|今晚|明早|明晚|号|日|每天|天天|周[一二三四五六日天]|星期[一二三四五六日天]|礼拜[一二三四五六日天]|到|至|从|约|大约|大概)$")
 _TIME_AFTER = re.compile(r"^(到|至|前|后|以前|以后|之前|之后|左右|开始|结束|多|的时候|上班|下班|以内|那会|—|-|~)")
 
+# vague quantities stay as spoken: 十几个 / 几十个 / 二十几岁 / 十来个 (10几个 or 几10个 are wrong)
+_VAGUE = re.compile(rf"[{D}十百千万]*几[十百千万亿]*|[{D}十百千]+来(?=[个岁年天次人块元米斤位名家只条辆])")
 _PERCENT = re.compile(rf"百分之(?P<num>{NUMBER}|百)")
 _MONEY = re.compile(
     rf"(?P<yuan>{NUM_RUN}(?:点[{D}]+)?)(?:(?P<unit>块钱|块|元钱|元)(?P<jiao>[{D[3:]}])?(?:(?:毛|角)(?P<fen>[{D[3:]}])?分?)?|(?P<mao>毛钱|毛|角钱|角)(?P<fen2>[{D[3:]}])?(?:分)?)"
@@ -427,6 +429,7 @@ def _normalize_chunk(text: str, options: ItnOptions) -> str:
         # a term right after a numeral is part of a number: 三十分 is not 十分 (very)
         segments = _apply(segments, protected, lambda m, b, a: None if b and (b[-1] in _DIGIT or b[-1] in "十百千万点") else m.group(0))
     segments = _apply(segments, re.compile(r"[A-Za-z][A-Za-z'\- ]*[A-Za-z]|[A-Za-z]"), lambda m, b, a: m.group(0))
+    segments = _apply(segments, _VAGUE, lambda m, b, a: m.group(0))
     segments = _apply(segments, _PERCENT, lambda m, b, a: "100%" if m.group("num") == "百" else (lambda n: f"{n}%" if n else None)(parse_number(m.group("num"))))
     chinese_time = ItnOptions(time_format="chinese")
     segments = _apply(

@@ -39,7 +39,7 @@ from gateway.audio import (
 )
 from gateway import itn
 from gateway.decoding import DecodingError
-from gateway.hotwords import HotwordError, HotwordRegistry, WhisperVocabulary, default_hotword_dir
+from gateway.hotwords import HotwordError, HotwordRegistry, default_hotword_dir
 from gateway.ticket_service import TicketNotFound, TicketService, TicketServiceError
 from gateway.protocol import asr_pb2, asr_pb2_grpc
 from gateway.streaming import (
@@ -152,7 +152,7 @@ def _hotword_scorer(registry: HotwordRegistry | None, request):
     """Per-request hotwords merged with the server lists; None when there is nothing to boost."""
     if registry is None:
         if request.hotwords:
-            raise HotwordError("hotwords are not supported for this model family yet")
+            raise HotwordError("hotwords are not supported for this model family")
         return None
     requested = {}
     for hotword in request.hotwords:
@@ -162,6 +162,20 @@ def _hotword_scorer(registry: HotwordRegistry | None, request):
         use_server_lists=not request.disable_server_hotwords,
         boost=request.hotword_boost or None,
     )
+
+
+def _itn_options(registry: HotwordRegistry | None, request) -> itn.ItnOptions | None:
+    """ITN settings of a TranscribeRequest or StreamingConfig; None without ``itn``.
+
+    Protected terms (left as spoken): the server lists' phrases + the request's hotwords.
+    """
+    if request.itn_time_format not in ("", "24h", "chinese"):
+        raise RequestError(f"itn_time_format must be '24h' or 'chinese', got {request.itn_time_format!r}")
+    if not request.itn:
+        return None
+    server_terms = registry.terms if registry else frozenset()
+    protected = server_terms | {h.phrase for h in request.hotwords}
+    return itn.ItnOptions(enabled=True, time_format=request.itn_time_format or "24h", protected_terms=protected)
 
 
 class AsrService(asr_pb2_grpc.AsrServicer):
@@ -177,7 +191,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         self.config = config
         self.transcriber = transcriber
         self.vad = vad
-        self.hotwords = hotwords  # None: the model family has no hotword vocabulary (glm_asr for now)
+        self.hotwords = hotwords  # None: the model family has no hotword vocabulary
         self.tickets = tickets or TicketService(config.history_db)
         self._streams = 0
         self._stream_gate = DecodeGate(config.max_stream_decodes)
@@ -222,8 +236,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 vad=vad_options(request.vad, VadOptions()),
                 scorer=await asyncio.to_thread(_hotword_scorer, self.hotwords, request),
             )
-            if request.itn_time_format not in ("", "24h", "chinese"):
-                raise RequestError(f"itn_time_format must be '24h' or 'chinese', got {request.itn_time_format!r}")
+            itn_options = _itn_options(self.hotwords, request)
             if options.vad is not None and self.vad is None:
                 options = replace(options, vad=None)  # no VAD model: fixed 30 s windows (logged at start)
             self.transcriber.validate_language(options.language)
@@ -234,10 +247,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 labels = [given[i] if i < len(given) and given[i] else f"channel {i}" for i in range(audio.shape[0])]
             transcript = await self.transcriber.transcribe(audio, options, channel_labels=labels)
             normalized: list[str] = []  # per segment, with itn
-            if request.itn:
-                server_terms = self.hotwords.terms if self.hotwords else frozenset()
-                protected = server_terms | {h.phrase for h in request.hotwords}
-                itn_options = itn.ItnOptions(enabled=True, time_format=request.itn_time_format or "24h", protected_terms=protected)
+            if itn_options is not None:
                 # segments only: the whole text is their join, as for the raw text
                 normalized = await asyncio.to_thread(lambda: [itn.normalize(s.text, itn_options) for s in transcript.segments])
             ticket = None
@@ -308,7 +318,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "ticket correction failed; see gateway log")
 
     # ------------------------------------------------------------------ streaming
-    def _stream_setup(self, config) -> tuple[StreamingOptions, PcmStream | ContainerStream]:
+    def _stream_setup(self, config, scorer=None) -> tuple[StreamingOptions, PcmStream | ContainerStream]:
         beam_size = config.beam_size or DEFAULT_STREAM_BEAM_SIZE
         if not 1 <= beam_size <= MAX_BEAM_SIZE:
             raise RequestError(f"beam_size must be in 1..{MAX_BEAM_SIZE}, got {config.beam_size}")
@@ -325,6 +335,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 vad=vad,
                 interim_results=config.interim_results if config.HasField("interim_results") else True,
                 partial_interval_s=round(config.partial_interval_s, 3) or DEFAULT_PARTIAL_INTERVAL_S,
+                scorer=scorer,
             )
         except StreamConfigError as error:
             raise RequestError(str(error)) from error
@@ -357,7 +368,10 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             if first.WhichOneof("request") != "config":
                 raise RequestError("the first message of a stream must be a config")
             request_id = first.config.request_id
-            options, decoder = self._stream_setup(first.config)
+            # hotwords and ITN are checked (and the scorer built) once, before any audio
+            scorer = await asyncio.to_thread(_hotword_scorer, self.hotwords, first.config)
+            itn_options = _itn_options(self.hotwords, first.config)
+            options, decoder = self._stream_setup(first.config, scorer)
             queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE_SIZE)
 
             async def emit(result: StreamResult) -> None:
@@ -380,9 +394,12 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                     break
                 if isinstance(item, BaseException):
                     raise item
-                yield self._stream_response(item)
+                normalized = ""
+                if itn_options is not None and item.text:  # in order, off the event loop (1-2 ms a result)
+                    normalized = await asyncio.to_thread(itn.normalize, item.text, itn_options)
+                yield self._stream_response(item, normalized)
             await pump
-        except (RequestError, AudioDecodeError, UnknownLanguageError, StreamConfigError) as error:
+        except (RequestError, AudioDecodeError, UnknownLanguageError, StreamConfigError, HotwordError, itn.ItnError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except TritonUnavailableError as error:
             log.warning("stream %s: %s", request_id, error)
@@ -423,7 +440,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             return
         await queue.put(None)
 
-    def _stream_response(self, result: StreamResult):
+    def _stream_response(self, result: StreamResult, normalized_text: str = ""):
         return asr_pb2.StreamingRecognizeResponse(
             result=asr_pb2.StreamingResult(
                 text=result.text,
@@ -437,6 +454,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 token_ids=result.token_ids,
                 language=result.language,
                 utterance=result.utterance,
+                normalized_text=normalized_text,
             ),
             audio_received_s=result.audio_received_s,
             model_name=self.transcriber.model_name,
@@ -485,8 +503,9 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
         ]
     )
     hotwords = None
-    if transcriber.family.family == "whisper":
-        hotwords = HotwordRegistry(config.hotword_dir or default_hotword_dir(), WhisperVocabulary(transcriber.tokenizer))
+    vocabulary = transcriber.family.hotword_vocabulary()
+    if vocabulary is not None:
+        hotwords = HotwordRegistry(config.hotword_dir or default_hotword_dir(), vocabulary)
     tickets = TicketService(config.history_db)
     await asyncio.to_thread(itn.load)  # FSTs load once (about 0.5 s), before the first request
     await asyncio.to_thread(tickets.warm_up)

@@ -25,7 +25,9 @@ declared rate, or an encoded byte stream) and is decoded to 16 kHz mono by
   Triton sequences released.
 
 Results are emitted in order: a partial of an utterance is dropped when the final of an
-earlier one is still pending. Times are seconds since the start of the stream.
+earlier one is still pending. Times are seconds since the start of the stream. A hotword
+scorer (``StreamingOptions.scorer``, built once per stream) biases every decode, partials
+and finals; ITN of the results is the servicer's (gateway/server.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gateway.audio import SAMPLE_RATE, ContainerStream, PcmStream
+from gateway.decoding import TokenScorer
 from gateway.transcriber import ChunkResult, Segment, Transcriber, TranscribeOptions, Word, join_text
 from gateway.vad import FRAME_SAMPLES, SileroVad, VadOptions, quietest_point
 
@@ -122,6 +125,9 @@ class StreamingOptions:
     vad: VadOptions = STREAMING_VAD
     interim_results: bool = True
     partial_interval_s: float = DEFAULT_PARTIAL_INTERVAL_S
+    # Hotword context graph for every decode of the stream (partials and finals), built once
+    # per stream; None: no biasing. Scorer states are immutable, so decodes can share it.
+    scorer: TokenScorer | None = None
 
     def __post_init__(self) -> None:
         if not MIN_PARTIAL_INTERVAL_S <= self.partial_interval_s <= 30.0:
@@ -381,6 +387,7 @@ class RecognitionStream:
             beam_size=beam_size,
             word_timestamps=self.options.word_timestamps,
             vad=None,
+            scorer=self.options.scorer,
         )
 
     def _voiced(self, start: int, end: int) -> np.ndarray:

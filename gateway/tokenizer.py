@@ -177,6 +177,16 @@ class WhisperTokenizer:
             sequence.append(self.special.no_timestamps)
         return sequence
 
+    @property
+    def backend(self) -> Tokenizer:
+        """The HF ``tokenizers.Tokenizer`` (byte-level BPE)."""
+        return self._tokenizer
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control tokens below ``timestamp_begin`` (sot, eot, languages, tasks, other added specials)."""
+        return self._special_ids
+
     def is_special(self, token_id: int) -> bool:
         """Control tokens (sot, eot, languages, tasks, ...) and timestamps."""
         return token_id in self._special_ids or token_id >= self.special.timestamp_begin

@@ -5,6 +5,7 @@ The model directory comes from `make export` (ASR_MODEL_DIR, default build/model
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def model_dir_path() -> Path:
     return Path(os.environ.get("ASR_MODEL_DIR", PROJECT_ROOT / "build" / "models" / "whisper-base"))
+
+
+def glm_model_dir_path() -> Path:
+    """The glm_asr export the GLM tests run on (ASR_GLM_MODEL_DIR, default build/models/glm-asr-tiny)."""
+    path = Path(os.environ.get("ASR_GLM_MODEL_DIR", PROJECT_ROOT / "build" / "models" / "glm-asr-tiny"))
+    return path if path.is_absolute() else PROJECT_ROOT / path
 
 
 @dataclass(frozen=True)
@@ -66,26 +73,41 @@ def triton(repository, tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="session")
-def gateway(triton, model_dir, tmp_path_factory):
+@contextlib.contextmanager
+def running_gateway(model_dir: Path, triton_url: str, logs: Path, extra_args: list[str] | None = None):
+    """`python -m gateway.server` on a free port in front of ``triton_url``; log and history in ``logs``."""
     from gateway.local import GatewayProcess
 
-    logs = tmp_path_factory.mktemp("logs")
     # never the project's default history database: tests write tickets
-    extra = ["--history-db", str(logs / "history.sqlite")]
-    with GatewayProcess(model_dir, triton.grpc_url, log_path=logs / "gateway.log", extra_args=extra) as process:
+    extra = ["--history-db", str(logs / "history.sqlite"), *(extra_args or [])]
+    with GatewayProcess(model_dir, triton_url, log_path=logs / "gateway.log", extra_args=extra) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def asr_client(address: str):
+    """An ``asr.v1.Asr`` stub over a real gRPC channel to ``address``."""
+    import grpc
+
+    from gateway.protocol import asr_pb2_grpc
+
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+    try:
+        yield asr_pb2_grpc.AsrStub(channel)
+    finally:
+        channel.close()
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, model_dir, tmp_path_factory):
+    with running_gateway(model_dir, triton.grpc_url, tmp_path_factory.mktemp("logs")) as process:
         yield process
 
 
 @pytest.fixture(scope="session")
 def asr_stub(gateway):
-    import grpc
-
-    from gateway.protocol import asr_pb2_grpc
-
-    channel = grpc.insecure_channel(gateway.address, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
-    yield asr_pb2_grpc.AsrStub(channel)
-    channel.close()
+    with asr_client(gateway.address) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="session")

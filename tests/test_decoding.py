@@ -498,6 +498,138 @@ def test_scorer_extra_ids_padding():
     np.testing.assert_array_equal(session.calls[2]["extra_ids"], [[E], [E]])
 
 
+class PhraseListScorer:
+    """Fake context graph over several phrases: ``bonus`` per matched token; each phrase pays
+    once per hypothesis; a broken or unfinished match gives its bonus back (nominal)."""
+
+    def __init__(self, phrases: list[tuple[int, ...]], bonus: float):
+        self.phrases = phrases
+        self.bonus = bonus
+
+    def initial_state(self):
+        return (-1, 0, frozenset())  # (phrase being matched, tokens matched, phrases completed)
+
+    def extra_ids(self, state):
+        index, pos, _ = state
+        if index >= 0:
+            return [self.phrases[index][pos]]
+        return [p[0] for p in self.phrases]
+
+    def advance(self, state, token_id):
+        index, pos, done = state
+        if index >= 0 and token_id == self.phrases[index][pos]:
+            if pos + 1 == len(self.phrases[index]):
+                return self.bonus, (-1, 0, done | {index})  # completed: pending -> kept
+            return self.bonus, (index, pos + 1, done)
+        refund = -self.bonus * pos if index >= 0 else 0.0
+        for i, phrase in enumerate(self.phrases):
+            if i not in done and phrase[0] == token_id:
+                if len(phrase) == 1:
+                    return refund + self.bonus, (-1, 0, done | {i})
+                return refund + self.bonus, (i, 1, done)
+        return refund, (-1, 0, done)
+
+    def finish(self, state):
+        index, pos, _ = state
+        return -self.bonus * pos if index >= 0 else 0.0
+
+
+def _bonus_of(result, length_penalty=0.0):
+    """Scorer bonus included in a result's score (length_penalty=0: the score is a raw sum)."""
+    assert length_penalty == 0.0
+    return result.score - result.sum_logprob
+
+
+@pytest.mark.parametrize("cap", [0.0, None])
+def test_broken_match_gives_back_exactly_what_it_was_granted(cap):
+    # the only path: D (opens phrase D,E), then A (breaks it), then EOT
+    table = {None: {D: 0.99}, D: {A: 0.99}, A: {EOT: 0.99}}
+    options = DecodingOptions(beam_size=1, length_penalty=0.0, max_biased_logprob=cap)
+    result = run(FakeSession(MarkovModel(table)), options, scorer=PhraseListScorer([(D, E)], bonus=3.0))
+    assert result.tokens == [D, A]
+    assert _bonus_of(result) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("cap", [0.0, None])
+def test_unfinished_match_at_eot_gives_back_exactly_what_it_was_granted(cap):
+    table = {None: {D: 0.99}, D: {EOT: 0.99}}
+    options = DecodingOptions(beam_size=1, length_penalty=0.0, max_biased_logprob=cap)
+    result = run(FakeSession(MarkovModel(table)), options, scorer=PhraseListScorer([(D, E)], bonus=3.0))
+    assert result.tokens == [D]
+    assert _bonus_of(result) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_length_limit_gives_back_the_pending_grant():
+    table = {None: {D: 1.0}, D: {E: 1.0}, E: {X: 1.0}}
+    options = DecodingOptions(beam_size=1, length_penalty=0.0, max_new_tokens=2)
+    result = run(FakeSession(MarkovModel(table)), options, scorer=PhraseListScorer([(D, E, X)], bonus=3.0))
+    assert result.tokens == [D, E] and not result.finished
+    assert _bonus_of(result) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_capped_bonus_lifts_tokens_at_most_to_certain():
+    # D (p 0.4) and E (p 0.6) form a phrase; the bonus (3 per token) covers far more than
+    # their doubt, so the capped grant is exactly -log p of each: the phrase looks certain
+    table = {None: {D: 0.4, A: 0.5}, D: {E: 0.6, B: 0.3}, E: {EOT: 0.9}, A: {EOT: 0.9}, B: {EOT: 0.9}}
+    scorer = PhraseListScorer([(D, E)], bonus=3.0)
+    capped = run(FakeSession(MarkovModel(table)), DecodingOptions(beam_size=2, length_penalty=0.0), scorer=scorer)
+    assert capped.tokens == [D, E]
+    assert _bonus_of(capped) == pytest.approx(-math.log(0.4) - math.log(0.6), rel=1e-5)
+    assert capped.score == pytest.approx(math.log(0.9), rel=1e-5)  # only EOT's doubt is left
+
+    uncapped = run(
+        FakeSession(MarkovModel(table)),
+        DecodingOptions(beam_size=2, length_penalty=0.0, max_biased_logprob=None),
+        scorer=scorer,
+    )
+    assert uncapped.tokens == [D, E]
+    assert _bonus_of(uncapped) == pytest.approx(6.0, rel=1e-6)  # the nominal bonus
+
+
+def test_capped_bonus_cannot_outweigh_the_model_when_it_is_too_small():
+    # D is far from what the model hears (p 0.001: -6.9): 3 per token lifts it to -3.9 only
+    table = {None: {A: 0.9, D: 0.001}, D: {E: 0.9}, E: {EOT: 0.9}, A: {EOT: 0.9}}
+    result = run(FakeSession(MarkovModel(table)), DecodingOptions(beam_size=3), scorer=PhraseListScorer([(D, E)], 3.0))
+    assert result.tokens == [A]
+
+
+def test_capped_bonus_stops_loops_of_listed_phrases():
+    # After the spoken A the model wants EOT; any listed phrase may follow at some cost for
+    # its first token and little for the rest. Uncapped, a listed phrase earns more than it
+    # costs (the hypothesis scores above 0, better than certain); capped, none of them pays.
+    phrases = [(B, C), (D, E), (X, Y)]
+    openers = {p[0]: 0.02 for p in phrases}
+    table = {None: {A: 1.0}, A: {EOT: 0.9, **openers}}
+    for first, second in phrases:
+        table[first] = {second: 0.95}
+        table[second] = {EOT: 0.9, **openers}
+    scorer = PhraseListScorer(phrases, bonus=3.0)
+    uncapped = run(FakeSession(MarkovModel(table)), DecodingOptions(beam_size=4, max_biased_logprob=None), scorer=scorer)
+    assert len(uncapped.tokens) >= 3 and uncapped.score > 0  # A + a listed phrase nobody said
+    capped = run(FakeSession(MarkovModel(table)), DecodingOptions(beam_size=4), scorer=scorer)
+    assert capped.tokens == [A]
+
+
+def test_capped_candidate_never_scores_above_its_parent():
+    # random tables and a generous bonus: with the default cap every token's contribution
+    # (log-prob + granted bonus) is <= 0, so a raw-sum score can only fall along a path
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        table = {}
+        for prev in [None, *range(1, 9)]:
+            p = rng.dirichlet(np.full(9, 0.5))
+            table[prev] = {t: float(p[i]) for i, t in enumerate([*range(1, 9), EOT])}
+        scorer = PhraseListScorer([(A, B, C), (D, E), (X,)], bonus=5.0)
+        result = run(
+            FakeSession(MarkovModel(table), max_length=20),
+            DecodingOptions(beam_size=3, length_penalty=0.0),
+            max_length=20,
+            scorer=scorer,
+        )
+        assert result.score <= 1e-9
+        assert 0.0 - 1e-9 <= _bonus_of(result) <= -result.sum_logprob + 1e-9
+
+
 def test_greedy_matches_reference_on_random_tables():
     rng = np.random.default_rng(7)
     for _ in range(20):

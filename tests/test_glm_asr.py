@@ -1,4 +1,5 @@
-"""GLM-ASR (glm_asr family): export checks, ONNX vs PyTorch parity, decoding through Triton.
+"""GLM-ASR (glm_asr family): export checks, ONNX vs PyTorch parity, decoding through Triton, and
+Transcribe through the real gateway over gRPC (result fields, per-request hotwords, invalid hotwords).
 
 Runs on the exported model in $ASR_GLM_MODEL_DIR (default build/models/glm-asr-tiny: a seeded,
 randomly initialised GlmAsrConfig of the real architecture with small dims, exported here when
@@ -27,10 +28,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from tests.conftest import asr_client, glm_model_dir_path, normalize_for_cer, running_gateway, sample_clips  # noqa: E402
+
 DEFAULT_DIR = ROOT / "build" / "models" / "glm-asr-tiny"
-MODEL_DIR = Path(os.environ.get("ASR_GLM_MODEL_DIR", DEFAULT_DIR))
-if not MODEL_DIR.is_absolute():
-    MODEL_DIR = ROOT / MODEL_DIR
+MODEL_DIR = glm_model_dir_path()
 TRITON_DIR = Path(os.environ.get("ASR_TRITON_DIR", ROOT / "build" / "triton"))
 STEPS = 20  # cached decoder steps compared
 SAMPLE_RATE = 16000
@@ -622,3 +623,76 @@ def test_trt_profiles_cover_every_graph_input_and_calibration_cache_is_written(m
     native = (out / "calibration.trt.cache").read_text().splitlines()
     assert native[0].startswith("TRT-") and native[0].endswith("-EntropyCalibration2")
     assert any(line.startswith("encoder_output: ") for line in native[1:])
+
+
+# --------------------------------------------------------------------------- through the gateway (gRPC)
+HOTWORD = "朝阳区"  # not in anything the random model writes by itself
+
+
+@pytest.fixture(scope="module")
+def glm_stub(model_dir, triton_url, tmp_path_factory):
+    """The real gateway (`python -m gateway.server`) on the glm_asr export and its Triton, without
+    server-side hotword lists, and an Asr stub over a real channel."""
+    logs = tmp_path_factory.mktemp("glm_gateway")
+    (logs / "hotwords").mkdir()
+    with running_gateway(model_dir, triton_url, logs, ["--hotword-dir", str(logs / "hotwords")]) as gateway:
+        with asr_client(gateway.address) as stub:
+            yield stub
+
+
+@pytest.fixture(scope="module")
+def call_audio() -> bytes:
+    return next(c for c in sample_clips() if c.name == "zh/nihao_shijie").path.read_bytes()
+
+
+def test_transcribe_over_grpc_returns_a_glm_asr_result(glm_stub, call_audio, family, info):
+    from gateway.audio import decode_audio
+    from gateway.protocol import asr_pb2
+
+    duration = len(decode_audio(call_audio)) / SAMPLE_RATE
+    # word_timestamps is accepted and ignored: glm_asr has no timestamp tokens
+    r = glm_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=call_audio, beam_size=2, word_timestamps=True),
+                            timeout=60)
+    assert r.model_name == info["name"]
+    assert r.text and r.language in ("zh", "en", "")
+    assert r.audio_duration_s == pytest.approx(duration, abs=0.01)
+    assert 0 < r.processing_time_s < 60
+    assert r.normalized_text == "" and not r.HasField("ticket")
+    assert len(r.segments) == 1  # one VAD chunk, one plain segment
+    seg = r.segments[0]
+    assert 0 <= seg.start_s < seg.end_s <= duration + 1e-6
+    assert seg.text == r.text == family.decode(seg.token_ids)  # the GLM detokenizer, no special tokens
+    assert seg.token_ids and all(0 <= t < info["vocab_size"] and t not in info["eos_token_ids"] for t in seg.token_ids)
+    assert 0 < seg.confidence <= 1 and seg.avg_logprob <= 0
+    assert not seg.words and seg.channel == 0 and seg.speaker == "" and seg.normalized_text == ""
+    given = glm_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=call_audio, beam_size=1, language="zh"),
+                                timeout=60)
+    assert given.language == "zh" and given.text  # accepted and reported back, not enforced
+
+
+def test_request_hotwords_bias_the_glm_decode_over_grpc(glm_stub, call_audio):
+    from gateway.protocol import asr_pb2
+
+    base = dict(audio_content=call_audio, beam_size=5)
+    plain = glm_stub.Transcribe(asr_pb2.TranscribeRequest(**base), timeout=60)
+    boosted = glm_stub.Transcribe(asr_pb2.TranscribeRequest(
+        **base, hotwords=[asr_pb2.Hotword(phrase=HOTWORD, weight=10.0)], hotword_boost=10.0), timeout=60)
+    print(f"without hotwords {plain.text!r}\nwith {HOTWORD} {boosted.text!r}")
+    assert HOTWORD not in normalize_for_cer(plain.text)
+    assert HOTWORD in normalize_for_cer(boosted.text)  # any of 朝阳区 / 朝陽區 / mixed
+
+
+@pytest.mark.parametrize("request_fields, message", [
+    ({"hotwords": [{"phrase": "", "weight": 1.0}]}, "empty"),
+    ({"hotwords": [{"phrase": HOTWORD, "weight": 50.0}]}, "weight"),
+    ({"hotwords": [{"phrase": HOTWORD}], "hotword_boost": 11.0}, "boost"),
+])
+def test_invalid_hotwords_are_invalid_argument_for_glm_asr(glm_stub, call_audio, request_fields, message):
+    import grpc
+
+    from gateway.protocol import asr_pb2
+
+    with pytest.raises(grpc.RpcError) as error:
+        glm_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=call_audio, **request_fields), timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details().lower()

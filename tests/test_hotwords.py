@@ -2,8 +2,8 @@
 
 Pure Python: a fake byte-level vocabulary stands in for Whisper's tokenizer (tokens that
 are whole characters, single bytes that split characters, and two-character tokens), and
-the fake stateful decoder of test_decoding runs the beam search. One test uses the real
-tokenizer.json when the exported model directory exists.
+the fake stateful decoder of test_decoding runs the beam search. The last tests use the real
+Whisper and GLM-ASR tokenizer.json files when the exported model directories exist.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gateway.hotwords import (
     MAX_PHRASE_CHARS,
     MAX_PHRASE_TOKENS,
     MAX_PHRASES,
+    ByteLevelVocabulary,
     ContextGraph,
     Hotword,
     HotwordError,
@@ -32,7 +33,7 @@ from gateway.hotwords import (
     parse_hotword_text,
     parse_hotwords,
 )
-from tests.conftest import model_dir_path
+from tests.conftest import glm_model_dir_path, model_dir_path
 from tests.test_decoding import EOT, FakeSession, MarkovModel, run
 
 
@@ -564,3 +565,55 @@ def test_whisper_tokenizations_match(whisper_vocabulary):
         _, state = scorer.advance(state, token)
     # timestamps and other special tokens are neutral
     assert scorer.advance(scorer.initial_state(), tokenizer.timestamp_begin) == (0.0, scorer.initial_state())
+
+
+# --------------------------------------------------------------------------------------
+# the GLM-ASR tokenizer (byte-level BPE too; the tiny export's splits every CJK character into bytes)
+
+
+@pytest.fixture(scope="module")
+def glm_family():
+    path = glm_model_dir_path()
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"{path} has no tokenizer.json (make export MODEL=glm-asr-tiny)")
+    from gateway.families import GlmAsrFamily, load_family
+
+    family = load_family(path)
+    assert isinstance(family, GlmAsrFamily)
+    return family
+
+
+@pytest.mark.parametrize("text", ["请问朝阳区建国路怎么走？", "Please transcribe this audio", "我在 Chaoyang District 123号, OK!",
+                                  " 朝陽區 mixed 繁體 and ASCII\n"])
+def test_glm_vocabulary_maps_tokens_to_their_bytes(glm_family, text):
+    vocabulary = glm_family.hotword_vocabulary()
+    assert isinstance(vocabulary, ByteLevelVocabulary) and glm_family.hotword_vocabulary() is vocabulary
+    ids = glm_family.tokenizer.encode(text, add_special_tokens=False).ids
+    assert vocabulary.encode_batch([text]) == [ids]
+    pieces = [vocabulary.token_bytes(i) for i in ids]
+    assert all(p for p in pieces)
+    assert b"".join(pieces).decode("utf-8") == glm_family.tokenizer.decode(ids) == text
+
+
+def test_glm_special_tokens_have_no_bytes(glm_family):
+    vocabulary = glm_family.hotword_vocabulary()
+    added = glm_family.tokenizer.get_added_tokens_decoder()
+    assert added and all(vocabulary.token_bytes(i) is None for i in added)
+    for token_id in (*glm_family.eos_ids, glm_family.audio_token_id, *glm_family.prefix_ids, *glm_family.suffix_ids):
+        if token_id in added:
+            assert vocabulary.token_bytes(token_id) is None
+    assert vocabulary.token_bytes(-1) is None and vocabulary.token_bytes(glm_family.model_info["vocab_size"]) is None
+
+
+def test_glm_tokenizations_match(glm_family):
+    vocabulary = glm_family.hotword_vocabulary()
+    encode = lambda text: glm_family.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    scorer = HotwordScorer(ContextGraph(parse_hotwords({"朝阳区": 1.0}), vocabulary), HotwordOptions(boost=1.0))
+    for text in ("我在朝阳区", "我在朝陽區", "去 朝阳区 吧"):
+        bonuses, state = walk(scorer, encode(text))
+        assert sum(bonuses) + scorer.finish(state) == pytest.approx(3.0), text
+    state = scorer.initial_state()
+    for token in encode("朝阳区"):  # every token of the phrase is offered when it is needed
+        assert token in scorer.extra_ids(state)
+        _, state = scorer.advance(state, token)
+    assert scorer.advance(scorer.initial_state(), glm_family.eos_ids[0]) == (0.0, scorer.initial_state())
