@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from gateway.protocol import asr_pb2
-from tests.conftest import PROJECT_ROOT, normalize_for_cer
+from tests.conftest import PROJECT_ROOT, cer, normalize_for_cer, sample_clips
 
 HOTWORD_DIR = PROJECT_ROOT / "data" / "hotwords"
 CALLS_DIR = PROJECT_ROOT / "data" / "calls"
@@ -34,6 +34,32 @@ def test_hotwords_raise_term_recall(asr_stub):
             found_without += normalize_for_cer(term) in normalize_for_cer(plain.text)
             found_with += normalize_for_cer(term) in normalize_for_cer(boosted.text)
     assert found_with > found_without, f"recall {found_without}/{total} -> {found_with}/{total}"
+
+
+def test_unrelated_hotword_list_leaves_other_speech_alone(asr_stub):
+    # The example server lists (103 Beijing names) on speech that mentions none of them. Before
+    # bonuses were capped (DecodingOptions.max_biased_logprob), 一二三...十 came out as
+    # 12345市民服務熱線12345市民服務熱衷... (and, with no length limit, demo calls as loops of
+    # 市場監督管理局); now nothing listed may appear and the text stays close to the plain one.
+    from gateway.hotwords import load_hotword_file
+
+    phrases = [hw.phrase for path in sorted((PROJECT_ROOT / "config" / "hotwords.example").glob("*.txt"))
+               for hw in load_hotword_file(path)]
+    assert len(phrases) > 90
+    hotwords = [asr_pb2.Hotword(phrase=p, weight=1.0) for p in phrases]
+    clips = {c.name: c.path for c in sample_clips() if c.language == "zh"}
+    clips["call_03_E009"] = CALLS_DIR / "call_03_E009.flac"
+    for name, path in clips.items():
+        audio = path.read_bytes()
+        base = dict(audio_content=audio, language="zh", beam_size=5, disable_server_hotwords=True,
+                    vad=asr_pb2.VadConfig(disabled=True))  # one window: the loops showed without VAD
+        plain = asr_stub.Transcribe(asr_pb2.TranscribeRequest(**base), timeout=120).text
+        listed = asr_stub.Transcribe(asr_pb2.TranscribeRequest(**base, hotwords=hotwords), timeout=120).text
+        inserted = [p for p in phrases if normalize_for_cer(p) in normalize_for_cer(listed)
+                    and normalize_for_cer(p) not in normalize_for_cer(plain)]
+        assert not inserted, (name, inserted, listed)
+        assert len(normalize_for_cer(listed)) <= len(normalize_for_cer(plain)) + 3, (name, plain, listed)
+        assert cer(listed, plain) <= 0.1, (name, plain, listed)
 
 
 @pytest.mark.parametrize(
