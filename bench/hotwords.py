@@ -3,8 +3,9 @@
     python -m bench.hotwords [--model-dir build/models/whisper-base] [--precision fp32] [--boost 3.5 2.5]
 
 Starts a local Triton (rendered repository of the exported model) and decodes in-process
-with :class:`gateway.transcriber.Transcriber`'s pieces (features, Triton encoder, the
-stateful Triton decoder, ``beam_search``) with and without a
+with :meth:`gateway.transcriber.Transcriber.decode_audio` (the gateway's own window decode:
+features, Triton encoder, the stateful Triton decoder, ``beam_search`` with its bonus cap,
+the token limit per second of audio and the loop fallback) with and without a
 :class:`gateway.hotwords.HotwordScorer` (the same scorer the gRPC gateway builds).
 
 - hotword set: ``data/hotwords`` (``tools/make_hotword_set.py``): clips with rare place and
@@ -43,10 +44,9 @@ from pathlib import Path
 import numpy as np
 
 from gateway.audio import decode_audio
-from gateway.decoding import DecodingOptions, beam_search
-from gateway.features import log_mel_spectrogram
+from gateway.decoding import DecodingOptions
 from gateway.hotwords import ContextGraph, HotwordOptions, HotwordScorer, load_hotword_file, parse_hotwords
-from gateway.transcriber import Transcriber
+from gateway.transcriber import Transcriber, TranscribeOptions
 from gateway.triton_client import TritonAsrClient
 from gateway.triton_process import TritonProcess
 from model_repository.render import render_repository
@@ -116,6 +116,7 @@ class Decoded:
     steps: int
     step_s: list[float] = field(default_factory=list)
     scorer_s: float = 0.0
+    fallback: bool = False  # the biased decode looped and was redone without hotwords
 
 
 @dataclass(frozen=True)
@@ -125,32 +126,37 @@ class Condition:
     terms: tuple[str, ...] = ()  # the list's phrases (insertions on the general set)
 
 
+class TimedClient:
+    """TritonAsrClient proxy whose decoder sessions time their steps (into ``sessions``)."""
+
+    def __init__(self, client: TritonAsrClient) -> None:
+        self.client = client
+        self.sessions: list[TimedSession] = []
+
+    def decoder_session(self, *args, **kwargs):
+        session = TimedSession(self.client.decoder_session(*args, **kwargs))
+        self.sessions.append(session)
+        return session
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
 async def decode(transcriber: Transcriber, audio: np.ndarray, beam_size: int, condition: Condition) -> Decoded:
-    """One <= 30 s clip through Triton, as Transcriber._transcribe_window does, plus a scorer."""
-    t0 = time.perf_counter()
-    features = log_mel_spectrogram(audio, n_mels=transcriber.n_mels)
-    encoder_output = await transcriber.client.encode(features)
-    info = transcriber.model_info
-    session = TimedSession(
-        transcriber.client.decoder_session(
-            encoder_output, suppress_ids=list(info["suppress_tokens"]), begin_suppress_ids=list(info["begin_suppress_tokens"])
-        )
-    )
+    """One <= 30 s clip through the gateway's own window decode (Transcriber.decode_audio:
+    token limit per second of audio, bonus cap, loop fallback), language zh, no VAD."""
+    timed_client: TimedClient = transcriber.client
+    timed_client.sessions.clear()
     timed = TimedScorer(condition.scorer) if condition.scorer is not None else None
     cap = DecodingOptions().max_biased_logprob if condition.capped else None
-    try:
-        result = await beam_search(
-            session,
-            transcriber.tokenizer.sot_sequence(language="zh"),
-            DecodingOptions(beam_size=beam_size, max_biased_logprob=cap),
-            eot_id=info["eot"],
-            max_length=transcriber.max_length,
-            scorer=timed,
-        )
-    finally:
-        await session.close()
-    text = transcriber.tokenizer.decode(result.tokens).strip()
-    return Decoded(text, time.perf_counter() - t0, result.n_steps, session.step_s, timed.seconds if timed else 0.0)
+    options = TranscribeOptions(language="zh", beam_size=beam_size, vad=None, scorer=timed, max_biased_logprob=cap)
+    t0 = time.perf_counter()
+    chunk = await transcriber.decode_audio(audio, options)
+    seconds = time.perf_counter() - t0
+    text = "".join(s.text for s in chunk.segments).strip()
+    step_s = [t for session in timed_client.sessions for t in session.step_s]
+    fallback = len(timed_client.sessions) > 1  # decoded again without hotwords (a loop)
+    return Decoded(text, seconds, len(step_s), step_s, timed.seconds if timed else 0.0, fallback)
 
 
 def load_set() -> list[dict]:
@@ -229,6 +235,7 @@ def summarise(rows, decoded: list[Decoded], terms_all: list[str], distractors: l
         "distractor_insertions": dist_ins,
         "distractor_insertion_rate": dist_ins / (len(rows) * len(distractors)) if distractors else 0.0,
         "other_list_term_insertions": list_ins,
+        "loop_fallbacks": sum(d.fallback for d in decoded),
         "decode_s": sum(d.seconds for d in decoded),
         "decoder_steps_s": sum(steps),
         "steps": len(steps),
@@ -245,7 +252,7 @@ async def bench(args) -> dict:
         with TritonProcess(repository, log_path=Path(tmp) / "triton.log") as triton:
             client = TritonAsrClient(triton.grpc_url)
             try:
-                transcriber = Transcriber(client, args.model_dir)
+                transcriber = Transcriber(TimedClient(client), args.model_dir)
                 vocabulary = transcriber.family.hotword_vocabulary()
                 terms = list(load_hotword_file(DATA / "terms.txt"))
                 distractors = list(load_hotword_file(DATA / "distractors.txt"))
@@ -279,8 +286,10 @@ async def bench(args) -> dict:
                 conditions[f"boost {main_boost:g} uncapped"] = Condition(HotwordScorer(graph, HotwordOptions(boost=main_boost)), False, bench_terms)
                 conditions[f"boost {main_boost:g}, 10k list"] = Condition(
                     HotwordScorer(big_graph, HotwordOptions(boost=main_boost)), True, tuple(h.phrase for h in big))
+                for boost in args.boost:
+                    unrelated = HotwordScorer(example_graph, HotwordOptions(boost=boost))
+                    conditions[f"boost {boost:g}, unrelated list"] = Condition(unrelated, True, example_terms)
                 unrelated = HotwordScorer(example_graph, HotwordOptions(boost=main_boost))
-                conditions[f"boost {main_boost:g}, unrelated list"] = Condition(unrelated, True, example_terms)
                 conditions[f"boost {main_boost:g}, unrelated list uncapped"] = Condition(unrelated, False, example_terms)
                 if args.only:
                     conditions = {k: v for k, v in conditions.items() if k == "baseline" or re.search(args.only, k)}
@@ -303,6 +312,7 @@ async def bench(args) -> dict:
                     summary["texts"] = [d.text for d in decoded[name]]
                     summary["general_cer"] = statistics.mean(cer(d.text, r["text"]) for d, r in zip(general_decoded[name], general))
                     summary["general_list_insertions"] = list_insertions(general, general_decoded[name], condition.terms)
+                    summary["general_loop_fallbacks"] = sum(d.fallback for d in general_decoded[name])
                     summary["general_texts"] = [d.text for d in general_decoded[name]]
                     results[name] = summary
                 report["general"] = [{"name": r["name"], "text": r["text"]} for r in general]
@@ -318,10 +328,10 @@ def print_report(report: dict) -> None:
     print(f"\nbeam {report['beam_size']}, {report['precision']}; list: {report['bench_list']['phrases']} phrases "
           f"(graph {report['bench_list']['build_ms']:.1f} ms); 10k list graph {report['list_10k']['build_ms']:.0f} ms\n")
     print(f"general set: {len(report['general'])} clips (demo calls + zh samples)\n")
-    print("| condition | term recall | CER hotword set | CER general | list-term insertions general | distractor insertions (rate) | other list-term insertions | decode s (vs baseline) | decoder steps | step ms (median) | time in Triton steps s | scorer ms/step | scorer overhead |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| condition | term recall | CER hotword set | CER general | list-term insertions general | loop fallbacks (hotword / general) | distractor insertions (rate) | other list-term insertions | decode s (vs baseline) | decoder steps | step ms (median) | time in Triton steps s | scorer ms/step | scorer overhead |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        general = f"{100 * r['general_cer']:.1f}% | {r['general_list_insertions']}"
+        general = f"{100 * r['general_cer']:.1f}% | {r['general_list_insertions']} | {r['loop_fallbacks']} / {r['general_loop_fallbacks']}"
         print(
             f"| {name} | {100 * r['term_recall']:.1f}% ({r['terms_found']}/{r['terms_total']}) | {100 * r['cer']:.1f}% | {general} | "
             f"{r['distractor_insertions']} ({100 * r['distractor_insertion_rate']:.2f}%) | {r['other_list_term_insertions']} | "
@@ -348,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "build" / "models" / "whisper-base")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
     parser.add_argument("--beam-size", type=int, default=5)
-    parser.add_argument("--boost", type=float, nargs="+", default=[3.5, 2.5], help="one or more boosts to compare (the first is the main one)")
+    parser.add_argument("--boost", type=float, nargs="+", default=[3.5, 5.0], help="one or more boosts to compare (the first is the main one)")
     parser.add_argument("--only", default="", help="regex: run only the conditions it matches (and the baseline)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N hotword clips")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "build" / "bench" / "hotwords.json")

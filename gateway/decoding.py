@@ -33,7 +33,9 @@ terms). The search keeps the bookkeeping exact: per hypothesis it tracks the bon
 actually *granted* to the scorer's unfinished match (``-finish(state)`` is the nominal
 one) and to completed matches; when a match breaks or the hypothesis ends unfinished,
 exactly what was granted is taken back, and a completed match keeps what was granted
-to its tokens (plus its completion bonus, capped by the completing token's room).
+to its tokens (plus its completion bonus, capped by the completing token's room). Where the
+model's best next token is EOT no bonus is granted at all: a bonus picks between spellings
+of what was said, it must not append listed names after the speech ended.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class DecodingOptions:
     patience: float = 1.0  # stop after round(beam_size * patience) finished hypotheses
     length_penalty: float | None = None  # None: divide by length; alpha in [0, 1]: GNMT penalty
     max_new_tokens: int | None = None  # generated tokens (EOT included); None: up to max_length
-    # a scorer bonus lifts a token's log-prob at most to this (natural log); None: uncapped
+    # a scorer bonus lifts a token's log-prob at most to this (natural log), and none is
+    # granted where the model's best next token is EOT; None: the scorer's bonus as is
     max_biased_logprob: float | None = 0.0
 
     def __post_init__(self) -> None:
@@ -292,6 +295,9 @@ def _candidates(
     extra_lp = None if extra_ids is None else np.asarray(out.extra_logprobs, dtype=np.float64)
     candidates = []
     for row, beam in enumerate(beams):
+        # where the model's best next token ends the text, a bonus may not keep the
+        # hypothesis going: biasing chooses between spellings, it does not add speech
+        model_ends_here = ids.shape[1] > 0 and int(ids[row, 0]) in eot_ids
         proposals: dict[int, float] = {}
         for token, lp in zip(ids[row].tolist(), logprobs[row].tolist()):
             proposals.setdefault(token, lp)
@@ -309,7 +315,12 @@ def _candidates(
                     score -= beam.bonus.granted_pending  # an unfinished match gives back what it got
                 else:
                     nominal, state = scorer.advance(beam.state, token)
-                    room = math.inf if max_biased_logprob is None else max(0.0, max_biased_logprob - lp)
+                    if max_biased_logprob is None:  # uncapped: the scorer's nominal bonus
+                        room = math.inf
+                    elif model_ends_here:
+                        room = 0.0
+                    else:
+                        room = max(0.0, max_biased_logprob - lp)
                     bonus = beam.bonus.step(nominal, -scorer.finish(state), room)
                     score += bonus.granted - beam.bonus.granted
             candidates.append(_Candidate((-score, row, rank), row, beam, token, lp, score, state, bonus))

@@ -23,8 +23,11 @@ Times are clamped to the chunk they come from, so they are monotonic and inside 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import re
 import string
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +59,29 @@ SNAP_GAP_S = 0.3  # ... moves across a pause at least this long (see snap_to_voi
 JOIN_MARGIN_S = 0.2  # a segment is split at a join that lies at least this far inside it
 MAX_TOKENS_PER_S = 15.0  # generated tokens per second of audio at most (plus MIN_NEW_TOKENS)
 MIN_NEW_TOKENS = 16
+# openai-whisper's threshold: a text whose zlib compression ratio is above it is a repetition
+# loop. A hotword-biased window that loops is decoded again without the hotwords.
+COMPRESSION_RATIO_THRESHOLD = 2.4
+# ... as is one where a stretch of 4+ characters comes 3+ times in a row (short loops such
+# as 市场监督管理局 x 5 compress less than whisper's threshold)
+_REPEATED_RUN = re.compile(r"(\S.{3,}?)\1{2,}", re.DOTALL)
 MISSED_SPEECH_S = 0.5  # a piece with this much speech that no segment covers is decoded again
+log = logging.getLogger(__name__)
+
 NO_SPACE_LANGUAGES = ("zh", "ja", "yue", "th", "lo", "my")  # words are characters, not spaces
 CHANNEL_MODES = ("downmix", "separate")
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 bytes over zlib-compressed bytes (0 for empty text); loops compress well."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def looks_like_loop(text: str) -> bool:
+    """A repetition loop: compresses above whisper's threshold, or repeats a 4+ character
+    stretch three times in a row."""
+    return compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or _REPEATED_RUN.search(text) is not None
 
 
 class ModelMismatchError(RuntimeError):
@@ -79,6 +102,8 @@ class TranscribeOptions:
     # Hotword context graph (gateway.hotwords) applied inside beam search; None: no biasing.
     # Scorer states are immutable, so one scorer serves every chunk of a request.
     scorer: TokenScorer | None = None
+    # cap on the scorer's bonus (gateway.decoding.DecodingOptions.max_biased_logprob)
+    max_biased_logprob: float | None = DecodingOptions.max_biased_logprob
 
     def __post_init__(self) -> None:
         if not 1 <= self.beam_size <= MAX_BEAM_SIZE:
@@ -290,27 +315,36 @@ class Transcriber:
         if timestamps:
             max_initial = round(MAX_INITIAL_TIMESTAMP_S / self.time_precision)
             rules = (self.timestamp_begin, int(self.model_info["no_timestamps"]), max_initial, int(self.model_info["eot"]))
-        session = self.client.decoder_session(
-            decoder_audio,
-            suppress_ids=list(family.suppress_ids),
-            begin_suppress_ids=list(family.begin_suppress_ids),
-            timestamp_rules=rules,
-        )
         # a hallucination loop stops after what the audio could hold (speech is < 8 tokens/s)
         max_new_tokens = int(MIN_NEW_TOKENS + MAX_TOKENS_PER_S * audio.shape[0] / SAMPLE_RATE)
         if family.max_new_tokens is not None:
             max_new_tokens = min(max_new_tokens, family.max_new_tokens)
-        try:
-            result = await beam_search(
-                session,
-                prompt,
-                DecodingOptions(beam_size=options.beam_size, max_new_tokens=max_new_tokens),
-                eot_id=list(family.eos_ids),
-                max_length=self.max_length,
-                scorer=options.scorer,
+        decoding = DecodingOptions(
+            beam_size=options.beam_size, max_new_tokens=max_new_tokens, max_biased_logprob=options.max_biased_logprob
+        )
+
+        async def search(scorer: TokenScorer | None) -> DecodingResult:
+            session = self.client.decoder_session(
+                decoder_audio,
+                suppress_ids=list(family.suppress_ids),
+                begin_suppress_ids=list(family.begin_suppress_ids),
+                timestamp_rules=rules,
             )
-        finally:
-            await session.close()
+            try:
+                return await beam_search(
+                    session, prompt, decoding, eot_id=list(family.eos_ids), max_length=self.max_length, scorer=scorer
+                )
+            finally:
+                await session.close()
+
+        result = await search(options.scorer)
+        if options.scorer is not None:
+            text = family.decode(result.tokens)
+            if looks_like_loop(text):
+                # hotwords pulled the decoder into a loop (listed names repeated): this window
+                # is decoded again without them
+                log.warning("hotword-biased window loops (%r...); decoded again without hotwords", text[:40])
+                result = await search(None)
         duration_s = audio.shape[0] / SAMPLE_RATE
         if timestamps:
             segments = self._timestamped_segments(result, duration_s, voiced, language, joins)

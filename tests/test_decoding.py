@@ -765,3 +765,16 @@ def test_tokenizer_from_model_dir(tmp_path, whisper_tokenizer):
         WhisperTokenizer.from_model_dir(tmp_path)
     with pytest.raises(TokenizerConfigError, match="not found"):
         WhisperTokenizer.from_model_dir(tmp_path / "missing")
+
+
+def test_no_bonus_where_the_model_ends_the_text():
+    # After A the model is sure the text ends; a listed phrase D,E that costs little
+    # after the first token must not be appended however large the bonus
+    table = {None: {A: 1.0}, A: {EOT: 0.7, D: 0.3}, D: {E: 1.0}, E: {EOT: 1.0}}
+    scorer = PhraseListScorer([(D, E)], bonus=10.0)
+    capped = run(FakeSession(MarkovModel(table)), DecodingOptions(beam_size=3), scorer=scorer)
+    assert capped.tokens == [A]
+    # mid-text, where the model does not want to stop, the same phrase is taken
+    table = {None: {A: 1.0}, A: {B: 0.7, D: 0.3}, B: {EOT: 1.0}, D: {E: 1.0}, E: {EOT: 1.0}}
+    chosen = run(FakeSession(MarkovModel(table)), DecodingOptions(beam_size=3), scorer=scorer)
+    assert chosen.tokens == [A, D, E]

@@ -617,3 +617,20 @@ def test_glm_tokenizations_match(glm_family):
         assert token in scorer.extra_ids(state)
         _, state = scorer.advance(state, token)
     assert scorer.advance(scorer.initial_state(), glm_family.eos_ids[0]) == (0.0, scorer.initial_state())
+
+
+def test_loop_guard_spots_repetition_loops_and_spares_speech():
+    from gateway.transcriber import looks_like_loop
+
+    loops = [
+        "12345市民服務熱線12345市民服務熱衷12345市民服務熱衷12345市民服務熱衷12345市民",
+        "幸福家園市人力資源和社会保障局市市場監督管理局市場監督管理局市場監督管理局市場監督管理局",
+        "the the the the the the the the the the the the the the the the the the",
+    ]
+    speech = [
+        "我在江南區望江路的超市買的牛奶回家一看已經過期了,找超市他們不給退。",
+        "對對對對", "喂喂喂，你好", "1-2-3-4-5-6-7-8-9-10", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10.",
+        "天地玄皇宇宙 洪荒日月影子陈苏列长", "",
+    ]
+    assert all(looks_like_loop(t) for t in loops)
+    assert not any(looks_like_loop(t) for t in speech)
