@@ -16,6 +16,9 @@ character's UTF-8 bytes or merge a character of the phrase with its neighbour:
   as 麦子店麦子店麦子店). Formally the bonus of a hypothesis is ``distinct completed
   phrases + partial(current node)``, and each step adds the difference, so cancellation
   is exact;
+- these are *nominal* bonuses: beam search grants at most what lifts a token to log-prob 0,
+  none where the model wants to end the text, and takes back exactly what it granted
+  (``gateway.decoding``, ``DecodingOptions.max_biased_logprob``);
 - :meth:`HotwordScorer.extra_ids` names the tokens that continue the match (from the
   tokenizations of the phrase, its traditional/simplified variants, with and without a
   leading space) so the decoder returns their log-probs even outside its top-k.
