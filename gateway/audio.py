@@ -215,6 +215,18 @@ def _check_sample_rate(rate: int, name: str = "sample_rate") -> None:
         )
 
 
+def _pcm_dtype(encoding: str, sample_rate: int, channels: int, target_sample_rate: int) -> np.dtype:
+    """The sample dtype of raw PCM after checking its declared format (AudioDecodeError if bad)."""
+    dtype = PCM_ENCODINGS.get(encoding)
+    if dtype is None:
+        raise AudioDecodeError(f"unknown PCM encoding {encoding!r}; expected one of {sorted(PCM_ENCODINGS)}")
+    _check_sample_rate(sample_rate)
+    _check_sample_rate(target_sample_rate, "target_sample_rate")
+    if not 1 <= channels <= MAX_PCM_CHANNELS:
+        raise AudioDecodeError(f"channels {channels} is outside 1..{MAX_PCM_CHANNELS}")
+    return dtype
+
+
 def load_audio(
     data: bytes,
     *,
@@ -352,15 +364,7 @@ def load_pcm(
 
     s16le is scaled by 1/32768; f32le is taken as is and must be finite.
     """
-    dtype = PCM_ENCODINGS.get(encoding)
-    if dtype is None:
-        raise AudioDecodeError(
-            f"unknown PCM encoding {encoding!r}; expected one of {sorted(PCM_ENCODINGS)}"
-        )
-    _check_sample_rate(sample_rate)
-    _check_sample_rate(target_sample_rate, "target_sample_rate")
-    if not 1 <= channels <= MAX_PCM_CHANNELS:
-        raise AudioDecodeError(f"channels {channels} is outside 1..{MAX_PCM_CHANNELS}")
+    dtype = _pcm_dtype(encoding, sample_rate, channels, target_sample_rate)
     _check_channels(channels, keep_channels)
     frame_bytes = dtype.itemsize * channels
     if len(data) % frame_bytes:
@@ -486,15 +490,7 @@ class PcmStream:
         *,
         target_sample_rate: int = SAMPLE_RATE,
     ) -> None:
-        self.dtype = PCM_ENCODINGS.get(encoding)
-        if self.dtype is None:
-            raise AudioDecodeError(
-                f"unknown PCM encoding {encoding!r}; expected one of {sorted(PCM_ENCODINGS)}"
-            )
-        _check_sample_rate(sample_rate)
-        _check_sample_rate(target_sample_rate, "target_sample_rate")
-        if not 1 <= channels <= MAX_PCM_CHANNELS:
-            raise AudioDecodeError(f"channels {channels} is outside 1..{MAX_PCM_CHANNELS}")
+        self.dtype = _pcm_dtype(encoding, sample_rate, channels, target_sample_rate)
         self.encoding = encoding
         self.sample_rate = sample_rate
         self.channels = channels

@@ -164,6 +164,31 @@ def _hotword_scorer(registry: HotwordRegistry | None, request):
     )
 
 
+# what a client may be told about a failure: its own mistakes in full, ours only in the log
+_INVALID_ARGUMENT_ERRORS = (
+    RequestError, AudioDecodeError, UnknownLanguageError, StreamConfigError, HotwordError, itn.ItnError,
+    TicketServiceError,
+)
+
+
+async def _abort_for(context, error: BaseException, where: str) -> None:
+    """Abort the RPC with the status that fits ``error`` (never a traceback to the client)."""
+    if isinstance(error, TicketNotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+    if isinstance(error, _INVALID_ARGUMENT_ERRORS):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, VadUnavailableError):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    if isinstance(error, TritonUnavailableError):
+        log.warning("%s: %s", where, error)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "inference server unavailable; retry later")
+    if isinstance(error, (TritonInferenceError, ModelMismatchError, DecodingError)):
+        log.error("%s: %s", where, error)
+        await context.abort(grpc.StatusCode.INTERNAL, "inference failed; see gateway log")
+    log.error("%s failed", where, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see gateway log")
+
+
 def _itn_options(registry: HotwordRegistry | None, request) -> itn.ItnOptions | None:
     """ITN settings of a TranscribeRequest or StreamingConfig; None without ``itn``.
 
@@ -256,19 +281,8 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 ticket = await self.tickets.analyze(
                     transcript.text, dict(request.ticket_metadata), segments=segment_dicts or None, record=request.record_ticket
                 )
-        except (RequestError, AudioDecodeError, UnknownLanguageError, HotwordError, itn.ItnError, TicketServiceError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except VadUnavailableError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except TritonUnavailableError as error:
-            log.warning("request %s: %s", request.request_id, error)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "inference server unavailable; retry later")
-        except (TritonInferenceError, ModelMismatchError, DecodingError) as error:
-            log.error("request %s: %s", request.request_id, error)
-            await context.abort(grpc.StatusCode.INTERNAL, "inference failed; see gateway log")
-        except Exception:  # noqa: BLE001 - never send a traceback to a client
-            log.exception("request %s failed", request.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see gateway log")
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never a traceback
+            await _abort_for(context, error, f"request {request.request_id}")
         segments = [
             asr_pb2.Segment(
                 start_s=s.start_s,
@@ -300,22 +314,14 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             if len(request.text.encode("utf-8")) > MAX_TICKET_TEXT_BYTES:
                 raise RequestError(f"text is over {MAX_TICKET_TEXT_BYTES} bytes")
             return await self.tickets.analyze(request.text, dict(request.metadata), record=request.record)
-        except (RequestError, TicketServiceError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except Exception:  # noqa: BLE001 - never send a traceback to a client
-            log.exception("AnalyzeTicket failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "ticket analysis failed; see gateway log")
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never a traceback
+            await _abort_for(context, error, "AnalyzeTicket")
 
     async def CorrectTicket(self, request, context):
         try:
             return await self.tickets.correct(request.ticket_id, request.field, request.value, request.corrected_by)
-        except TicketNotFound as error:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except TicketServiceError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except Exception:  # noqa: BLE001
-            log.exception("CorrectTicket failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "ticket correction failed; see gateway log")
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never a traceback
+            await _abort_for(context, error, "CorrectTicket")
 
     # ------------------------------------------------------------------ streaming
     def _stream_setup(self, config, scorer=None) -> tuple[StreamingOptions, PcmStream | ContainerStream]:
@@ -399,21 +405,10 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                     normalized = await asyncio.to_thread(itn.normalize, item.text, itn_options)
                 yield self._stream_response(item, normalized)
             await pump
-        except (RequestError, AudioDecodeError, UnknownLanguageError, StreamConfigError, HotwordError, itn.ItnError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except TritonUnavailableError as error:
-            log.warning("stream %s: %s", request_id, error)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "inference server unavailable; retry later")
-        except (TritonInferenceError, ModelMismatchError, DecodingError) as error:
-            log.error("stream %s: %s", request_id, error)
-            await context.abort(grpc.StatusCode.INTERNAL, "inference failed; see gateway log")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:  # noqa: BLE001 - never send a traceback to a client
-            log.exception("stream %s failed", request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see gateway log")
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never a traceback
+            await _abort_for(context, error, f"stream {request_id}")
         finally:
             self._streams -= 1
             if pump is not None and not pump.done():

@@ -49,6 +49,8 @@ from gateway.vad import (
     speech_mask,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_BEAM_SIZE = 5
 MAX_BEAM_SIZE = 16
 WINDOW_S = N_SAMPLES / SAMPLE_RATE
@@ -66,8 +68,6 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 # as 市场监督管理局 x 5 compress less than whisper's threshold)
 _REPEATED_RUN = re.compile(r"(\S.{3,}?)\1{2,}", re.DOTALL)
 MISSED_SPEECH_S = 0.5  # a piece with this much speech that no segment covers is decoded again
-log = logging.getLogger(__name__)
-
 NO_SPACE_LANGUAGES = ("zh", "ja", "yue", "th", "lo", "my")  # words are characters, not spaces
 CHANNEL_MODES = ("downmix", "separate")
 

@@ -424,26 +424,40 @@ def test_options_defaults():
         options.beam_size = 3  # frozen
 
 
-class HotwordScorer:
-    """Fake context graph: bonus for following `phrase`; taken back if the phrase is left unfinished."""
+class PhraseListScorer:
+    """Fake context graph over several phrases: ``bonus`` per matched token; each phrase pays
+    once per hypothesis; a broken or unfinished match gives its bonus back (nominal)."""
 
-    def __init__(self, phrase: tuple[int, ...], bonus: float):
-        self.phrase = phrase
+    def __init__(self, phrases: list[tuple[int, ...]], bonus: float):
+        self.phrases = phrases
         self.bonus = bonus
 
     def initial_state(self):
-        return 0  # matched prefix length
+        return (-1, 0, frozenset())  # (phrase being matched, tokens matched, phrases completed)
 
     def extra_ids(self, state):
-        return [self.phrase[state]] if state < len(self.phrase) else []
+        index, pos, _ = state
+        if index >= 0:
+            return [self.phrases[index][pos]]
+        return [p[0] for p in self.phrases]
 
     def advance(self, state, token_id):
-        if state < len(self.phrase) and token_id == self.phrase[state]:
-            return self.bonus, state + 1
-        return -self.bonus * state, 0  # leaving a partial match takes its bonus back
+        index, pos, done = state
+        if index >= 0 and token_id == self.phrases[index][pos]:
+            if pos + 1 == len(self.phrases[index]):
+                return self.bonus, (-1, 0, done | {index})  # completed: pending -> kept
+            return self.bonus, (index, pos + 1, done)
+        refund = -self.bonus * pos if index >= 0 else 0.0
+        for i, phrase in enumerate(self.phrases):
+            if i not in done and phrase[0] == token_id:
+                if len(phrase) == 1:
+                    return refund + self.bonus, (-1, 0, done | {i})
+                return refund + self.bonus, (i, 1, done)
+        return refund, (-1, 0, done)
 
     def finish(self, state):
-        return -self.bonus * state if state < len(self.phrase) else 0.0
+        index, pos, _ = state
+        return -self.bonus * pos if index >= 0 else 0.0
 
 
 def test_scorer_extra_ids_reach_the_session_and_bias_the_search():
@@ -460,7 +474,7 @@ def test_scorer_extra_ids_reach_the_session_and_bias_the_search():
     plain = run(FakeSession(model), DecodingOptions(beam_size=2))
     assert D not in plain.tokens
 
-    scorer = HotwordScorer(phrase=(D, E), bonus=3.0)
+    scorer = PhraseListScorer([(D, E)], bonus=3.0)
     assert isinstance(scorer, TokenScorer)
     session = FakeSession(model)
     biased = run(session, DecodingOptions(beam_size=2), scorer=scorer)
@@ -498,72 +512,26 @@ def test_scorer_extra_ids_padding():
     np.testing.assert_array_equal(session.calls[2]["extra_ids"], [[E], [E]])
 
 
-class PhraseListScorer:
-    """Fake context graph over several phrases: ``bonus`` per matched token; each phrase pays
-    once per hypothesis; a broken or unfinished match gives its bonus back (nominal)."""
-
-    def __init__(self, phrases: list[tuple[int, ...]], bonus: float):
-        self.phrases = phrases
-        self.bonus = bonus
-
-    def initial_state(self):
-        return (-1, 0, frozenset())  # (phrase being matched, tokens matched, phrases completed)
-
-    def extra_ids(self, state):
-        index, pos, _ = state
-        if index >= 0:
-            return [self.phrases[index][pos]]
-        return [p[0] for p in self.phrases]
-
-    def advance(self, state, token_id):
-        index, pos, done = state
-        if index >= 0 and token_id == self.phrases[index][pos]:
-            if pos + 1 == len(self.phrases[index]):
-                return self.bonus, (-1, 0, done | {index})  # completed: pending -> kept
-            return self.bonus, (index, pos + 1, done)
-        refund = -self.bonus * pos if index >= 0 else 0.0
-        for i, phrase in enumerate(self.phrases):
-            if i not in done and phrase[0] == token_id:
-                if len(phrase) == 1:
-                    return refund + self.bonus, (-1, 0, done | {i})
-                return refund + self.bonus, (i, 1, done)
-        return refund, (-1, 0, done)
-
-    def finish(self, state):
-        index, pos, _ = state
-        return -self.bonus * pos if index >= 0 else 0.0
-
-
-def _bonus_of(result, length_penalty=0.0):
-    """Scorer bonus included in a result's score (length_penalty=0: the score is a raw sum)."""
-    assert length_penalty == 0.0
+def _bonus_of(result):
+    """Scorer bonus included in a result's score (with length_penalty=0 the score is a raw sum)."""
     return result.score - result.sum_logprob
 
 
-@pytest.mark.parametrize("cap", [0.0, None])
-def test_broken_match_gives_back_exactly_what_it_was_granted(cap):
+GIVE_BACK_CASES = {
     # the only path: D (opens phrase D,E), then A (breaks it), then EOT
-    table = {None: {D: 0.99}, D: {A: 0.99}, A: {EOT: 0.99}}
-    options = DecodingOptions(beam_size=1, length_penalty=0.0, max_biased_logprob=cap)
-    result = run(FakeSession(MarkovModel(table)), options, scorer=PhraseListScorer([(D, E)], bonus=3.0))
-    assert result.tokens == [D, A]
-    assert _bonus_of(result) == pytest.approx(0.0, abs=1e-9)
+    "broken match": ({None: {D: 0.99}, D: {A: 0.99}, A: {EOT: 0.99}}, (D, E), None, [D, A], True),
+    "unfinished match at EOT": ({None: {D: 0.99}, D: {EOT: 0.99}}, (D, E), None, [D], True),
+    "unfinished match at the length limit": ({None: {D: 1.0}, D: {E: 1.0}, E: {X: 1.0}}, (D, E, X), 2, [D, E], False),
+}
 
 
 @pytest.mark.parametrize("cap", [0.0, None])
-def test_unfinished_match_at_eot_gives_back_exactly_what_it_was_granted(cap):
-    table = {None: {D: 0.99}, D: {EOT: 0.99}}
-    options = DecodingOptions(beam_size=1, length_penalty=0.0, max_biased_logprob=cap)
-    result = run(FakeSession(MarkovModel(table)), options, scorer=PhraseListScorer([(D, E)], bonus=3.0))
-    assert result.tokens == [D]
-    assert _bonus_of(result) == pytest.approx(0.0, abs=1e-9)
-
-
-def test_length_limit_gives_back_the_pending_grant():
-    table = {None: {D: 1.0}, D: {E: 1.0}, E: {X: 1.0}}
-    options = DecodingOptions(beam_size=1, length_penalty=0.0, max_new_tokens=2)
-    result = run(FakeSession(MarkovModel(table)), options, scorer=PhraseListScorer([(D, E, X)], bonus=3.0))
-    assert result.tokens == [D, E] and not result.finished
+@pytest.mark.parametrize("case", list(GIVE_BACK_CASES))
+def test_unfinished_match_gives_back_exactly_what_it_was_granted(case, cap):
+    table, phrase, max_new_tokens, tokens, finished = GIVE_BACK_CASES[case]
+    options = DecodingOptions(beam_size=1, length_penalty=0.0, max_new_tokens=max_new_tokens, max_biased_logprob=cap)
+    result = run(FakeSession(MarkovModel(table)), options, scorer=PhraseListScorer([phrase], bonus=3.0))
+    assert result.tokens == tokens and result.finished == finished
     assert _bonus_of(result) == pytest.approx(0.0, abs=1e-9)
 
 

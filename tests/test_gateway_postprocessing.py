@@ -39,8 +39,8 @@ def test_hotwords_raise_term_recall(asr_stub):
 def test_unrelated_hotword_list_leaves_other_speech_alone(asr_stub):
     # The example server lists (103 Beijing names) on speech that mentions none of them. Before
     # bonuses were capped (DecodingOptions.max_biased_logprob), 一二三...十 came out as
-    # 12345市民服務熱線12345市民服務熱衷... (and, with no length limit, demo calls as loops of
-    # 市場監督管理局); now nothing listed may appear and the text stays close to the plain one.
+    # 12345市民服務熱線12345市民服務熱衷...; now nothing listed may appear and the text stays
+    # close to the plain one.
     from gateway.hotwords import load_hotword_file
 
     phrases = [hw.phrase for path in sorted((PROJECT_ROOT / "config" / "hotwords.example").glob("*.txt"))
