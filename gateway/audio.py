@@ -106,10 +106,24 @@ class _SampleBuffer:
         return self._data[:, : self.size]
 
 
+# PyAV 18.1 crashes the process (segfault) in ``to_ndarray()`` on a planar (``fltp``) frame
+# of 8 or more channels: it reports one plane too many. Packed ``flt`` is one interleaved
+# plane for any channel count, so every resampler here produces packed float and
+# de-interleaves in numpy.
+RESAMPLE_FORMAT = "flt"
+
+
+def _frame_channels(frame: av.AudioFrame) -> np.ndarray:
+    """A packed float32 frame -> [channels, n] (a view of the interleaved samples)."""
+    interleaved = frame.to_ndarray().reshape(-1)  # [1, n * channels] for packed formats
+    channels = frame.layout.nb_channels
+    return interleaved.reshape(-1, channels).T
+
+
 class _Resampler:
     """Frames of any format/layout/rate -> float32 at ``rate``, mono or every channel.
 
-    Each frame is converted to planar float at the target rate with its own channel layout;
+    Each frame is converted to float at the target rate with its own channel layout;
     then either the channels are averaged (``keep_channels=False``) or kept as they are. With
     ``keep_channels`` the channel count is fixed by the first frame; a later frame with another
     count (rare: a layout change mid-stream) is averaged and copied into every channel. A new
@@ -133,7 +147,7 @@ class _Resampler:
         key = (frame.format.name, frame.layout.name, frame.sample_rate)
         if key != self._key:
             self._flush()
-            self._resampler = av.AudioResampler(format="fltp", rate=self.rate)
+            self._resampler = av.AudioResampler(format=RESAMPLE_FORMAT, rate=self.rate)
             self._key = key
         self._collect(self._resampler.resample(frame))
 
@@ -153,7 +167,7 @@ class _Resampler:
 
     def _collect(self, frames: list[av.AudioFrame]) -> None:
         for frame in frames:
-            planes = frame.to_ndarray()  # [channels, n] float32 (planar)
+            planes = _frame_channels(frame)  # [channels, n] float32
             if self._buffer is None:
                 self._buffer = _SampleBuffer(planes.shape[0] if self.keep_channels else 1, self._expected)
             if not self.keep_channels:
@@ -455,7 +469,7 @@ class _StreamResampler:
             key = (frame.format.name, frame.layout.name, frame.sample_rate)
             if key != self._key:
                 parts.extend(self._drain(None))
-                self._resampler = av.AudioResampler(format="fltp", rate=self.rate)
+                self._resampler = av.AudioResampler(format=RESAMPLE_FORMAT, rate=self.rate)
                 self._key = key
             parts.extend(self._drain(frame))
         else:
@@ -471,7 +485,7 @@ class _StreamResampler:
             return []
         out = []
         for resampled in self._resampler.resample(frame):
-            planes = resampled.to_ndarray()
+            planes = _frame_channels(resampled)
             out.append(planes[0] if planes.shape[0] == 1 else planes.mean(axis=0, dtype=np.float32))
         return out
 
