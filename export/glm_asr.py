@@ -49,6 +49,7 @@ from .common import (
     stamp_matches,
     write_stamp,
 )
+from .int8 import quantize_embedding_gathers, quantize_matmuls
 
 FAMILY = "glm_asr"
 MODEL_NAMES = ("glm-asr-nano", "glm-asr-tiny")
@@ -139,10 +140,12 @@ INT8_OPTIONS = {
     "matmul_const_b_only": True,
     # kept in float: the encoder FFN down-projections and first layers (as measured for the
     # Whisper encoder this one is shaped like) and the Llama MLP down-projections (SiLU-gated
-    # activations with outliers); the token table gets per-token int8 (whisper._quantize_embedding_gathers)
+    # activations with outliers); the token table gets per-token int8 (int8.quantize_embedding_gathers)
     "fp32_modules": ["fc2", "down_proj"],
     "encoder_fp32_layers": 2,
     "int8_embedding_gather": True,
+    # 7-bit weights: exact on CPUs without VNNI (export/int8.py)
+    "reduce_range": True,
 }
 FP16_OPTIONS = {
     # exported from a float16 copy of the model (glm_asr_modules.half_copy): float32 islands where
@@ -546,9 +549,6 @@ def _fp32_matmuls(model, graph: str) -> list[str]:
 def quantize_int8(fp32_dir: Path, int8_dir: Path) -> None:
     import logging
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from .whisper import _quantize_embedding_gathers
 
     int8_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -558,17 +558,13 @@ def quantize_int8(fp32_dir: Path, int8_dir: Path) -> None:
         for name in ONNX_GRAPHS:
             graph = name[: -len(".onnx")]
             model = _load_onnx(fp32_dir / name)
-            n_gather = (_quantize_embedding_gathers(model, min_elements=0)
+            n_gather = (quantize_embedding_gathers(model, min_elements=0)
                         if INT8_OPTIONS["int8_embedding_gather"] and graph == "embed_tokens" else 0)
             exclude = _fp32_matmuls(model, graph)
             large = _graph_bytes(model) > EXTERNAL_DATA_BYTES
             with tempfile.TemporaryDirectory(dir=int8_dir, prefix=".quant-") as td:
                 tmp = Path(td) / name
-                quantize_dynamic(
-                    model, str(tmp), op_types_to_quantize=list(INT8_OPTIONS["op_types"]),
-                    per_channel=INT8_OPTIONS["per_channel"], weight_type=getattr(QuantType, INT8_OPTIONS["weight_type"]),
-                    nodes_to_exclude=exclude, use_external_data_format=large,
-                    extra_options={"MatMulConstBOnly": INT8_OPTIONS["matmul_const_b_only"]})
+                quantize_matmuls(model, tmp, INT8_OPTIONS, exclude, external_data=large)
                 save_onnx(_load_onnx(tmp), int8_dir / name)
             log(f"  {graph}: {len(exclude)} MatMul(s) kept in fp32, {n_gather} per-token int8 Gather(s)")
     finally:

@@ -38,6 +38,7 @@ from .common import (
     stamp_matches,
     write_stamp,
 )
+from .int8 import quantize_embedding_gathers, quantize_matmuls
 
 # --------------------------------------------------------------------------------------------
 # model sources
@@ -86,6 +87,8 @@ INT8_OPTIONS = {
     "encoder_fp32_layers": 2,
     "int8_embedding_gather": True,
     "quantize_decoder_init": True,
+    # 7-bit weights: exact on CPUs without VNNI (export/int8.py)
+    "reduce_range": True,
 }
 
 
@@ -674,63 +677,6 @@ def export_onnx(model, onnx_dir: Path, opset: int, timer: PhaseTimer) -> None:
         )
 
 
-def _quantize_embedding_gathers(model, min_elements: int = 1 << 20) -> int:
-    """Replace Gather(W, ids) on a float initializer by an int8 table with one symmetric scale per
-    gathered slice (per token): Gather(Wq, ids) -> Cast -> Mul(Gather(scale, ids)).
-
-    The decoder's [d, V] vocabulary matrix serves both the token lookup (Gather on axis 1) and the
-    output projection (MatMul). The projection is left to quantize_dynamic (per-channel int8); the
-    lookup gets its own per-token int8 table here, which is far more accurate than the per-tensor
-    uint8 table quantize_dynamic would make. Small tables (position embeddings) stay float.
-    Returns the number of rewritten Gathers."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    new_nodes = []
-    count = 0
-    for node in model.graph.node:
-        w = inits.get(node.input[0]) if node.op_type == "Gather" else None
-        if (w is None or w.data_type != onnx.TensorProto.FLOAT or len(w.dims) != 2
-                or int(np.prod(w.dims)) < min_elements):
-            new_nodes.append(node)
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        arr = numpy_helper.to_array(w)
-        red = 1 - axis  # reduce over the other dim -> one scale per gathered index
-        scale = np.abs(arr).max(axis=red) / 127.0
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        q = np.clip(np.rint(arr / np.expand_dims(scale, red)), -127, 127).astype(np.int8)
-        base = f"{w.name}_gather{count}"
-        model.graph.initializer.extend([numpy_helper.from_array(q, f"{base}_int8"),
-                                        numpy_helper.from_array(scale, f"{base}_scale")])
-        out = node.output[0]
-        new_nodes += [
-            helper.make_node("Gather", [f"{base}_int8", node.input[1]], [f"{base}_q"], name=f"{node.name}_int8",
-                             axis=axis),
-            helper.make_node("Cast", [f"{base}_q"], [f"{base}_f"], name=f"{node.name}_cast",
-                             to=onnx.TensorProto.FLOAT),
-            helper.make_node("Gather", [f"{base}_scale", node.input[1]], [f"{base}_s"], name=f"{node.name}_scale",
-                             axis=0),
-        ]
-        if axis == 0:  # [M..., d] * [M..., 1]
-            new_nodes.append(helper.make_node("Unsqueeze", [f"{base}_s", f"{base}_axes"], [f"{base}_su"],
-                                              name=f"{node.name}_unsq"))
-            model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{base}_axes"))
-            new_nodes.append(helper.make_node("Mul", [f"{base}_f", f"{base}_su"], [out], name=f"{node.name}_mul"))
-        else:  # axis 1 on [d, V]: [d, M...] * [M...]
-            new_nodes.append(helper.make_node("Mul", [f"{base}_f", f"{base}_s"], [out], name=f"{node.name}_mul"))
-        count += 1
-    if count:
-        del model.graph.node[:]
-        model.graph.node.extend(new_nodes)
-        used = {i for n in model.graph.node for i in n.input}
-        keep = [i for i in model.graph.initializer if i.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-    return count
-
-
 def _fp32_matmuls(model, graph: str) -> list[str]:
     """MatMul nodes (constant weight) that stay float in the int8 variant: every FFN down-projection
     (fc2: GELU outputs have outliers that per-tensor activation quantization destroys) and, in the
@@ -754,7 +700,6 @@ def quantize_int8(fp32_dir: Path, int8_dir: Path) -> None:
     import logging
 
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     int8_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -768,17 +713,10 @@ def quantize_int8(fp32_dir: Path, int8_dir: Path) -> None:
                 shutil.copyfile(src, dst)
                 continue
             model = onnx.load(str(src))
-            n_gather = _quantize_embedding_gathers(model) if INT8_OPTIONS["int8_embedding_gather"] else 0
+            n_gather = quantize_embedding_gathers(model) if INT8_OPTIONS["int8_embedding_gather"] else 0
             exclude = _fp32_matmuls(model, graph)
             tmp = dst.with_name(dst.stem + ".tmp.onnx")
-            quantize_dynamic(
-                model, str(tmp),
-                op_types_to_quantize=list(INT8_OPTIONS["op_types"]),
-                per_channel=INT8_OPTIONS["per_channel"],
-                weight_type=getattr(QuantType, INT8_OPTIONS["weight_type"]),
-                nodes_to_exclude=exclude,
-                extra_options={"MatMulConstBOnly": INT8_OPTIONS["matmul_const_b_only"]},
-            )
+            quantize_matmuls(model, tmp, INT8_OPTIONS, exclude)
             os.replace(tmp, dst)
             log(f"  {graph}: {len(exclude)} MatMul(s) kept in fp32, {n_gather} per-token int8 Gather(s)")
     finally:
