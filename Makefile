@@ -53,10 +53,10 @@ export: setup
 repository: export
 
 serve: export
-	$(PY) -m gateway.local serve --model-dir $(MODEL_DIR) --repository $(REPOSITORY)
+	$(PY) -m gateway.launch.local serve --model-dir $(MODEL_DIR) --repository $(REPOSITORY)
 
 demo: export
-	$(PY) -m gateway.local demo --model-dir $(MODEL_DIR) --repository $(REPOSITORY)
+	$(PY) -m gateway.launch.local demo --model-dir $(MODEL_DIR) --repository $(REPOSITORY)
 
 test: export
 	$(PY) -m export --model glm-asr-tiny --out $(GLM_TEST_DIR)

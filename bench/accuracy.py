@@ -23,10 +23,10 @@ import grpc
 import jiwer
 import numpy as np
 
-from gateway.audio import decode_audio
-from gateway.local import GatewayProcess
+from gateway.asr.audio import decode_audio
+from gateway.launch.local import GatewayProcess
 from gateway.protocol import asr_pb2, asr_pb2_grpc
-from gateway.triton_process import TritonProcess
+from gateway.launch.triton_process import TritonProcess
 from model_repository.render import render_repository
 from tests.conftest import cer, sample_clips
 

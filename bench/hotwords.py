@@ -3,10 +3,10 @@
     python -m bench.hotwords [--model-dir build/models/whisper-base] [--precision fp32] [--boost 3.5 2.5]
 
 Starts a local Triton (rendered repository of the exported model) and decodes in-process
-with :meth:`gateway.transcriber.Transcriber.decode_audio` (the gateway's own window decode:
+with :meth:`gateway.asr.transcriber.Transcriber.decode_audio` (the gateway's own window decode:
 features, Triton encoder, the stateful Triton decoder, ``beam_search`` with its bonus cap,
 the token limit per second of audio and the loop fallback) with and without a
-:class:`gateway.hotwords.HotwordScorer` (the same scorer the gRPC gateway builds).
+:class:`gateway.asr.hotwords.HotwordScorer` (the same scorer the gRPC gateway builds).
 
 - hotword set: ``data/hotwords`` (``tools/make_hotword_set.py``): clips with rare place and
   department names; hotword list = ``terms.txt`` (spoken) + ``distractors.txt`` (never spoken);
@@ -43,12 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.audio import decode_audio
-from gateway.decoding import DecodingOptions
-from gateway.hotwords import ContextGraph, HotwordOptions, HotwordScorer, load_hotword_file, parse_hotwords
-from gateway.transcriber import Transcriber, TranscribeOptions
-from gateway.triton_client import TritonAsrClient
-from gateway.triton_process import TritonProcess
+from gateway.asr.audio import decode_audio
+from gateway.asr.decoding import DecodingOptions
+from gateway.asr.hotwords import ContextGraph, HotwordOptions, HotwordScorer, load_hotword_file, parse_hotwords
+from gateway.asr.transcriber import Transcriber, TranscribeOptions
+from gateway.asr.triton_client import TritonAsrClient
+from gateway.launch.triton_process import TritonProcess
 from model_repository.render import render_repository
 from tests.conftest import cer, normalize_for_cer, sample_clips
 

@@ -7,4 +7,4 @@ COPY protos/ protos/
 COPY gateway/ gateway/
 RUN python -m gateway.protocol
 EXPOSE 50051
-ENTRYPOINT ["python", "-m", "gateway.server"]
+ENTRYPOINT ["python", "-m", "gateway.service.server"]

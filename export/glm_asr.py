@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from .common import (
     stamp_matches,
     write_stamp,
 )
-from .int8 import quantize_embedding_gathers, quantize_matmuls
+from .onnx_tools import ort_session, quantize_graphs, torch_to_onnx
 
 FAMILY = "glm_asr"
 MODEL_NAMES = ("glm-asr-nano", "glm-asr-tiny")
@@ -66,7 +65,6 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH
 # `merge_factor` encoder frames per audio token
 AUDIO_CONVS = ((1, 3, 1), (1, 3, 2))
 MERGE_FACTOR = 4
-EXTERNAL_DATA_BYTES = 1_800_000_000  # graphs larger than this keep their weights in OUT/.../<graph>.data
 
 # The real model, as documented (docs/glm_asr_sizing.md, /work/shared/DESIGN.md section 3). A
 # checkpoint's config.json always wins; these values are what `python -m export.sizing` uses
@@ -447,53 +445,6 @@ def model_info_for(model, processor, name: str, checkpoint: Path, prompt: dict, 
 # ONNX export
 
 
-def _graph_bytes(model) -> int:
-    return sum(int(np.prod(t.dims)) * (2 if t.data_type in (10, 16) else 1 if t.data_type in (2, 3) else 4)
-               for t in model.graph.initializer)
-
-
-def save_onnx(model, path: Path, external: bool | None = None) -> None:
-    """Save (and check) ``model``; a graph over EXTERNAL_DATA_BYTES keeps its weights in ``path.data``."""
-    import onnx
-
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    if external is None:
-        external = _graph_bytes(model) > EXTERNAL_DATA_BYTES
-    tmp = path.with_name(path.stem + ".tmp.onnx")
-    if tmp.exists():
-        tmp.unlink()
-    if data.exists():  # onnx appends to an existing external data file
-        data.unlink()
-    model.producer_name = "asr-export"
-    if external:  # tmp refers to data.name, which is where it ends up: the same directory
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-    onnx.checker.check_model(str(path))
-
-
-def _load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
-
-
-def _torch_export(module, args, path: Path, input_names, output_names, dynamic_axes, opset) -> None:
-    import torch
-
-    from .whisper import _export_patches
-
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as td:
-        tmp = Path(td) / path.name
-        with torch.no_grad(), _export_patches():
-            torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False)
-        save_onnx(_load_onnx(tmp), path)
-
-
 def export_onnx(model, onnx_dir: Path, opset: int, timer: PhaseTimer, half: bool = False) -> None:
     """The three graphs; ``half``: float16 weights and KV cache, float32 islands where the HF code
     has them (RMSNorm statistics, softmax, RoPE angles), float32 features/embeddings/logits I/O."""
@@ -512,77 +463,25 @@ def export_onnx(model, onnx_dir: Path, opset: int, timer: PhaseTimer, half: bool
 
     with timer.phase(f"onnx encoder (audio tower + adapter){label}"):
         feats = torch.randn(1, int(ac.num_mel_bins), N_FRAMES)
-        _torch_export(encoder, (feats,), onnx_dir / "encoder.onnx", ["input_features"], ["encoder_output"],
+        torch_to_onnx(encoder, (feats,), onnx_dir / "encoder.onnx", ["input_features"], ["encoder_output"],
                       {"input_features": {0: "B"}, "encoder_output": {0: "B"}}, opset)
 
     with timer.phase(f"onnx embed_tokens{label}"):
         ids = torch.randint(0, int(tc.vocab_size), (2, 3, 4), dtype=torch.int64)
-        _torch_export(embed, (ids,), onnx_dir / "embed_tokens.onnx", ["input_ids"], ["inputs_embeds"],
+        torch_to_onnx(embed, (ids,), onnx_dir / "embed_tokens.onnx", ["input_ids"], ["inputs_embeds"],
                       {"input_ids": {0: "N", 1: "K", 2: "T"}, "inputs_embeds": {0: "N", 1: "K", 2: "T"}}, opset)
 
     with timer.phase(f"onnx decoder_step{label}"):
         N, K, T, P = 2, 3, 4, 5
         args = (torch.randn(N, K, T, D), torch.tensor([P, 2], dtype=torch.int64),
                 torch.randn(L, N, K, Hkv, P, dh).to(kv_dtype), torch.randn(L, N, K, Hkv, P, dh).to(kv_dtype))
-        _torch_export(
+        torch_to_onnx(
             step, args, onnx_dir / "decoder_step.onnx",
             ["inputs_embeds", "past_length", "past_k", "past_v"], ["logits", "new_k", "new_v"],
             {"inputs_embeds": {0: "N", 1: "K", 2: "T"}, "past_length": {0: "N"},
              "past_k": {1: "N", 2: "K", 4: "P"}, "past_v": {1: "N", 2: "K", 4: "P"},
              "logits": {0: "N", 1: "K"}, "new_k": {1: "N", 2: "K", 4: "T"}, "new_v": {1: "N", 2: "K", 4: "T"}},
             opset)
-
-
-def _fp32_matmuls(model, graph: str) -> list[str]:
-    inits = {i.name for i in model.graph.initializer}
-    keep = []
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        if any(f"/{m}/" in node.name for m in INT8_OPTIONS["fp32_modules"]):
-            keep.append(node.name)
-        elif graph == "encoder" and any(f"/layers.{i}/" in node.name for i in range(INT8_OPTIONS["encoder_fp32_layers"])):
-            keep.append(node.name)
-    return keep
-
-
-def quantize_int8(fp32_dir: Path, int8_dir: Path) -> None:
-    import logging
-
-
-    int8_dir.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        for name in ONNX_GRAPHS:
-            graph = name[: -len(".onnx")]
-            model = _load_onnx(fp32_dir / name)
-            n_gather = (quantize_embedding_gathers(model, min_elements=0)
-                        if INT8_OPTIONS["int8_embedding_gather"] and graph == "embed_tokens" else 0)
-            exclude = _fp32_matmuls(model, graph)
-            large = _graph_bytes(model) > EXTERNAL_DATA_BYTES
-            with tempfile.TemporaryDirectory(dir=int8_dir, prefix=".quant-") as td:
-                tmp = Path(td) / name
-                quantize_matmuls(model, tmp, INT8_OPTIONS, exclude, external_data=large)
-                save_onnx(_load_onnx(tmp), int8_dir / name)
-            log(f"  {graph}: {len(exclude)} MatMul(s) kept in fp32, {n_gather} per-token int8 Gather(s)")
-    finally:
-        root.setLevel(level)
-
-
-# --------------------------------------------------------------------------------------------
-# ONNX Runtime helpers (tests and verify)
-
-
-def ort_session(path, threads: int = 2):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 class OnnxGlmAsr:
@@ -769,7 +668,9 @@ def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False
     export_onnx(model, out / "onnx" / "fp32", opset, timer)
     export_onnx(model, out / "onnx" / "fp16", opset, timer, half=True)
     with timer.phase("quantize int8"):
-        quantize_int8(out / "onnx" / "fp32", out / "onnx" / "int8")
+        gathers = {"embed_tokens": 0} if INT8_OPTIONS["int8_embedding_gather"] else {}
+        quantize_graphs(out / "onnx" / "fp32", out / "onnx" / "int8", ONNX_GRAPHS, INT8_OPTIONS,
+                        encoder_layer="/layers.{}/", gather_min_elements=gathers)
     if verify:
         with timer.phase("verify"):
             _verify(model, processor, out, info, prompt)

@@ -137,21 +137,13 @@ def calibration_files(paths) -> list[Path]:
 
 def calibration_windows(files, n_mels: int, max_windows: int = 64):
     """log-mel features [1, n_mels, 3000] of up to max_windows 30 s windows of the recordings."""
-    from gateway.features import N_SAMPLES, log_mel_spectrogram
+    from gateway.asr.features import N_SAMPLES, log_mel_spectrogram
 
-    def load(path: Path) -> np.ndarray:
-        try:
-            from gateway.audio import decode_audio
-
-            return decode_audio(path.read_bytes())
-        except ImportError:
-            from .whisper import load_audio
-
-            return load_audio(path)
+    from .onnx_tools import read_audio
 
     n = 0
     for path in files:
-        audio = load(path)
+        audio = read_audio(path)
         for start in range(0, max(1, len(audio)), N_SAMPLES):
             window = audio[start:start + N_SAMPLES]
             if len(window) == 0:

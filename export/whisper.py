@@ -10,20 +10,18 @@ Output layout (``OUT`` = e.g. build/models/whisper-base)::
     OUT/tokenizer.json       tokenizer for detokenization
     OUT/.export_stamp        hash of sources + package versions + options (skip when unchanged)
 
-Python API used by tests: ``load_reference``, ``load_step_modules``, ``load_audio``,
-``sample_clip``, ``ort_session``, ``onnx_greedy_decode``, ``export``.
+Python API used by tests: ``load_reference``, ``load_step_modules``, ``onnx_greedy_decode``,
+``export`` (shared ONNX helpers: export/onnx_tools.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,7 @@ from .common import (
     stamp_matches,
     write_stamp,
 )
-from .int8 import quantize_embedding_gathers, quantize_matmuls
+from .onnx_tools import ort_session, quantize_graphs, read_audio, sample_clip, torch_to_onnx
 
 # --------------------------------------------------------------------------------------------
 # model sources
@@ -486,71 +484,6 @@ def load_step_modules(model):
     )
 
 
-def load_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Mono float32 samples of a WAV file (PCM 8/16/24/32-bit or IEEE float), resampled linearly."""
-    data = Path(path).read_bytes()
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise ValueError(f"{path}: not a RIFF/WAVE file")
-    pos, fmt, raw = 12, None, None
-    while pos + 8 <= len(data):
-        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        body = data[pos + 8:pos + 8 + size]
-        if cid == b"fmt ":
-            tag, ch, sr = (int.from_bytes(body[0:2], "little"), int.from_bytes(body[2:4], "little"),
-                           int.from_bytes(body[4:8], "little"))
-            bits = int.from_bytes(body[14:16], "little")
-            if tag == 0xFFFE and len(body) >= 26:
-                tag = int.from_bytes(body[24:26], "little")
-            fmt = (tag, ch, sr, bits)
-        elif cid == b"data":
-            raw = body
-        pos += 8 + size + (size & 1)
-    if fmt is None or raw is None:
-        raise ValueError(f"{path}: missing fmt or data chunk")
-    tag, ch, sr, bits = fmt
-    if tag == 3 and bits in (32, 64):
-        x = np.frombuffer(raw[: len(raw) // (bits // 8) * (bits // 8)], dtype=f"<f{bits // 8}").astype(np.float32)
-    elif tag == 1 and bits == 16:
-        x = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
-    elif tag == 1 and bits == 32:
-        x = np.frombuffer(raw[: len(raw) // 4 * 4], dtype="<i4").astype(np.float32) / 2147483648.0
-    elif tag == 1 and bits == 8:
-        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif tag == 1 and bits == 24:
-        b = np.frombuffer(raw[: len(raw) // 3 * 3], dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-    else:
-        raise ValueError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits)")
-    x = x[: len(x) // ch * ch].reshape(-1, ch).mean(axis=1)
-    if sr != sample_rate and len(x) > 1:
-        n_out = int(round(len(x) * sample_rate / sr))
-        x = np.interp(np.arange(n_out) * (sr / sample_rate), np.arange(len(x)), x).astype(np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def sample_clip(lang: str, name: str) -> Path | None:
-    """Path of a pytest-audioeval sample clip (e.g. ('zh', 'jishu')), or None if not installed."""
-    spec = importlib.util.find_spec("pytest_audioeval")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for base in spec.submodule_search_locations:
-        p = Path(base) / "samples" / "audio" / lang / f"{name}.wav"
-        if p.is_file():
-            return p
-    return None
-
-
-def ort_session(path, threads: int = 2):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def onnx_greedy_decode(sessions, input_features: np.ndarray, prompt: list[int], eot: int,
                        suppress: list[int] = (), begin_suppress: list[int] = (), max_new_tokens: int = 64,
                        n_layers: int = 6, n_heads: int = 8, head_dim: int = 64,
@@ -590,42 +523,6 @@ def onnx_greedy_decode(sessions, input_features: np.ndarray, prompt: list[int], 
 # ONNX export
 
 
-@contextlib.contextmanager
-def _export_patches():
-    """The TorchScript exporter cannot handle aten::diff in
-    transformers.masking_utils.find_packed_sequence_indices; no packed sequences here."""
-    import transformers.masking_utils as mu
-
-    orig = getattr(mu, "find_packed_sequence_indices", None)
-    if orig is not None:
-        mu.find_packed_sequence_indices = lambda *a, **k: None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        if orig is not None:
-            mu.find_packed_sequence_indices = orig
-
-
-def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_axes, opset):
-    import onnx
-    import torch
-
-    tmp = path.with_name(path.stem + ".tmp.onnx")
-    with torch.no_grad(), _export_patches():
-        torch.onnx.export(
-            module, args, str(tmp),
-            input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-            opset_version=opset, do_constant_folding=True, dynamo=False,
-        )
-    model = onnx.load(str(tmp))
-    onnx.checker.check_model(model)
-    model.producer_name = "asr-export"
-    onnx.save(model, str(path))
-    tmp.unlink()
-
-
 def export_onnx(model, onnx_dir: Path, opset: int, timer: PhaseTimer) -> None:
     import torch
 
@@ -639,12 +536,12 @@ def export_onnx(model, onnx_dir: Path, opset: int, timer: PhaseTimer) -> None:
 
     with timer.phase("onnx encoder"):
         feats = torch.randn(1, cfg.num_mel_bins, N_FRAMES)
-        _onnx_export(encoder, (feats,), onnx_dir / "encoder.onnx", ["input_features"], ["encoder_output"],
+        torch_to_onnx(encoder, (feats,), onnx_dir / "encoder.onnx", ["input_features"], ["encoder_output"],
                      {"input_features": {0: "B"}, "encoder_output": {0: "B"}}, opset)
 
     with timer.phase("onnx decoder_init"):
         enc_out = torch.randn(2, S, d)
-        _onnx_export(cross_kv, (enc_out,), onnx_dir / "decoder_init.onnx", ["encoder_output"],
+        torch_to_onnx(cross_kv, (enc_out,), onnx_dir / "decoder_init.onnx", ["encoder_output"],
                      ["cross_k", "cross_v"],
                      {"encoder_output": {0: "N"}, "cross_k": {1: "N"}, "cross_v": {1: "N"}}, opset)
 
@@ -658,7 +555,7 @@ def export_onnx(model, onnx_dir: Path, opset: int, timer: PhaseTimer) -> None:
             torch.randn(L, N, H, S, dh),
             torch.randn(L, N, H, S, dh),
         )
-        _onnx_export(
+        torch_to_onnx(
             step, args, onnx_dir / "decoder_step.onnx",
             ["input_ids", "past_length", "past_k", "past_v", "cross_k", "cross_v"],
             ["logits", "new_k", "new_v"],
@@ -675,52 +572,6 @@ def export_onnx(model, onnx_dir: Path, opset: int, timer: PhaseTimer) -> None:
             },
             opset,
         )
-
-
-def _fp32_matmuls(model, graph: str) -> list[str]:
-    """MatMul nodes (constant weight) that stay float in the int8 variant: every FFN down-projection
-    (fc2: GELU outputs have outliers that per-tensor activation quantization destroys) and, in the
-    encoder, the first INT8_OPTIONS['encoder_fp32_layers'] layers (measured on real clips: frame
-    cosine to fp32 drops below 0.1 on some frames without these exclusions, stays > 0.97 with them)."""
-    inits = {i.name for i in model.graph.initializer}
-    keep = []
-    n_fp32 = INT8_OPTIONS["encoder_fp32_layers"]
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        name = node.name
-        if any(f"/{p}/" in name for p in INT8_OPTIONS["fp32_modules"]):
-            keep.append(name)
-        elif graph == "encoder" and any(f"/encoder/layers.{i}/" in name for i in range(n_fp32)):
-            keep.append(name)
-    return keep
-
-
-def quantize_int8(fp32_dir: Path, int8_dir: Path) -> None:
-    import logging
-
-    import onnx
-
-    int8_dir.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # "consider pre-processing" warnings
-    try:
-        for name in ONNX_GRAPHS:
-            graph = name[: -len(".onnx")]
-            src, dst = fp32_dir / name, int8_dir / name
-            if graph == "decoder_init" and not INT8_OPTIONS["quantize_decoder_init"]:
-                shutil.copyfile(src, dst)
-                continue
-            model = onnx.load(str(src))
-            n_gather = quantize_embedding_gathers(model) if INT8_OPTIONS["int8_embedding_gather"] else 0
-            exclude = _fp32_matmuls(model, graph)
-            tmp = dst.with_name(dst.stem + ".tmp.onnx")
-            quantize_matmuls(model, tmp, INT8_OPTIONS, exclude)
-            os.replace(tmp, dst)
-            log(f"  {graph}: {len(exclude)} MatMul(s) kept in fp32, {n_gather} per-token int8 Gather(s)")
-    finally:
-        root.setLevel(level)
 
 
 def _verify_onnx(model, out: Path, special: SpecialTokens, info: dict) -> None:
@@ -764,7 +615,7 @@ def _verify_onnx(model, out: Path, special: SpecialTokens, info: dict) -> None:
 
     hf_logging.set_verbosity_error()
     processor = WhisperProcessor.from_pretrained(out / "hf")
-    feats = processor.feature_extractor(load_audio(clip), sampling_rate=SAMPLE_RATE,
+    feats = processor.feature_extractor(read_audio(clip), sampling_rate=SAMPLE_RATE,
                                         return_tensors="np").input_features
     prompt = [special.sot, special.lang_to_id["zh"], special.transcribe, special.no_timestamps]
     t0 = time.perf_counter()
@@ -835,7 +686,13 @@ def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False
     export_onnx(model, out / "onnx" / "fp32", opset, timer)
 
     with timer.phase("quantize int8"):
-        quantize_int8(out / "onnx" / "fp32", out / "onnx" / "int8")
+        # encoder: first layers in fp32 (measured on real clips: frame cosine to fp32 drops below
+        # 0.1 on some frames without, stays > 0.97 with them); fc2 (GELU outputs have outliers
+        # that per-tensor activation quantization destroys) everywhere
+        gathers = {g[: -len(".onnx")]: 1 << 20 for g in ONNX_GRAPHS} if INT8_OPTIONS["int8_embedding_gather"] else {}
+        quantize_graphs(out / "onnx" / "fp32", out / "onnx" / "int8", ONNX_GRAPHS, INT8_OPTIONS,
+                        encoder_layer="/encoder/layers.{}/", gather_min_elements=gathers,
+                        copy_graphs=() if INT8_OPTIONS["quantize_decoder_init"] else ("decoder_init",))
 
     with timer.phase("model_info + tokenizer"):
         dims = info

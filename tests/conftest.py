@@ -66,7 +66,7 @@ def repository(model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def triton(repository, tmp_path_factory):
-    from gateway.triton_process import TritonProcess
+    from gateway.launch.triton_process import TritonProcess
 
     log_path = tmp_path_factory.mktemp("logs") / "triton.log"
     with TritonProcess(repository, log_path=log_path) as server:
@@ -75,8 +75,8 @@ def triton(repository, tmp_path_factory):
 
 @contextlib.contextmanager
 def running_gateway(model_dir: Path, triton_url: str, logs: Path, extra_args: list[str] | None = None):
-    """`python -m gateway.server` on a free port in front of ``triton_url``; log and history in ``logs``."""
-    from gateway.local import GatewayProcess
+    """`python -m gateway.service.server` on a free port in front of ``triton_url``; log and history in ``logs``."""
+    from gateway.launch.local import GatewayProcess
 
     # never the project's default history database: tests write tickets
     extra = ["--history-db", str(logs / "history.sqlite"), *(extra_args or [])]
@@ -143,6 +143,6 @@ def cer(hypothesis: str, reference: str) -> float:
 
 
 def load_clip_audio(path: Path) -> np.ndarray:
-    from gateway.audio import decode_audio
+    from gateway.asr.audio import decode_audio
 
     return decode_audio(path.read_bytes())

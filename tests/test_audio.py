@@ -1,4 +1,4 @@
-"""gateway.audio on recorder formats generated here with PyAV from a real speech clip."""
+"""gateway.asr.audio on recorder formats generated here with PyAV from a real speech clip."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from gateway.audio import (
+from gateway.asr.audio import (
     SAMPLE_RATE,
     AudioDecodeError,
     AudioTooLongError,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.audio import MAX_SEPARATE_CHANNELS, SAMPLE_RATE
+from gateway.asr.audio import MAX_SEPARATE_CHANNELS, SAMPLE_RATE
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_RATE_HZ = 8000
@@ -42,7 +42,7 @@ DECODE_IN_CHILD = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from gateway.audio import ContainerStream, load_audio
+    from gateway.asr.audio import ContainerStream, load_audio
     data = open(sys.argv[1], "rb").read()
     keep = sys.argv[2] == "separate"
     if sys.argv[2] == "stream":

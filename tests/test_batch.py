@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from openpyxl import load_workbook
 
-from gateway.batch import BatchError, OutputNotWritableError, run_batch
-from gateway.cli import main as cli_main
+from gateway.clients.batch import BatchError, OutputNotWritableError, run_batch
+from gateway.clients.cli import main as cli_main
 
 CALLS_DIR = Path(__file__).resolve().parent.parent / "data" / "calls"
 SHORT_CALLS = ("call_06_E014.flac", "call_13_E094.flac", "call_16_E116.flac")

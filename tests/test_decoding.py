@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.decoding import (
+from gateway.asr.decoding import (
     DecoderSession,
     DecodingError,
     DecodingOptions,
@@ -662,7 +662,7 @@ def _whisper_tokenizer_json() -> Path:
 def whisper_tokenizer():
     from tokenizers import Tokenizer
 
-    from gateway.tokenizer import WhisperTokenizer
+    from gateway.asr.tokenizer import WhisperTokenizer
 
     path = _whisper_tokenizer_json()
     raw = Tokenizer.from_file(str(path))
@@ -697,7 +697,7 @@ def test_tokenizer_sot_sequence(whisper_tokenizer):
 
 
 def test_tokenizer_unknown_language_and_task(whisper_tokenizer):
-    from gateway.tokenizer import UnknownLanguageError, UnknownTaskError
+    from gateway.asr.tokenizer import UnknownLanguageError, UnknownTaskError
 
     tok, _ = whisper_tokenizer
     with pytest.raises(UnknownLanguageError, match="'xx'.*valid codes:.*zh") as excinfo:
@@ -721,7 +721,7 @@ def test_tokenizer_round_trip_skips_special(whisper_tokenizer):
 
 
 def test_tokenizer_from_model_dir(tmp_path, whisper_tokenizer):
-    from gateway.tokenizer import TokenizerConfigError, WhisperTokenizer
+    from gateway.asr.tokenizer import TokenizerConfigError, WhisperTokenizer
 
     _, info = whisper_tokenizer
     (tmp_path / "tokenizer.json").write_bytes(_whisper_tokenizer_json().read_bytes())

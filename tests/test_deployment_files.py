@@ -28,10 +28,10 @@ def test_compose_file_is_consistent():
 
 
 def test_healthcheck_reports_not_serving_when_nothing_listens():
-    from gateway.triton_process import find_free_port
+    from gateway.launch.triton_process import find_free_port
 
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.healthcheck", f"127.0.0.1:{find_free_port()}", "--timeout", "1"],
+        [sys.executable, "-m", "gateway.clients.healthcheck", f"127.0.0.1:{find_free_port()}", "--timeout", "1"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 1
@@ -40,6 +40,6 @@ def test_healthcheck_reports_not_serving_when_nothing_listens():
 
 def test_healthcheck_reports_serving(gateway):
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.healthcheck", gateway.address], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "gateway.clients.healthcheck", gateway.address], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stdout + result.stderr

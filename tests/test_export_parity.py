@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from export import whisper as wx  # noqa: E402
+from export.onnx_tools import read_audio, sample_clip  # noqa: E402
 
 CLIPS = [("zh", "jishu"), ("en", "quick_brown_fox")]  # sequence 0, sequence 1
 N_TEACHER = 13  # teacher-forced tokens per beam (sequence 1 consumes all of them)
@@ -39,10 +40,10 @@ def features(reference):
     _, processor = reference
     clips = []
     for lang, name in CLIPS:
-        path = wx.sample_clip(lang, name)
+        path = sample_clip(lang, name)
         if path is None:
             pytest.skip("pytest-audioeval sample clips not installed")
-        clips.append(wx.load_audio(path))
+        clips.append(read_audio(path))
     return processor.feature_extractor(clips, sampling_rate=16000, return_tensors="np").input_features
 
 

@@ -1,4 +1,4 @@
-"""gateway.features against transformers' WhisperFeatureExtractor (constructed locally)."""
+"""gateway.asr.features against transformers' WhisperFeatureExtractor (constructed locally)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.audio import decode_audio
-from gateway.features import (
+from gateway.asr.audio import decode_audio
+from gateway.asr.features import (
     N_FRAMES,
     N_SAMPLES,
     SAMPLE_RATE,

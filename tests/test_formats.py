@@ -1,6 +1,6 @@
 """Recorder formats, stereo calls and bad input, generated here with PyAV (no committed binaries).
 
-Every format is encoded from the same speech and must decode (gateway/audio.py) to the
+Every format is encoded from the same speech and must decode (gateway/asr/audio.py) to the
 samples of the WAV original within that codec's tolerance; through the gateway, stereo
 calls can be transcribed per channel, and bad input gets a result or INVALID_ARGUMENT with a
 precise message while other requests go on unaffected.
@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.audio import SAMPLE_RATE, AudioDecodeError, decode_audio, load_audio, load_pcm
+from gateway.asr.audio import SAMPLE_RATE, AudioDecodeError, decode_audio, load_audio, load_pcm
 from gateway.protocol import asr_pb2, asr_pb2_grpc
 from tests.conftest import load_clip_audio, sample_clips
 
@@ -274,7 +274,7 @@ def test_bad_requests_do_not_disturb_others(asr_stub):
 
 
 def test_limits_are_configurable_and_reported(triton, model_dir, tmp_path):
-    from gateway.local import GatewayProcess
+    from gateway.launch.local import GatewayProcess
 
     extra = ["--max-audio-mb", "0.5", "--max-audio-duration-s", "10"]
     with GatewayProcess(model_dir, triton.grpc_url, log_path=tmp_path / "gateway.log", extra_args=extra) as gateway:

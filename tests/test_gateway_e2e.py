@@ -172,7 +172,7 @@ def test_health_serving_and_reflection(gateway):
 def test_cli_transcribe_json(gateway):
     clip = next(c for c in CLIPS if c.name == "en/hello_world")
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "transcribe", str(clip.path), "--json", "--server", gateway.address, "--language", "en"],
+        [sys.executable, "-m", "gateway.clients.cli", "transcribe", str(clip.path), "--json", "--server", gateway.address, "--language", "en"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=True,
     )
     payload = json.loads(result.stdout)
@@ -185,7 +185,7 @@ def test_cli_reports_bad_file(gateway, tmp_path):
     bad = tmp_path / "notes.wav"
     bad.write_text("not audio at all " * 50)
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "transcribe", str(bad), "--server", gateway.address],
+        [sys.executable, "-m", "gateway.clients.cli", "transcribe", str(bad), "--server", gateway.address],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1

@@ -32,8 +32,8 @@ def _wait_health(address: str, status: int, timeout_s: float) -> bool:
 
 
 def test_triton_down_then_back(repository, model_dir, tmp_path):
-    from gateway.local import GatewayProcess
-    from gateway.triton_process import TritonProcess, find_free_port
+    from gateway.launch.local import GatewayProcess
+    from gateway.launch.triton_process import TritonProcess, find_free_port
 
     clip = sample_clips()[0]
     request = asr_pb2.TranscribeRequest(audio_content=clip.path.read_bytes(), language=clip.language, beam_size=1)

@@ -41,7 +41,7 @@ def test_unrelated_hotword_list_leaves_other_speech_alone(asr_stub):
     # bonuses were capped (DecodingOptions.max_biased_logprob), 一二三...十 came out as
     # 12345市民服務熱線12345市民服務熱衷...; now nothing listed may appear and the text stays
     # close to the plain one.
-    from gateway.hotwords import load_hotword_file
+    from gateway.asr.hotwords import load_hotword_file
 
     phrases = [hw.phrase for path in sorted((PROJECT_ROOT / "config" / "hotwords.example").glob("*.txt"))
                for hw in load_hotword_file(path)]

@@ -47,15 +47,15 @@ from export.glm_asr import (  # noqa: E402
     load_reference,
     n_audio_tokens,
 )
-from gateway.decoding import DecodingOptions, StepOutput, beam_search  # noqa: E402
-from gateway.families import (  # noqa: E402
+from gateway.asr.decoding import DecodingOptions, StepOutput, beam_search  # noqa: E402
+from gateway.asr.families import (  # noqa: E402
     FamilyMismatchError,
     GlmAsrFamily,
     WhisperFamily,
     check_deployed,
     load_family,
 )
-from gateway.tokenizer import UnknownTaskError  # noqa: E402
+from gateway.asr.tokenizer import UnknownTaskError  # noqa: E402
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -94,7 +94,7 @@ def family(model_dir) -> GlmAsrFamily:
 def _clip(seconds: float, seed: int) -> np.ndarray:
     """Speech if pytest-audioeval is installed (a random model does not care), else a chirp + noise."""
     try:
-        from export.whisper import load_audio, sample_clip
+        from export.onnx_tools import read_audio as load_audio, sample_clip
 
         path = sample_clip("zh", "jishu")
         if path is not None:
@@ -224,7 +224,7 @@ def test_gateway_prompt_equals_the_processor_prompt(reference, family, seconds):
 
 
 def test_gateway_features_match_the_processor(reference, clip):
-    from gateway.features import log_mel_spectrogram
+    from gateway.asr.features import log_mel_spectrogram
 
     _, processor = reference
     expected = processor.apply_transcription_request(clip)["input_features"][0].numpy()
@@ -311,7 +311,7 @@ def test_external_data_graph_runs_the_same(model_dir, info, tmp_path):
     """Graphs over 2 GB (the real decoder in fp32) are saved with external data: same outputs."""
     import onnx
 
-    from export.glm_asr import save_onnx
+    from export.onnx_tools import save_onnx
 
     src = model_dir / "onnx" / "fp32" / "decoder_step.onnx"
     if src.with_name(src.name + ".data").exists():
@@ -358,7 +358,7 @@ def test_beam_search_accepts_several_eos_ids():
     single = run(4)  # backwards compatible: an int, and 5 is an ordinary token then
     assert single.tokens[:2] == [1, 5]
     assert run((5,)).tokens == [1]
-    from gateway.decoding import DecodingOptionsError
+    from gateway.asr.decoding import DecodingOptionsError
 
     with pytest.raises(DecodingOptionsError):
         run([])
@@ -431,7 +431,7 @@ def test_trt_without_tensorrt_stops_with_a_clear_message(model_dir):
 def triton_url(model_dir, tmp_path_factory):
     if not (TRITON_DIR / "bin" / "tritonserver").exists():
         pytest.skip(f"no tritonserver in {TRITON_DIR} (make setup)")
-    from gateway.triton_process import TritonProcess
+    from gateway.launch.triton_process import TritonProcess
     from model_repository.render import render_repository
 
     repo = render_repository(model_dir, tmp_path_factory.mktemp("glm_repository"), "fp32",
@@ -459,7 +459,7 @@ def early_eos(reference, inputs, info) -> list[int]:
 
 
 async def _decode_through_triton(url, features, family, n_samples, options, suppress=(), eos=None):
-    from gateway.triton_client import TritonAsrClient
+    from gateway.asr.triton_client import TritonAsrClient
 
     client = TritonAsrClient(url)
     try:
@@ -515,7 +515,7 @@ def test_greedy_through_triton_equals_transformers_generate(triton_url, referenc
 
 
 def reference_beam_search(model, prompt_embeds, beam_size: int, eos, max_new_tokens: int, suppress=()):
-    """gateway/decoding.py's rules over torch log-probs (recomputed, no cache; log_softmax after
+    """gateway/asr/decoding.py's rules over torch log-probs (recomputed, no cache; log_softmax after
     suppression, like the Triton decoder): top beam_size+1 per beam; candidates by summed log-prob (ties: parent row, then rank); eos candidates finish;
     stop at beam_size finished, no live beam, or max_new_tokens; rank by sum / length."""
     eos = set(eos)
@@ -572,8 +572,8 @@ def test_beam_search_through_triton_equals_reference_beam_search(triton_url, ref
 def test_concurrent_sequences_through_triton_keep_their_own_state(triton_url, reference, family, info):
     """Two windows decoded concurrently (their steps batch in one decoder execution) equal each
     decoded alone; a START whose placeholders do not match its audio fails alone."""
-    from gateway.features import log_mel_spectrogram
-    from gateway.triton_client import TritonAsrClient, TritonInferenceError
+    from gateway.asr.features import log_mel_spectrogram
+    from gateway.asr.triton_client import TritonAsrClient, TritonInferenceError
 
     clips = [_clip(4.0, 11), _clip(9.5, 12)]
     feats = [log_mel_spectrogram(c, n_mels=128) for c in clips]
@@ -604,7 +604,7 @@ def test_trt_profiles_cover_every_graph_input_and_calibration_cache_is_written(m
     """What `make trt` feeds TensorRT, checked without TensorRT: an optimisation profile for every
     input of every graph (min <= opt <= max), and the INT8 calibration cache from recordings."""
     from export.trt import graph_profiles, write_calibration_cache
-    from gateway.features import log_mel_spectrogram
+    from gateway.asr.features import log_mel_spectrogram
 
     profiles = graph_profiles(info, max_windows=8, max_rows=16, max_beams=5, max_positions=1024)
     assert set(profiles) == {"encoder", "embed_tokens", "decoder_step"}
@@ -631,7 +631,7 @@ HOTWORD = "朝阳区"  # not in anything the random model writes by itself
 
 @pytest.fixture(scope="module")
 def glm_stub(model_dir, triton_url, tmp_path_factory):
-    """The real gateway (`python -m gateway.server`) on the glm_asr export and its Triton, without
+    """The real gateway (`python -m gateway.service.server`) on the glm_asr export and its Triton, without
     server-side hotword lists, and an Asr stub over a real channel."""
     logs = tmp_path_factory.mktemp("glm_gateway")
     (logs / "hotwords").mkdir()
@@ -646,7 +646,7 @@ def call_audio() -> bytes:
 
 
 def test_transcribe_over_grpc_returns_a_glm_asr_result(glm_stub, call_audio, family, info):
-    from gateway.audio import decode_audio
+    from gateway.asr.audio import decode_audio
     from gateway.protocol import asr_pb2
 
     duration = len(decode_audio(call_audio)) / SAMPLE_RATE

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.decoding import DecodingOptions, TokenScorer
-from gateway.hotwords import (
+from gateway.asr.decoding import DecodingOptions, TokenScorer
+from gateway.asr.hotwords import (
     MAX_PHRASE_CHARS,
     MAX_PHRASE_TOKENS,
     MAX_PHRASES,
@@ -170,7 +170,7 @@ def test_a_phrase_pays_once_per_hypothesis():
 
 
 def test_rewarded_phrases_per_hypothesis_are_capped():
-    from gateway.hotwords import MAX_REWARDED_PHRASES
+    from gateway.asr.hotwords import MAX_REWARDED_PHRASES
 
     names = [f"{a}{b}" for a in "东西南北中" for b in "和平里店"][: MAX_REWARDED_PHRASES + 3]
     scorer = scorer_for(dict.fromkeys(names, 1.0))
@@ -540,8 +540,8 @@ def whisper_vocabulary():
     path = model_dir_path()
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"{path} has no tokenizer.json (make export)")
-    from gateway.hotwords import WhisperVocabulary
-    from gateway.tokenizer import WhisperTokenizer
+    from gateway.asr.hotwords import WhisperVocabulary
+    from gateway.asr.tokenizer import WhisperTokenizer
 
     tokenizer = WhisperTokenizer.from_model_dir(path)
     return tokenizer, WhisperVocabulary(tokenizer)
@@ -576,7 +576,7 @@ def glm_family():
     path = glm_model_dir_path()
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"{path} has no tokenizer.json (make export MODEL=glm-asr-tiny)")
-    from gateway.families import GlmAsrFamily, load_family
+    from gateway.asr.families import GlmAsrFamily, load_family
 
     family = load_family(path)
     assert isinstance(family, GlmAsrFamily)
@@ -620,7 +620,7 @@ def test_glm_tokenizations_match(glm_family):
 
 
 def test_loop_guard_spots_repetition_loops_and_spares_speech():
-    from gateway.transcriber import looks_like_loop
+    from gateway.asr.window_decoder import looks_like_loop
 
     loops = [
         "12345市民服務熱線12345市民服務熱衷12345市民服務熱衷12345市民服務熱衷12345市民",

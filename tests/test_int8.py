@@ -71,7 +71,7 @@ def _greedy_texts(model_dir: Path, variant: str, clips: list[tuple[str, np.ndarr
     from tokenizers import Tokenizer
 
     from export import whisper as wx
-    from gateway.features import log_mel_spectrogram
+    from gateway.asr.features import log_mel_spectrogram
 
     info = json.loads((model_dir / "model_info.json").read_text())
     sessions = tuple(wx.ort_session(model_dir / "onnx" / variant / f"{g}.onnx")
@@ -89,7 +89,7 @@ def _greedy_texts(model_dir: Path, variant: str, clips: list[tuple[str, np.ndarr
 
 
 def test_int8_cer_within_one_point_of_fp32(model_dir):
-    from gateway.audio import decode_audio
+    from gateway.asr.audio import decode_audio
 
     clips, references = [], []
     for line in (CALLS / "manifest.jsonl").read_text(encoding="utf-8").splitlines():

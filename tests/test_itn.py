@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("itn.chinese.inverse_normalizer", reason="wetextprocessing is not installed")
 
-from gateway.itn import ItnError, ItnOptions, load, normalize, parse_integer, parse_number  # noqa: E402
+from gateway.asr.itn import ItnError, ItnOptions, load, normalize, parse_integer, parse_number  # noqa: E402
 
 CASES_FILE = Path(__file__).parent / "data" / "itn_cases.tsv"
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from gateway.protocol import asr_pb2, asr_pb2_grpc
-from gateway.transcriber import (
+from gateway.asr.transcriber import (
     interpolate_times,
     snap_to_voiced,
     split_at_timestamps,
@@ -227,7 +227,7 @@ def test_interpolate_times_follows_speech():
 
 
 def test_split_words(model_dir):
-    from gateway.tokenizer import WhisperTokenizer
+    from gateway.asr.tokenizer import WhisperTokenizer
 
     tokenizer = WhisperTokenizer.from_model_dir(model_dir)
     en = split_words(tokenizer, tokenizer.encode(" Hello, world. Unbelievable!"), "en")
@@ -245,8 +245,8 @@ def test_timestamp_tokens_equal_transformers(triton, model_dir, reference_model)
 
     import torch
 
-    from gateway.transcriber import Transcriber, TranscribeOptions
-    from gateway.triton_client import TritonAsrClient
+    from gateway.asr.transcriber import Transcriber, TranscribeOptions
+    from gateway.asr.triton_client import TritonAsrClient
 
     model, processor = reference_model
     clips = [c for c in sample_clips() if c.name in ("zh/pangrama", "en/quick_brown_fox", "en/counting")]
@@ -298,8 +298,8 @@ def test_beam_search_obeys_timestamp_rules(triton, model_dir):
     the cache; every hypothesis that comes back obeys the rules."""
     import asyncio
 
-    from gateway.transcriber import Transcriber, TranscribeOptions
-    from gateway.triton_client import TritonAsrClient
+    from gateway.asr.transcriber import Transcriber, TranscribeOptions
+    from gateway.asr.triton_client import TritonAsrClient
 
     async def run() -> list[list[int]]:
         client = TritonAsrClient(triton.grpc_url)
@@ -389,7 +389,7 @@ def test_45_minute_recording_memory(triton, model_dir, tmp_path, record_property
     """45 minutes of an 8 kHz phone recording, mostly line noise and hold music with a dozen
     utterances: every utterance found; the gateway's peak RSS stays under 1 GiB and a second
     identical request does not grow it."""
-    from gateway.local import GatewayProcess
+    from gateway.launch.local import GatewayProcess
 
     rng = np.random.default_rng(45)
     items = corpus()

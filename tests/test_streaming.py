@@ -385,7 +385,7 @@ def test_bad_stream_messages(asr_stub):
 def test_decode_gate_serves_finals_first():
     import asyncio
 
-    from gateway.streaming import DecodeGate
+    from gateway.asr.streaming import DecodeGate
 
     async def main():
         gate = DecodeGate(1)

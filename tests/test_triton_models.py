@@ -2,7 +2,7 @@
 
 A repository is rendered (model_repository.render) from the exported model in
 $ASR_MODEL_DIR (default build/models/whisper-base) into a temporary directory and served by
-build/triton's tritonserver (gateway.triton_process). Results are compared with ONNX Runtime
+build/triton's tritonserver (gateway.launch.triton_process). Results are compared with ONNX Runtime
 run directly in this process on the same graphs.
 """
 from __future__ import annotations
@@ -222,7 +222,7 @@ def ref():
 @pytest.fixture(scope="module")
 def triton_server(tmp_path_factory):
     """A tritonserver of this module's own: small max_sequences and idle timeout to test them."""
-    from gateway.triton_process import TritonProcess
+    from gateway.launch.triton_process import TritonProcess
     from model_repository.render import render_repository
 
     repo = render_repository(MODEL_DIR, tmp_path_factory.mktemp("model_repository"), PRECISION,

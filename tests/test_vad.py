@@ -1,4 +1,4 @@
-"""gateway.vad: Silero VAD through ONNX Runtime, speech regions and <= 30 s chunks (no Triton)."""
+"""gateway.asr.vad: Silero VAD through ONNX Runtime, speech regions and <= 30 s chunks (no Triton)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from gateway.vad import (
+from gateway.asr.vad import (
     FRAME_S,
     FRAME_SAMPLES,
     MAX_SEGMENT_S,

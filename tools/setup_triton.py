@@ -19,7 +19,7 @@ What it does (idempotent: a stamp file records what was installed; a rerun only 
    Python 3.11 imports numpy and onnxruntime from DEST/pylib.
 
 ``tritonserver`` must run with ``LD_LIBRARY_PATH=DEST/lib`` (the Python backend library and
-stub look for their libraries next to the wheel's original layout); gateway/triton_process.py
+stub look for their libraries next to the wheel's original layout); gateway/launch/triton_process.py
 sets that up.
 """
 from __future__ import annotations

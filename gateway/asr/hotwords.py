@@ -1,6 +1,6 @@
 """Hotword biasing: an Aho-Corasick context graph applied inside beam search.
 
-A :class:`HotwordScorer` implements :class:`gateway.decoding.TokenScorer`. It runs an
+A :class:`HotwordScorer` implements :class:`gateway.asr.decoding.TokenScorer`. It runs an
 Aho-Corasick automaton (goto + failure arcs) over the *characters* the hypothesis
 spells, so every tokenization of a phrase matches, including tokens that split a
 character's UTF-8 bytes or merge a character of the phrase with its neighbour:
@@ -18,7 +18,7 @@ character's UTF-8 bytes or merge a character of the phrase with its neighbour:
   is exact;
 - these are *nominal* bonuses: beam search grants at most what lifts a token to log-prob 0,
   none where the model wants to end the text, and takes back exactly what it granted
-  (``gateway.decoding``, ``DecodingOptions.max_biased_logprob``);
+  (``gateway.asr.decoding``, ``DecodingOptions.max_biased_logprob``);
 - :meth:`HotwordScorer.extra_ids` names the tokens that continue the match (from the
   tokenizations of the phrase, its traditional/simplified variants, with and without a
   leading space) so the decoder returns their log-probs even outside its top-k.
@@ -248,7 +248,7 @@ class ByteLevelVocabulary:
 
 
 class WhisperVocabulary(ByteLevelVocabulary):
-    """The vocabulary of a :class:`gateway.tokenizer.WhisperTokenizer` (control and timestamp tokens ignored)."""
+    """The vocabulary of a :class:`gateway.asr.tokenizer.WhisperTokenizer` (control and timestamp tokens ignored)."""
 
     def __init__(self, tokenizer) -> None:
         super().__init__(tokenizer.backend, tokenizer.special_ids, tokenizer.timestamp_begin)
@@ -545,7 +545,7 @@ State = tuple  # one GraphState per graph
 
 
 class HotwordScorer:
-    """:class:`gateway.decoding.TokenScorer` over one or more context graphs (bonuses add up).
+    """:class:`gateway.asr.decoding.TokenScorer` over one or more context graphs (bonuses add up).
 
     Stateless apart from caches (the graphs memoize transitions): one instance may serve
     one request or many, from any thread.
@@ -772,4 +772,4 @@ class HotwordRegistry:
 
 
 def default_hotword_dir() -> Path:
-    return Path(os.environ.get("ASR_HOTWORD_DIR", Path(__file__).resolve().parent.parent / "config" / "hotwords"))
+    return Path(os.environ.get("ASR_HOTWORD_DIR", Path(__file__).resolve().parents[2] / "config" / "hotwords"))

@@ -14,7 +14,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from gateway.decoding import StepOutput
+from gateway.asr.decoding import StepOutput
 
 ENCODER_MODEL = "encoder"
 DECODER_MODEL = "decoder"

@@ -48,7 +48,7 @@ MAX_SEGMENT_S = 30.0  # one Whisper window
 ENERGY_HOP_SAMPLES = 160  # 10 ms hops for the "quietest point" search
 ENERGY_WINDOW_HOPS = 5  # 50 ms energy window
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_PATH = PROJECT_ROOT / "build" / "vad" / "silero_vad.onnx"
 MODEL_PATH_ENV = "ASR_VAD_MODEL"
 

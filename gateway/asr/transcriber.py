@@ -1,6 +1,6 @@
 """Audio (16 kHz float32) -> text through Triton: VAD chunks, features, encoder, beam search.
 
-Long audio is segmented by Silero VAD (:mod:`gateway.vad`) into chunks of at most 30 s of
+Long audio is segmented by Silero VAD (:mod:`gateway.asr.vad`) into chunks of at most 30 s of
 speech (silence between utterances left out, long speech split at its quietest point); the
 chunks of a recording (and of every channel of a stereo call) are decoded concurrently so
 Triton's dynamic batcher (encoder) and sequence batcher (decoder) combine them. With VAD
@@ -25,20 +25,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import string
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from gateway.decoding import DecodingOptions, DecodingResult, TokenScorer, beam_search
-from gateway.features import N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
-from gateway.families import FamilyMismatchError, ModelFamily, check_deployed, load_family
-from gateway.tokenizer import WhisperTokenizer
-from gateway.triton_client import TritonAsrClient
-from gateway.vad import (
+from gateway.asr.decoding import MAX_BEAM_SIZE, DecodingOptions, DecodingResult, TokenScorer
+from gateway.asr.features import N_SAMPLES, SAMPLE_RATE
+from gateway.asr.families import FamilyMismatchError, ModelFamily, check_deployed, load_family
+from gateway.asr.tokenizer import WhisperTokenizer
+from gateway.asr.window_decoder import StepwiseTritonDecoder, WindowDecoder, WindowOptions
+from gateway.asr.vad import (
     FRAME_S,
     FRAME_SAMPLES,
     SileroVad,
@@ -52,36 +50,14 @@ from gateway.vad import (
 log = logging.getLogger(__name__)
 
 DEFAULT_BEAM_SIZE = 5
-MAX_BEAM_SIZE = 16
 WINDOW_S = N_SAMPLES / SAMPLE_RATE
-MAX_INITIAL_TIMESTAMP_S = 1.0  # openai-whisper's max_initial_timestamp
 UNVOICED_WEIGHT = 0.1  # share of an unvoiced frame in word-time interpolation
 SNAP_TAIL_S = 0.6  # a segment bound this close to the far end of its stretch of speech ...
 SNAP_GAP_S = 0.3  # ... moves across a pause at least this long (see snap_to_voiced)
 JOIN_MARGIN_S = 0.2  # a segment is split at a join that lies at least this far inside it
-MAX_TOKENS_PER_S = 15.0  # generated tokens per second of audio at most (plus MIN_NEW_TOKENS)
-MIN_NEW_TOKENS = 16
-# openai-whisper's threshold: a text whose zlib compression ratio is above it is a repetition
-# loop. A hotword-biased window that loops is decoded again without the hotwords.
-COMPRESSION_RATIO_THRESHOLD = 2.4
-# ... as is one where a stretch of 4+ characters comes 3+ times in a row (short loops such
-# as 市场监督管理局 x 5 compress less than whisper's threshold)
-_REPEATED_RUN = re.compile(r"(\S.{3,}?)\1{2,}", re.DOTALL)
 MISSED_SPEECH_S = 0.5  # a piece with this much speech that no segment covers is decoded again
 NO_SPACE_LANGUAGES = ("zh", "ja", "yue", "th", "lo", "my")  # words are characters, not spaces
 CHANNEL_MODES = ("downmix", "separate")
-
-
-def compression_ratio(text: str) -> float:
-    """UTF-8 bytes over zlib-compressed bytes (0 for empty text); loops compress well."""
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
-
-
-def looks_like_loop(text: str) -> bool:
-    """A repetition loop: compresses above whisper's threshold, or repeats a 4+ character
-    stretch three times in a row."""
-    return compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or _REPEATED_RUN.search(text) is not None
 
 
 class ModelMismatchError(RuntimeError):
@@ -99,10 +75,10 @@ class TranscribeOptions:
     task: str = "transcribe"
     word_timestamps: bool = False  # Whisper timestamp tokens -> segments and word times
     vad: VadOptions | None = VadOptions()  # None: fixed 30 s windows
-    # Hotword context graph (gateway.hotwords) applied inside beam search; None: no biasing.
+    # Hotword context graph (gateway.asr.hotwords) applied inside beam search; None: no biasing.
     # Scorer states are immutable, so one scorer serves every chunk of a request.
     scorer: TokenScorer | None = None
-    # cap on the scorer's bonus (gateway.decoding.DecodingOptions.max_biased_logprob)
+    # cap on the scorer's bonus (gateway.asr.decoding.DecodingOptions.max_biased_logprob)
     max_biased_logprob: float | None = DecodingOptions.max_biased_logprob
 
     def __post_init__(self) -> None:
@@ -162,12 +138,15 @@ class Transcriber:
 
     def __init__(
         self,
-        client: TritonAsrClient,
+        client,
         model_dir: Path,
         *,
         max_concurrent_windows: int = 4,
         vad: SileroVad | None = None,
+        window_decoder: WindowDecoder | None = None,
     ) -> None:
+        """``client``: a TritonAsrClient for the stepwise path, unused when ``window_decoder``
+        (another backend behind the WindowDecoder seam) is given."""
         self.client = client
         self.model_dir = Path(model_dir)
         # The family (whisper, glm_asr) supplies prompt, EOS ids, suppress lists, detokenizer:
@@ -182,10 +161,11 @@ class Transcriber:
             self.timestamp_begin: int = int(self.model_info["timestamp_begin"])
             self.time_precision: float = float(self.model_info.get("time_precision", 0.02))
         self.vad = vad
+        self.window_decoder: WindowDecoder = window_decoder or StepwiseTritonDecoder(client, self.family)
         self._window_slots = asyncio.Semaphore(max_concurrent_windows)
 
     async def check_deployment(self) -> None:
-        deployed = await self.client.deployed_model()
+        deployed = await self.window_decoder.deployed_model()
         try:
             check_deployed(self.family, deployed)
         except FamilyMismatchError as error:
@@ -299,52 +279,17 @@ class Transcriber:
         if not slot_held:
             async with self._window_slots:
                 return await self.decode_audio(audio, options, voiced=voiced, joins=joins, slot_held=True)
-        features = await asyncio.to_thread(log_mel_spectrogram, audio, n_mels=self.n_mels)
-        encoder_output = await self.client.encode(features)
-        family = self.family
-        if options.language:
-            language = options.language
-        elif family.supports_language_detection:
-            language = await self._detect_language(encoder_output)
-        else:
-            language = ""
-        timestamps = options.word_timestamps and family.supports_timestamps
-        decoder_audio = family.decoder_audio(encoder_output, audio.shape[0])
-        prompt = family.prompt_ids(language, options.task, decoder_audio.shape[0], timestamps=timestamps)
-        rules = None
-        if timestamps:
-            max_initial = round(MAX_INITIAL_TIMESTAMP_S / self.time_precision)
-            rules = (self.timestamp_begin, int(self.model_info["no_timestamps"]), max_initial, int(self.model_info["eot"]))
-        # a hallucination loop stops after what the audio could hold (speech is < 8 tokens/s)
-        max_new_tokens = int(MIN_NEW_TOKENS + MAX_TOKENS_PER_S * audio.shape[0] / SAMPLE_RATE)
-        if family.max_new_tokens is not None:
-            max_new_tokens = min(max_new_tokens, family.max_new_tokens)
-        decoding = DecodingOptions(
-            beam_size=options.beam_size, max_new_tokens=max_new_tokens, max_biased_logprob=options.max_biased_logprob
+        timestamps = options.word_timestamps and self.family.supports_timestamps
+        window = WindowOptions(
+            language=options.language,
+            task=options.task,
+            beam_size=options.beam_size,
+            timestamps=timestamps,
+            scorer=options.scorer,
+            max_biased_logprob=options.max_biased_logprob,
         )
-
-        async def search(scorer: TokenScorer | None) -> DecodingResult:
-            session = self.client.decoder_session(
-                decoder_audio,
-                suppress_ids=list(family.suppress_ids),
-                begin_suppress_ids=list(family.begin_suppress_ids),
-                timestamp_rules=rules,
-            )
-            try:
-                return await beam_search(
-                    session, prompt, decoding, eot_id=list(family.eos_ids), max_length=self.max_length, scorer=scorer
-                )
-            finally:
-                await session.close()
-
-        result = await search(options.scorer)
-        if options.scorer is not None:
-            text = family.decode(result.tokens)
-            if looks_like_loop(text):
-                # hotwords pulled the decoder into a loop (listed names repeated): this window
-                # is decoded again without them
-                log.warning("hotword-biased window loops (%r...); decoded again without hotwords", text[:40])
-                result = await search(None)
+        decoded = await self.window_decoder.decode_window(audio, window)
+        result, language = decoded.result, decoded.language
         duration_s = audio.shape[0] / SAMPLE_RATE
         if timestamps:
             segments = self._timestamped_segments(result, duration_s, voiced, language, joins)
@@ -455,20 +400,6 @@ class Transcriber:
                 )
             )
         return words, spans
-
-    async def _detect_language(self, encoder_output: np.ndarray) -> str:
-        """One decoder step on <|startoftranscript|>; the most likely language token wins."""
-        lang_to_id = self.family.language_token_ids()
-        codes = list(lang_to_id)
-        lang_ids = np.array([[lang_to_id[c] for c in codes]], dtype=np.int64)
-        session = self.client.decoder_session(encoder_output)
-        try:
-            output = await session.step(
-                np.array([self.family.language_detection_prompt()], dtype=np.int64), None, top_k=1, extra_ids=lang_ids
-            )
-        finally:
-            await session.close()
-        return codes[int(np.argmax(output.extra_logprobs[0]))]
 
 
 # --------------------------------------------------------------------------- helpers

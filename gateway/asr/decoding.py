@@ -47,7 +47,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-MAX_BEAM_SIZE = 64
+# The one beam-size limit of the project: every request, stream and option is checked against it.
+MAX_BEAM_SIZE = 16
 
 
 class DecodingOptionsError(ValueError):

@@ -5,7 +5,7 @@ Triton decoder -> text) is the same for every family; a :class:`ModelFamily` sup
 model-specific, from the exported model directory only (``model_info.json``, ``tokenizer.json``,
 ``prompt.json``; no torch/transformers):
 
-- ``n_mels``: features to compute (``gateway.features.log_mel_spectrogram(audio, n_mels)``);
+- ``n_mels``: features to compute (``gateway.asr.features.log_mel_spectrogram(audio, n_mels)``);
 - ``decoder_audio(encoder_output, n_samples)``: what the decoder's START request carries
   (Whisper: the encoder output as is; GLM-ASR: the audio embeddings of the real audio, i.e.
   the first ``n_audio_tokens(n_samples)`` rows);
@@ -18,7 +18,7 @@ model-specific, from the exported model directory only (``model_info.json``, ``t
 - language: ``supports_language_detection`` and, for Whisper, the detection prompt/ids;
   ``language_of(text)`` for a family that does not report the language (joining chunk texts);
 - ``supports_timestamps``: Whisper's timestamp tokens (word timestamps); GLM-ASR has none;
-- ``hotword_vocabulary()``: token bytes for hotword biasing (``gateway.hotwords``), None for a
+- ``hotword_vocabulary()``: token bytes for hotword biasing (``gateway.asr.hotwords``), None for a
   family whose tokenizer the context graph cannot read (both families here are byte-level BPE).
 
 ``load_family(model_dir)`` picks the implementation from ``model_info.json``'s ``family``;
@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.hotwords import ByteLevelVocabulary, TokenVocabulary, WhisperVocabulary
-from gateway.tokenizer import (
+from gateway.asr.hotwords import ByteLevelVocabulary, TokenVocabulary, WhisperVocabulary
+from gateway.asr.tokenizer import (
     MODEL_INFO_FILE,
     TOKENIZER_FILE,
     TokenizerConfigError,

@@ -1,9 +1,9 @@
 """Command-line client for the gateway.
 
-    python -m gateway.cli transcribe FILE... [--server localhost:50051] [--json] [--language zh]
+    python -m gateway.clients.cli transcribe FILE... [--server localhost:50051] [--json] [--language zh]
         [--word-timestamps] [--separate-channels [--channel-labels agent,caller]]
-    python -m gateway.cli stream FILE [--realtime] [--language zh]   # StreamingRecognize: partials + finals
-    python -m gateway.cli batch INPUT_DIR --out OUT_DIR [--concurrency 4] [--server localhost:50051]
+    python -m gateway.clients.cli stream FILE [--realtime] [--language zh]   # StreamingRecognize: partials + finals
+    python -m gateway.clients.cli batch INPUT_DIR --out OUT_DIR [--concurrency 4] [--server localhost:50051]
 """
 
 from __future__ import annotations
@@ -14,16 +14,9 @@ import sys
 from pathlib import Path
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
+from gateway.clients.channel import DEFAULT_SERVER, open_channel, response_to_dict
 from gateway.protocol import asr_pb2, asr_pb2_grpc
-
-DEFAULT_SERVER = "localhost:50051"
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-
-
-def response_to_dict(response) -> dict:
-    return MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 def transcribe_files(
@@ -39,8 +32,7 @@ def transcribe_files(
     """Yields (path, response dict or None, error message or None) per file.
 
     ``channel_labels`` (even empty) transcribes each channel on its own (CHANNEL_MODE_SEPARATE)."""
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    with grpc.insecure_channel(server, options=options) as channel:
+    with open_channel(server) as channel:
         stub = asr_pb2_grpc.AsrStub(channel)
         for path in paths:
             try:
@@ -109,7 +101,7 @@ def stream_file(path: Path, *, server: str = DEFAULT_SERVER, language: str = "",
     ``realtime``); yields the responses."""
     import time
 
-    from gateway.audio import SAMPLE_RATE, decode_audio
+    from gateway.asr.audio import SAMPLE_RATE, decode_audio
 
     pcm = (decode_audio(path.read_bytes()).clip(-1, 1) * 32767).astype("<i2").tobytes()
     step = int(SAMPLE_RATE * chunk_s) * 2
@@ -148,7 +140,7 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.cli", description="ASR gateway client")
+    parser = argparse.ArgumentParser(prog="python -m gateway.clients.cli", description="ASR gateway client")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("transcribe", help="transcribe audio files")
     p.add_argument("files", nargs="+", type=Path)
@@ -171,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per response")
     p.set_defaults(func=_cmd_stream)
     try:
-        from gateway.batch import add_batch_parser  # needs analysis/ and its packages (not in the gateway image)
+        from gateway.clients.batch import add_batch_parser  # needs analysis/ and its packages (not in the gateway image)
     except ImportError as error:
         _add_unavailable_batch_parser(sub, error)
     else:

@@ -1,6 +1,6 @@
 """Overnight batch: a folder of recordings -> transcripts, tickets, ledger and dashboard.
 
-    python -m gateway.cli batch INPUT_DIR --out OUT_DIR [--concurrency 4] [--server localhost:50051]
+    python -m gateway.clients.cli batch INPUT_DIR --out OUT_DIR [--concurrency 4] [--server localhost:50051]
         [--language zh] [--beam-size 0] [--history-db PATH] [--recursive] [--no-progress]
 
 Per recording OUT/<name>.json (transcript, segments, ticket), then OUT/ledger.xlsx,
@@ -45,7 +45,7 @@ from analysis.errors import AnalysisError
 from analysis.report import CallRecord, build_dashboard, build_ledger
 from analysis.store import HistoryStore
 from analysis.ticket import parse_time
-from gateway.cli import DEFAULT_SERVER, MAX_MESSAGE_BYTES, response_to_dict
+from gateway.clients.channel import DEFAULT_SERVER, open_channel, response_to_dict
 from gateway.protocol import asr_pb2, asr_pb2_grpc
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".opus", ".amr", ".m4a", ".aac", ".wma", ".webm", ".mp4", ".au"})
@@ -335,10 +335,7 @@ def run_batch(
     except AnalysisError as error:
         raise BatchError(str(error)) from error
 
-    channel = grpc.insecure_channel(
-        options.server,
-        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-    )
+    channel = open_channel(options.server)
     summary = BatchSummary(total=len(recordings) + len(failures))
     records: dict[str, CallRecord] = {}
     pending: list[Recording] = []
@@ -463,7 +460,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def add_batch_parser(subparsers) -> argparse.ArgumentParser:
-    """`batch` subcommand for gateway/cli.py."""
+    """`batch` subcommand for gateway/clients/cli.py."""
     parser = subparsers.add_parser("batch", help="transcribe and analyse a folder of recordings (ledger, dashboard)")
     parser.add_argument("input_dir", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; must be writable)")

@@ -1,7 +1,7 @@
 """A local stack: tritonserver (from build/triton) + the gateway, on this machine.
 
-    python -m gateway.local serve   # foreground; Ctrl-C stops both
-    python -m gateway.local demo    # start, transcribe + analyse data/calls into tickets, a ledger and a dashboard, stop
+    python -m gateway.launch.local serve   # foreground; Ctrl-C stops both
+    python -m gateway.launch.local demo    # start, transcribe + analyse data/calls into tickets, a ledger and a dashboard, stop
 
 Used by `make serve`, `make demo` and the test session.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.triton_process import TritonProcess, find_free_port
+from gateway.launch.triton_process import TritonProcess, find_free_port
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "build" / "models" / "whisper-base"
 DEFAULT_REPOSITORY = PROJECT_ROOT / "build" / "model_repository"
 DEFAULT_DEMO_INPUT = PROJECT_ROOT / "data" / "calls"  # 20 synthesized hotline calls (tools/synth_calls.py)
@@ -51,7 +51,7 @@ def wait_for_serving(address: str, timeout_s: float, process: subprocess.Popen |
 
 
 class GatewayProcess:
-    """`python -m gateway.server` in a child process."""
+    """`python -m gateway.service.server` in a child process."""
 
     def __init__(self, model_dir: Path, triton_url: str, *, port: int | None = None, log_path: Path | None = None, extra_args: list[str] | None = None) -> None:
         self.model_dir = Path(model_dir)
@@ -65,7 +65,7 @@ class GatewayProcess:
 
     def start(self, timeout_s: float = 60.0) -> "GatewayProcess":
         cmd = [
-            sys.executable, "-m", "gateway.server",
+            sys.executable, "-m", "gateway.service.server",
             "--model-dir", str(self.model_dir),
             "--triton", self.triton_url,
             "--host", "127.0.0.1",
@@ -140,7 +140,7 @@ def cmd_serve(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the embedded default: the synthesized hotline calls -> tickets and a ledger."""
-    from gateway.batch import BatchError, run_batch
+    from gateway.clients.batch import BatchError, run_batch
 
     input_dir = Path(args.input_dir)
     out_dir = Path(args.out)
@@ -168,7 +168,7 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.local", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gateway.launch.local", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func in (("serve", cmd_serve), ("demo", cmd_demo)):
         p = sub.add_parser(name)

@@ -2,7 +2,7 @@
 
 One :class:`RecognitionStream` per gRPC stream. Audio arrives in pieces (raw PCM at a
 declared rate, or an encoded byte stream) and is decoded to 16 kHz mono by
-:mod:`gateway.audio`; Silero VAD runs frame by frame (32 ms) on it:
+:mod:`gateway.asr.audio`; Silero VAD runs frame by frame (32 ms) on it:
 
 - speech starts when a frame's probability reaches ``threshold``; the utterance audio starts
   ``speech_pad_ms`` earlier;
@@ -27,7 +27,7 @@ declared rate, or an encoded byte stream) and is decoded to 16 kHz mono by
 Results are emitted in order: a partial of an utterance is dropped when the final of an
 earlier one is still pending. Times are seconds since the start of the stream. A hotword
 scorer (``StreamingOptions.scorer``, built once per stream) biases every decode, partials
-and finals; ITN of the results is the servicer's (gateway/server.py).
+and finals; ITN of the results is the servicer's (gateway/service/server.py).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gateway.audio import SAMPLE_RATE, ContainerStream, PcmStream
-from gateway.decoding import TokenScorer
-from gateway.transcriber import ChunkResult, Segment, Transcriber, TranscribeOptions, Word, join_text
-from gateway.vad import FRAME_SAMPLES, SileroVad, VadOptions, quietest_point
+from gateway.asr.audio import SAMPLE_RATE, ContainerStream, PcmStream
+from gateway.asr.decoding import TokenScorer
+from gateway.asr.transcriber import ChunkResult, Segment, Transcriber, TranscribeOptions, Word, join_text
+from gateway.asr.vad import FRAME_SAMPLES, SileroVad, VadOptions, quietest_point
 
-log = logging.getLogger("gateway.streaming")
+log = logging.getLogger("gateway.asr.streaming")
 
 STREAMING_VAD = VadOptions(min_silence_ms=300, speech_pad_ms=200)
 DEFAULT_STREAM_BEAM_SIZE = 1

@@ -1,6 +1,6 @@
 """Exit 0 when the gateway answers SERVING, 1 otherwise (docker/Kubernetes exec probe).
 
-    python -m gateway.healthcheck [HOST:PORT] [--service asr.v1.Asr]
+    python -m gateway.clients.healthcheck [HOST:PORT] [--service asr.v1.Asr]
 """
 
 from __future__ import annotations

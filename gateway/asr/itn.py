@@ -1,6 +1,6 @@
 """Inverse text normalization (ITN) for Chinese transcripts, in hotline-ledger formats.
 
-    from gateway.itn import ItnOptions, normalize
+    from gateway.asr.itn import ItnOptions, normalize
     normalize("二零二五年三月十二号下午三点半打的电话")   # -> "2025年3月12日15:30打的电话"
 
 WeTextProcessing's Chinese ITN (prebuilt tagger FST shipped in the ``wetextprocessing``

@@ -3,7 +3,7 @@
     with TritonProcess("build/model_repository") as triton:
         client = tritonclient.grpc.InferenceServerClient(triton.grpc_url)
 
-    python -m gateway.triton_process --repository build/model_repository   # foreground
+    python -m gateway.launch.triton_process --repository build/model_repository   # foreground
 
 start() launches tritonserver (free ports unless given, LD_LIBRARY_PATH for its bundled
 libraries, the Python backend directory, --model-control-mode=none, --exit-on-error) with its
@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRITON_DIR = PROJECT_ROOT / "build" / "triton"
 PYLIB_ENV = "ASR_TRITON_PYLIB"   # fallback for model.py when config.pbtxt has no pylib_dir
 

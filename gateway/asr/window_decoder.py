@@ -1,0 +1,158 @@
+"""The seam between the transcriber and the model: one audio window (<= 30 s) in, tokens out.
+
+The transcriber plans windows (VAD), turns tokens into segments, words and times, and never
+talks to the inference server itself. A backend implements :class:`WindowDecoder`:
+
+- :class:`StepwiseTritonDecoder` (today's path): log-mel features here, the Triton encoder,
+  then beam search in the gateway with one Triton decoder step per token (hotword biasing
+  happens between steps, so it needs this path);
+- a backend whose search runs inside the server (a TensorRT-LLM style ``generate`` model)
+  would implement the same two methods and be handed to ``Transcriber(window_decoder=...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from gateway.asr.decoding import DecodingOptions, DecodingResult, TokenScorer, beam_search
+from gateway.asr.families import ModelFamily
+from gateway.asr.features import N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+
+log = logging.getLogger(__name__)
+
+MAX_INITIAL_TIMESTAMP_S = 1.0  # openai-whisper's max_initial_timestamp
+MAX_TOKENS_PER_S = 15.0  # generated tokens per second of audio at most (plus MIN_NEW_TOKENS)
+MIN_NEW_TOKENS = 16
+# openai-whisper's threshold: a text whose zlib compression ratio is above it is a repetition
+# loop. A hotword-biased window that loops is decoded again without the hotwords.
+COMPRESSION_RATIO_THRESHOLD = 2.4
+# ... as is one where a stretch of 4+ characters comes 3+ times in a row (short loops such
+# as 市场监督管理局 x 5 compress less than whisper's threshold)
+_REPEATED_RUN = re.compile(r"(\S.{3,}?)\1{2,}", re.DOTALL)
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 bytes over zlib-compressed bytes (0 for empty text); loops compress well."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def looks_like_loop(text: str) -> bool:
+    """A repetition loop: compresses above whisper's threshold, or repeats a 4+ character
+    stretch three times in a row."""
+    return compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or _REPEATED_RUN.search(text) is not None
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """What one window decode needs; validated by TranscribeOptions before it gets here."""
+
+    language: str | None  # None: detected by the backend where the family can
+    task: str
+    beam_size: int
+    timestamps: bool  # Whisper timestamp tokens (only where the family supports them)
+    scorer: TokenScorer | None  # hotword biasing; None: none
+    max_biased_logprob: float | None
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    result: DecodingResult
+    language: str  # "" when the family reports none
+
+
+@runtime_checkable
+class WindowDecoder(Protocol):
+    async def decode_window(self, audio: np.ndarray, options: WindowOptions) -> WindowResult:
+        """Decode float32 16 kHz mono ``audio`` of at most N_SAMPLES samples."""
+
+    async def deployed_model(self) -> dict:
+        """What the server reports about the deployed model (checked against the family)."""
+
+
+class StepwiseTritonDecoder:
+    """Features -> Triton encoder -> beam search over Triton decoder steps (KV cache in Triton)."""
+
+    def __init__(self, client, family: ModelFamily) -> None:
+        self.client = client  # gateway.asr.triton_client.TritonAsrClient (or a wrapper of it)
+        self.family = family
+        info = family.model_info
+        if family.supports_timestamps:
+            self._timestamp_rules = (
+                int(info["timestamp_begin"]),
+                int(info["no_timestamps"]),
+                round(MAX_INITIAL_TIMESTAMP_S / float(info.get("time_precision", 0.02))),
+                int(info["eot"]),
+            )
+
+    async def deployed_model(self) -> dict:
+        return await self.client.deployed_model()
+
+    async def decode_window(self, audio: np.ndarray, options: WindowOptions) -> WindowResult:
+        if audio.shape[0] > N_SAMPLES:
+            raise ValueError(f"a window holds at most {N_SAMPLES} samples, got {audio.shape[0]}")
+        family = self.family
+        features = await asyncio.to_thread(log_mel_spectrogram, audio, n_mels=family.n_mels)
+        encoder_output = await self.client.encode(features)
+        if options.language:
+            language = options.language
+        elif family.supports_language_detection:
+            language = await self._detect_language(encoder_output)
+        else:
+            language = ""
+        timestamps = options.timestamps and family.supports_timestamps
+        decoder_audio = family.decoder_audio(encoder_output, audio.shape[0])
+        prompt = family.prompt_ids(language, options.task, decoder_audio.shape[0], timestamps=timestamps)
+        rules = self._timestamp_rules if timestamps else None
+        # a hallucination loop stops after what the audio could hold (speech is < 8 tokens/s)
+        max_new_tokens = int(MIN_NEW_TOKENS + MAX_TOKENS_PER_S * audio.shape[0] / SAMPLE_RATE)
+        if family.max_new_tokens is not None:
+            max_new_tokens = min(max_new_tokens, family.max_new_tokens)
+        decoding = DecodingOptions(
+            beam_size=options.beam_size, max_new_tokens=max_new_tokens, max_biased_logprob=options.max_biased_logprob
+        )
+
+        async def search(scorer: TokenScorer | None) -> DecodingResult:
+            session = self.client.decoder_session(
+                decoder_audio,
+                suppress_ids=list(family.suppress_ids),
+                begin_suppress_ids=list(family.begin_suppress_ids),
+                timestamp_rules=rules,
+            )
+            try:
+                return await beam_search(
+                    session, prompt, decoding, eot_id=list(family.eos_ids), max_length=family.max_length, scorer=scorer
+                )
+            finally:
+                await session.close()
+
+        result = await search(options.scorer)
+        if options.scorer is not None:
+            text = family.decode(result.tokens)
+            if looks_like_loop(text):
+                # hotwords pulled the decoder into a loop (listed names repeated): this window
+                # is decoded again without them
+                log.warning("hotword-biased window loops (%r...); decoded again without hotwords", text[:40])
+                result = await search(None)
+        return WindowResult(result=result, language=language)
+
+    async def _detect_language(self, encoder_output: np.ndarray) -> str:
+        """One decoder step on <|startoftranscript|>; the most likely language token wins."""
+        lang_to_id = self.family.language_token_ids()
+        codes = list(lang_to_id)
+        lang_ids = np.array([[lang_to_id[c] for c in codes]], dtype=np.int64)
+        session = self.client.decoder_session(encoder_output)
+        try:
+            output = await session.step(
+                np.array([self.family.language_detection_prompt()], dtype=np.int64), None, top_k=1, extra_ids=lang_ids
+            )
+        finally:
+            await session.close()
+        return codes[int(np.argmax(output.extra_logprobs[0]))]
