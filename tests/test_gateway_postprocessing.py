@@ -126,3 +126,38 @@ def test_analyze_and_correct_ticket_rpcs(asr_stub):
 def test_analyze_empty_text(asr_stub):
     ticket = asr_stub.AnalyzeTicket(asr_pb2.AnalyzeTicketRequest(text=""), timeout=60)
     assert ticket.machine_generated and ticket.category
+
+
+def test_zh_transcripts_are_simplified_with_the_model_text_kept(asr_stub):
+    from gateway.asr.script import to_simplified
+
+    # Whisper base writes this call in traditional characters (城區, 燈...)
+    audio = (CALLS_DIR / "call_03_E009.flac").read_bytes()
+    base = dict(audio_content=audio, language="zh", beam_size=5)
+    default = asr_stub.Transcribe(asr_pb2.TranscribeRequest(**base), timeout=120)
+    kept = asr_stub.Transcribe(asr_pb2.TranscribeRequest(**base, keep_model_script=True), timeout=120)
+    assert default.text and to_simplified(default.text) == default.text
+    assert kept.text == (default.model_text or default.text)
+    assert kept.model_text == ""  # nothing converted, nothing kept twice
+    for segment, model_segment in zip(default.segments, kept.segments):
+        assert to_simplified(segment.text) == segment.text
+        assert (segment.model_text or segment.text) == model_segment.text
+    if default.model_text:
+        assert to_simplified(default.model_text) == default.text
+
+
+def test_simplify_transcript_keeps_times_and_other_languages():
+    from gateway.asr.script import simplify_transcript
+    from gateway.asr.transcriber import Segment, Transcript, Word
+
+    words = [Word(text="路燈", start_s=0.0, end_s=0.5, confidence=0.9), Word(text="壞了", start_s=0.5, end_s=1.0, confidence=0.8)]
+    segment = Segment(start_s=0.0, end_s=1.0, text="路燈壞了", confidence=0.8, avg_logprob=-0.2, words=words)
+    zh = simplify_transcript(Transcript(text="路燈壞了", segments=[segment], duration_s=1.0, language="zh"))
+    assert (zh.text, zh.model_text) == ("路灯坏了", "路燈壞了")
+    assert (zh.segments[0].text, zh.segments[0].model_text) == ("路灯坏了", "路燈壞了")
+    assert [w.text for w in zh.segments[0].words] == ["路灯", "坏了"]
+    assert [(w.start_s, w.end_s) for w in zh.segments[0].words] == [(0.0, 0.5), (0.5, 1.0)]
+    yue = Transcript(text="佢哋喺度", segments=[], duration_s=1.0, language="yue")
+    assert simplify_transcript(yue) is yue
+    plain = simplify_transcript(Transcript(text="路灯坏了", segments=[], duration_s=1.0, language="zh"))
+    assert plain.model_text == ""

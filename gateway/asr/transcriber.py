@@ -108,6 +108,7 @@ class Segment:
     words: list[Word] = field(default_factory=list)
     channel: int = 0
     speaker: str = ""
+    model_text: str = ""  # what the model wrote, where ``text`` was converted (script.py)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Transcript:
     duration_s: float
     language: str
     chunks: int = 0  # recogniser calls (VAD chunks or windows)
+    model_text: str = ""  # what the model wrote, where ``text`` was converted (script.py)
 
 
 @dataclass

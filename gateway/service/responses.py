@@ -26,6 +26,7 @@ def segment_pb(segment: Segment, normalized_text: str = "") -> asr_pb2.Segment:
         channel=segment.channel,
         speaker=segment.speaker,
         normalized_text=normalized_text,
+        model_text=segment.model_text,
     )
 
 
@@ -41,6 +42,7 @@ def transcribe_response(
         model_name=model_name,
         language=transcript.language,
         normalized_text=join_text(normalized, transcript.language) if normalized else "",
+        model_text=transcript.model_text,
         ticket=ticket,
     )
 

@@ -28,8 +28,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gateway.asr import itn
-from gateway.asr.audio import decode_audio, pcm_to_float
+from gateway.asr.audio import MAX_CONTAINER_CHANNELS
 from gateway.asr.hotwords import HotwordRegistry, default_hotword_dir
+from gateway.asr.script import simplify_transcript
 from gateway.asr.streaming import DecodeGate, RecognitionStream, StreamResult
 from gateway.asr.transcriber import ModelMismatchError, Transcriber
 from gateway.asr.triton_client import TritonAsrClient, TritonInferenceError, TritonUnavailableError
@@ -37,8 +38,10 @@ from gateway.asr.vad import DEFAULT_MODEL_PATH, SileroVad, VadModelError
 from gateway.protocol import asr_pb2, asr_pb2_grpc
 from gateway.service import options as request_options
 from gateway.service import responses
+from gateway.service.auth import ApiKeys, GatewayInterceptor, current_identity, require_role
+from gateway.service.decode_pool import DecodeJob, DecodePool, run_job
 from gateway.service.errors import abort_for
-from gateway.service.options import MIB, RequestError
+from gateway.service.options import MIB, AdmissionError, RequestError, StreamIdleError
 from gateway.service.ticket_service import TicketService
 
 log = logging.getLogger("gateway")
@@ -47,26 +50,54 @@ SERVICE_NAME = asr_pb2.DESCRIPTOR.services_by_name["Asr"].full_name
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Server certificate and key (PEM); with ``client_ca`` every client must present a certificate it signed (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     model_dir: Path
     triton_url: str = "localhost:8001"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless asked: --host 0.0.0.0 (containers) exposes it
     port: int = 50051
     max_audio_bytes: int = 512 * MIB
     max_audio_duration_s: float = 4 * 3600.0
+    max_audio_channels: int = MAX_CONTAINER_CHANNELS  # refused from the header, before decoding
     health_poll_interval_s: float = 1.0
     max_concurrent_windows: int = 8
     vad_model: Path | None = None  # None: build/vad/silero_vad.onnx when it exists
-    max_streams: int = 64  # concurrent StreamingRecognize calls; more get RESOURCE_EXHAUSTED
+    # Admission: calls past these get RESOURCE_EXHAUSTED at once with a retry hint, instead of
+    # queueing past their deadlines. Sized on the 2-core CPU test machine (README, Reliability).
+    max_transcribes: int = 16  # concurrent Transcribe calls
+    max_streams: int = 8  # concurrent StreamingRecognize calls
+    retry_after_s: float = 2.0  # the hint sent with RESOURCE_EXHAUSTED
+    stream_idle_timeout_s: float = 30.0  # a stream with no message for this long is closed
     max_stream_decodes: int = 4  # stream decodes in flight over all streams (finals first)
+    decode_workers: int = 2  # audio decoder processes (0: decode in the gateway process)
     hotword_dir: Path | None = None  # None: $ASR_HOTWORD_DIR or config/hotwords
     history_db: Path | None = None  # ticket history; None: store.path of analysis/config/defaults.yaml
+    tls: TlsConfig | None = None  # None: plaintext (loopback use)
+    api_keys: Path | None = None  # None: no authentication (local default; see gateway/service/auth.py)
+    audit_log: Path | None = None  # corrections, one JSON line each; None: the gateway log
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "model_info.json").is_file():
             raise FileNotFoundError(f"{self.model_dir}/model_info.json not found; run `make export` first")
         if self.max_audio_bytes <= 0 or self.max_audio_duration_s <= 0:
             raise ValueError("max_audio_bytes and max_audio_duration_s must be positive")
+        if min(self.max_transcribes, self.max_streams, self.max_audio_channels) < 1 or self.decode_workers < 0:
+            raise ValueError("max_transcribes, max_streams, max_audio_channels must be >= 1, decode_workers >= 0")
+        if self.stream_idle_timeout_s <= 0 or self.retry_after_s <= 0:
+            raise ValueError("stream_idle_timeout_s and retry_after_s must be positive")
 
 
 STREAM_QUEUE_SIZE = 256  # responses buffered for a slow reader before the stream waits
@@ -81,46 +112,75 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         *,
         hotwords: HotwordRegistry | None = None,
         tickets: TicketService | None = None,
+        decode_pool: DecodePool | None = None,
     ) -> None:
         self.config = config
         self.transcriber = transcriber
         self.vad = vad
         self.hotwords = hotwords  # None: the model family has no hotword vocabulary
         self.tickets = tickets or TicketService(config.history_db)
+        self.decode_pool = decode_pool  # None: decode in a thread of this process
+        self.triton_ready = False  # kept in step with Triton by watch_triton (its first poll is at start)
         self._streams = 0
+        self._transcribes = 0
         self._stream_gate = DecodeGate(config.max_stream_decodes)
 
-    def _decode(self, request, keep_channels: bool = False) -> np.ndarray:
+    def _decode_job(self, request, keep_channels: bool = False) -> DecodeJob:
         kind = request.WhichOneof("audio")
         if kind is None:
             raise RequestError("request has no audio: set audio_content or raw_audio")
+        limits = dict(keep_channels=keep_channels, max_duration_s=self.config.max_audio_duration_s)
         if kind == "audio_content":
-            data = request.audio_content
-            request_options.audio_size(len(data), self.config.max_audio_bytes)
-            return decode_audio(data, max_duration_s=self.config.max_audio_duration_s, keep_channels=keep_channels)
+            request_options.audio_size(len(request.audio_content), self.config.max_audio_bytes)
+            return DecodeJob(request.audio_content, max_channels=self.config.max_audio_channels, **limits)
         raw = request.raw_audio
         request_options.audio_size(len(raw.pcm), self.config.max_audio_bytes)
         encoding = request_options.pcm_format("raw_audio", raw.encoding, raw.sample_rate_hz, raw.channels)
-        return pcm_to_float(
-            raw.pcm,
-            raw.sample_rate_hz,
-            encoding=encoding,
-            channels=raw.channels or 1,
-            max_duration_s=self.config.max_audio_duration_s,
-            keep_channels=keep_channels,
+        return DecodeJob(
+            raw.pcm, pcm_sample_rate=raw.sample_rate_hz, pcm_encoding=encoding, pcm_channels=raw.channels or 1, **limits
         )
+
+    async def _decode(self, job: DecodeJob) -> np.ndarray:
+        if self.decode_pool is not None:
+            return await self.decode_pool.decode(job)
+        return await asyncio.to_thread(run_job, job)
+
+    def _admit(self, what: str, running: int, limit: int) -> None:
+        """Refuse at once what would only queue: Triton down, or the gateway at its limit."""
+        if not self.triton_ready:
+            raise AdmissionError("the inference server is not ready", grpc.StatusCode.UNAVAILABLE, self.config.retry_after_s)
+        if running >= limit:
+            raise AdmissionError(
+                f"this gateway serves at most {limit} {what} at once", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                self.config.retry_after_s,
+            )
 
     async def Transcribe(self, request, context):
         started = time.perf_counter()
         try:
+            self._admit("Transcribe calls", self._transcribes, self.config.max_transcribes)
+        except AdmissionError as error:
+            await abort_for(context, error, f"request {request.request_id[:64]}")
+        self._transcribes += 1
+        try:
+            return await self._transcribe(request, context, started)
+        finally:
+            self._transcribes -= 1
+
+    async def _transcribe(self, request, context, started: float):
+        try:
+            if request.analyze:
+                require_role("analyze")
             separate = request_options.separate_channels(request)
             scorer = await asyncio.to_thread(request_options.hotword_scorer, self.hotwords, request)
             options = request_options.transcribe_options(request, scorer, have_vad=self.vad is not None)
             itn_options = request_options.itn_options(self.hotwords, request)
             self.transcriber.validate_language(options.language)
-            audio = await asyncio.to_thread(self._decode, request, separate)
+            audio = await self._decode(self._decode_job(request, separate))
             labels = request_options.channel_labels(request, audio.shape[0]) if separate else None
             transcript = await self.transcriber.transcribe(audio, options, channel_labels=labels)
+            if not request.keep_model_script:
+                transcript = simplify_transcript(transcript)
             normalized: list[str] = []  # per segment, with itn
             if itn_options is not None:
                 # segments only: the whole text is their join, as for the raw text
@@ -132,7 +192,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                     transcript.text, dict(request.ticket_metadata), segments=segment_dicts or None, record=request.record_ticket
                 )
         except Exception as error:  # noqa: BLE001 - mapped to a status, never a traceback
-            await abort_for(context, error, f"request {request.request_id}")
+            await abort_for(context, error, f"request {request.request_id[:64]}")
         return responses.transcribe_response(
             transcript, normalized, model_name=self.transcriber.model_name,
             processing_time_s=time.perf_counter() - started, ticket=ticket,
@@ -147,7 +207,10 @@ class AsrService(asr_pb2_grpc.AsrServicer):
 
     async def CorrectTicket(self, request, context):
         try:
-            return await self.tickets.correct(request.ticket_id, request.field, request.value, request.corrected_by)
+            identity = current_identity.get()
+            # with authentication on, the key's name is who corrected it, whatever the request says
+            by = identity.name if identity is not None else request.corrected_by
+            return await self.tickets.correct(request.ticket_id, request.field, request.value, by)
         except Exception as error:  # noqa: BLE001 - mapped to a status, never a traceback
             await abort_for(context, error, "CorrectTicket")
 
@@ -155,22 +218,22 @@ class AsrService(asr_pb2_grpc.AsrServicer):
     async def StreamingRecognize(self, request_iterator, context):
         if self.vad is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "streaming needs the Silero VAD model, which this gateway lacks")
-        if self._streams >= self.config.max_streams:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"this gateway serves at most {self.config.max_streams} streams at once"
-            )
+        try:
+            self._admit("streams", self._streams, self.config.max_streams)
+        except AdmissionError as error:
+            await abort_for(context, error, "stream")
         self._streams += 1
         stream = None
         pump = None
         request_id = ""
         try:
             try:
-                first = await request_iterator.__anext__()
+                first = await self._next_message(request_iterator)
             except StopAsyncIteration:
                 return
             if first.WhichOneof("request") != "config":
                 raise RequestError("the first message of a stream must be a config")
-            request_id = first.config.request_id
+            request_id = first.config.request_id[:64]
             # hotwords and ITN are checked (and the scorer built) once, before any audio
             scorer = await asyncio.to_thread(request_options.hotword_scorer, self.hotwords, first.config)
             itn_options = request_options.itn_options(self.hotwords, first.config)
@@ -210,16 +273,34 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             await abort_for(context, error, f"stream {request_id}")
         finally:
             self._streams -= 1
-            if pump is not None and not pump.done():
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
-            if stream is not None:
-                await stream.close()
+            # shielded: a second cancellation must not stop the decoder sequences being ended
+            await asyncio.shield(self._close_stream(pump, stream))
+
+    @staticmethod
+    async def _close_stream(pump: asyncio.Task | None, stream: RecognitionStream | None) -> None:
+        if pump is not None and not pump.done():
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        if stream is not None:
+            await stream.close()
+
+    async def _next_message(self, request_iterator):
+        """The client's next message, or StreamIdleError after the idle timeout (StopAsyncIteration at the end)."""
+        try:
+            return await asyncio.wait_for(request_iterator.__anext__(), self.config.stream_idle_timeout_s)
+        except asyncio.TimeoutError:
+            raise StreamIdleError(
+                f"no message for {self.config.stream_idle_timeout_s:g} s; idle streams are closed"
+            ) from None
 
     async def _pump(self, request_iterator, stream: RecognitionStream, queue: asyncio.Queue) -> None:
         """Client messages -> the stream; half-close finalises; errors go to the response loop."""
         try:
-            async for message in request_iterator:
+            while True:
+                try:
+                    message = await self._next_message(request_iterator)
+                except StopAsyncIteration:
+                    break
                 kind = message.WhichOneof("request")
                 if kind == "config":
                     raise RequestError("config may only be sent once, as the first message")
@@ -246,8 +327,10 @@ def load_vad(path: Path | None) -> SileroVad | None:
         return None
 
 
-async def watch_triton(client: TritonAsrClient, transcriber: Transcriber, health: HealthServicer, interval_s: float) -> None:
-    """Keep the health status in step with Triton; recovers by itself when Triton returns."""
+async def watch_triton(
+    client: TritonAsrClient, transcriber: Transcriber, health: HealthServicer, interval_s: float, service: AsrService | None = None
+) -> None:
+    """Keep the health status (and ``service.triton_ready``) in step with Triton; recovers by itself when Triton returns."""
     serving = None
     while True:
         ready = await client.models_ready()
@@ -261,6 +344,8 @@ async def watch_triton(client: TritonAsrClient, transcriber: Transcriber, health
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", SERVICE_NAME):
                 await health.set(name, status)
+            if service is not None:
+                service.triton_ready = bool(ready)
             log.info("triton %s: %s", client.url, "ready, SERVING" if ready else "not ready, NOT_SERVING")
             serving = ready
         await asyncio.sleep(interval_s)
@@ -270,12 +355,17 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     client = TritonAsrClient(config.triton_url)
     vad = load_vad(config.vad_model)
     transcriber = Transcriber(client, config.model_dir, max_concurrent_windows=config.max_concurrent_windows, vad=vad)
+    keys = ApiKeys.load(config.api_keys) if config.api_keys else None
     server = grpc.aio.server(
+        interceptors=[GatewayInterceptor(keys)],
         options=[
             ("grpc.max_receive_message_length", config.max_audio_bytes + MIB),
             ("grpc.max_send_message_length", 64 * MIB),
-        ]
+        ],
     )
+    decode_pool = DecodePool(config.decode_workers) if config.decode_workers else None
+    if decode_pool is not None:
+        await asyncio.to_thread(decode_pool.warm_up)
     hotwords = None
     vocabulary = transcriber.family.hotword_vocabulary()
     if vocabulary is not None:
@@ -283,18 +373,26 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     tickets = TicketService(config.history_db)
     await asyncio.to_thread(itn.load)  # FSTs load once (about 0.5 s), before the first request
     await asyncio.to_thread(tickets.warm_up)
-    asr_pb2_grpc.add_AsrServicer_to_server(AsrService(config, transcriber, vad, hotwords=hotwords, tickets=tickets), server)
+    service = AsrService(config, transcriber, vad, hotwords=hotwords, tickets=tickets, decode_pool=decode_pool)
+    asr_pb2_grpc.add_AsrServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
+    bound = server.add_secure_port(address, config.tls.credentials()) if config.tls else server.add_insecure_port(address)
+    if bound == 0:
         raise OSError(f"cannot bind gRPC gateway to {address}")
     await server.start()
-    log.info("gateway listening on %s, triton at %s, model dir %s", address, config.triton_url, config.model_dir)
-    watcher = asyncio.create_task(watch_triton(client, transcriber, health, config.health_poll_interval_s))
+    log.info(
+        "gateway listening on %s (%s, %s), triton at %s, model dir %s", address,
+        "TLS" + (" with client certificates" if config.tls and config.tls.client_ca else "") if config.tls else "plaintext",
+        f"API keys from {config.api_keys}" if keys else "no authentication", config.triton_url, config.model_dir,
+    )
+    if keys is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without authentication: anyone who reaches it can use every RPC", config.host)
+    watcher = asyncio.create_task(watch_triton(client, transcriber, health, config.health_poll_interval_s, service))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -305,25 +403,43 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     watcher.cancel()
     await server.stop(grace=5.0)
     await client.close()
+    if decode_pool is not None:
+        decode_pool.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path("build/models/whisper-base"))
     parser.add_argument("--triton", default="localhost:8001", help="Triton gRPC address")
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 (every interface) only when asked")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--max-audio-mb", type=float, default=512.0)
     parser.add_argument("--max-audio-duration-s", type=float, default=4 * 3600.0)
     parser.add_argument("--vad-model", type=Path, default=None, help=f"Silero VAD ONNX model (default {DEFAULT_MODEL_PATH})")
     parser.add_argument("--max-concurrent-windows", type=int, default=8, help="chunks of Transcribe requests decoded at once")
-    parser.add_argument("--max-streams", type=int, default=64)
+    parser.add_argument("--max-audio-channels", type=int, default=MAX_CONTAINER_CHANNELS)
+    parser.add_argument("--max-transcribes", type=int, default=16, help="concurrent Transcribe calls; more: RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-streams", type=int, default=8, help="concurrent streams; more: RESOURCE_EXHAUSTED")
+    parser.add_argument("--retry-after-s", type=float, default=2.0, help="retry hint sent with RESOURCE_EXHAUSTED")
+    parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0)
+    parser.add_argument("--decode-workers", type=int, default=2, help="audio decoder processes (0: in the gateway process)")
+    parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM); with --tls-key: TLS")
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--tls-client-ca", type=Path, help="CA of client certificates: mutual TLS")
+    parser.add_argument("--api-keys", type=Path, help="API-key file (config/api_keys.example.yaml); none: no authentication")
+    parser.add_argument("--audit-log", type=Path, help="corrections audit log, one JSON line each (default: the gateway log)")
     parser.add_argument("--max-stream-decodes", type=int, default=4, help="stream decodes in flight (finals first)")
     parser.add_argument("--hotword-dir", type=Path, default=None, help="server-side hotword lists (default config/hotwords)")
     parser.add_argument("--history-db", type=Path, default=None, help="SQLite ticket history (default from analysis config)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        parser.error("--tls-cert and --tls-key go together; --tls-client-ca needs them")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.audit_log:
+        handler = logging.FileHandler(args.audit_log, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("gateway.audit").addHandler(handler)
     config = GatewayConfig(
         model_dir=args.model_dir,
         triton_url=args.triton,
@@ -333,7 +449,15 @@ def main(argv: list[str] | None = None) -> None:
         max_audio_duration_s=args.max_audio_duration_s,
         vad_model=args.vad_model,
         max_concurrent_windows=args.max_concurrent_windows,
+        max_audio_channels=args.max_audio_channels,
+        max_transcribes=args.max_transcribes,
         max_streams=args.max_streams,
+        retry_after_s=args.retry_after_s,
+        stream_idle_timeout_s=args.stream_idle_timeout_s,
+        decode_workers=args.decode_workers,
+        tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        api_keys=args.api_keys,
+        audit_log=args.audit_log,
         max_stream_decodes=args.max_stream_decodes,
         hotword_dir=args.hotword_dir,
         history_db=args.history_db,
