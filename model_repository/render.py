@@ -6,8 +6,10 @@
 
 For each model (``encoder``, ``decoder``) it fills the ``${NAME}`` placeholders of
 ``model_repository/<model>/config.pbtxt.in`` into ``<out>/<model>/config.pbtxt``, copies
-``<model>/1/model.py`` and hard-links (copy when linking is impossible) the ONNX graphs of the
-chosen precision from ``<model-dir>/onnx/<precision>/`` into ``<out>/<model>/1/``.
+``<model>/1/model.py`` and the engine package (``engine/`` -> ``<out>/<model>/1/engine/``),
+and hard-links (copy when linking is impossible) the ONNX graphs of the chosen precision from
+``<model-dir>/onnx/<precision>/`` into ``<out>/<model>/1/``. The graphs and extra parameters
+of a family come from its step runner (``engine/runners/``).
 Family, model name and dimensions come from ``<model-dir>/model_info.json`` (falling back to
 the static shapes of the ONNX graphs). Rerunning with the same inputs changes nothing.
 
@@ -25,29 +27,30 @@ import shutil
 import sys
 from pathlib import Path
 
+from .engine.runners import runner_class
+
 HERE = Path(__file__).resolve().parent
 PROJECT_ROOT = HERE.parent
 PYLIB_ENV = "ASR_TRITON_PYLIB"
 
-MODELS = {
-    "encoder": ["encoder.onnx"],
-    "decoder": ["decoder_init.onnx", "decoder_step.onnx"],
-}
-# Family switch (docs/INTERFACES.md): graphs per model, and extra decoder parameters taken from
-# model_info.json. glm_asr: the decoder embeds ids itself (embed_tokens.onnx) and puts the audio
-# embeddings of the START request at the audio placeholder positions.
-FAMILY_MODELS = {
-    "glm_asr": {"encoder": ["encoder.onnx"], "decoder": ["embed_tokens.onnx", "decoder_step.onnx"]},
-}
+# Deployed into every model's version folder next to model.py (the backend stub sees only that).
+ENGINE = HERE / "engine"
+ENGINE_DIR = "engine"
+ENGINE_FILES = "*.py"
+
+
+def family_runner(family: str) -> type:
+    """The step runner class of a family (engine/runners: the one place families are registered):
+    it names the graphs each model needs and the extra config parameters of the family."""
+    return runner_class(family)
 
 
 def family_parameters(family: str, info: dict) -> dict[str, dict[str, str]]:
     """Extra config parameters per model ({model: {key: value}}) of a family."""
-    if family == "glm_asr":
-        if info.get("audio_token_id") is None:
-            raise RenderError("model_info.json of a glm_asr model lacks audio_token_id (re-run the export)")
-        return {"decoder": {"embed_onnx_file": "embed_tokens.onnx", "audio_token_id": str(int(info["audio_token_id"]))}}
-    return {}
+    try:
+        return family_runner(family).render_parameters(info)
+    except ValueError as error:
+        raise RenderError(str(error)) from error
 
 
 DEFAULT_TUNABLES: dict[str, object] = {
@@ -208,6 +211,22 @@ def _copy_if_changed(src: Path, dst: Path) -> bool:
     return True
 
 
+def _sync_tree(src: Path, dst: Path, pattern: str) -> list[str]:
+    """Make dst hold exactly the files of src matching pattern (recursively, same layout);
+    returns the files copied. Unchanged files are left alone, stale ones removed."""
+    wanted = {p.relative_to(src) for p in src.rglob(pattern) if "__pycache__" not in p.parts}
+    copied = []
+    for rel in sorted(wanted):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if _copy_if_changed(src / rel, dst / rel):
+            copied.append(str(rel))
+    if dst.is_dir():
+        for stale in sorted(dst.rglob(pattern)):
+            if "__pycache__" not in stale.parts and stale.relative_to(dst) not in wanted:
+                stale.unlink()
+    return copied
+
+
 def _fmt_bool(v) -> str:
     if isinstance(v, str):
         v = v.strip().lower() in ("1", "true", "yes", "on")
@@ -261,12 +280,8 @@ def model_dims(model_dir: Path, onnx_dir: Path, info: dict) -> dict[str, object]
     return {k: (int(v) if v not in (None, 0) else -1) for k, v in found.items()}
 
 
-def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: bool = False,
-                      **tunables) -> Path:
-    """Render ``out_dir`` (a Triton model repository) from ``model_dir``; returns ``out_dir``."""
-    model_dir = Path(model_dir).resolve()
-    out_dir = Path(out_dir).resolve()
-    say = print if verbose else (lambda *a, **k: None)
+def _exported(model_dir: Path, precision: str) -> tuple[dict, Path, Path]:
+    """(model_info.json, onnx root, onnx dir of the precision) of an exported model."""
     info_path = model_dir / "model_info.json"
     if not info_path.exists():
         raise RenderError(f"{info_path} not found: export the model first (make export)")
@@ -276,16 +291,15 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
     if not onnx_dir.is_dir():
         have = sorted(p.name for p in onnx_root.iterdir()) if onnx_root.is_dir() else []
         raise RenderError(f"{onnx_dir} not found (precisions exported: {', '.join(have) or 'none'})")
+    return info, onnx_root, onnx_dir
 
-    values = resolve_tunables(tunables)
-    provider = str(values["execution_provider"])
-    family = str(_first(info, "family") or "whisper")
-    model_name = str(_first(info, "name", "model_name") or model_dir.name)
 
-    # where each graph comes from (missing graphs of a precision fall back to fp32, loudly)
+def _graph_sources(models: dict, onnx_root: Path, precision: str) -> tuple[dict[str, Path], str]:
+    """Where each graph comes from, and the precision label: missing graphs of a precision fall
+    back to fp32, loudly, and the label says which."""
+    onnx_dir = onnx_root / precision
     sources: dict[str, Path] = {}
     used_precisions = {}
-    models = FAMILY_MODELS.get(family, MODELS)
     for graphs in models.values():
         for graph in graphs:
             src = onnx_dir / graph
@@ -296,17 +310,14 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
                 raise RenderError(f"{onnx_dir / graph} not found")
             sources[graph] = src
             used_precisions[graph] = src.parent.name
-    precision_label = precision
+    label = precision
     if any(p != precision for p in used_precisions.values()):
-        precision_label += " (" + ", ".join(f"{g}: {p}" for g, p in used_precisions.items() if p != precision) + ")"
+        label += " (" + ", ".join(f"{g}: {p}" for g, p in used_precisions.items() if p != precision) + ")"
+    return sources, label
 
-    dims = model_dims(model_dir, onnx_dir, info)
-    common = {
-        "FAMILY": _pbtxt_string(family), "MODEL_NAME": _pbtxt_string(model_name),
-        "PRECISION": _pbtxt_string(precision_label), "EXECUTION_PROVIDER": _pbtxt_string(provider),
-        "PYLIB_DIR": _pbtxt_string(values["pylib_dir"]), "ALLOW_SPINNING": _fmt_bool(values["allow_spinning"]),
-        **dims,
-    }
+
+def _per_model_placeholders(values: dict) -> dict[str, dict[str, object]]:
+    """The placeholders of each model's template from the resolved tunables (validated)."""
     per_model = {
         "encoder": {
             "MAX_BATCH_SIZE": int(values["encoder_max_batch_size"]),
@@ -340,40 +351,79 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
                 raise RenderError(f"{name}: {key.lower()} must be >= 1")
     if int(values["max_candidate_sequences"]) < 1 or int(values["max_sequences"]) < 1:
         raise RenderError("max_candidate_sequences and max_sequences must be >= 1")
+    return per_model
 
+
+def _config_text(name: str, placeholders: dict, extra_parameters: dict[str, str]) -> str:
+    """config.pbtxt of model `name`: its template filled in, plus the family's extra parameters."""
+    template_path = HERE / name / "config.pbtxt.in"
+    text = substitute(template_path.read_text(encoding="utf-8"), placeholders, str(template_path))
+    for key, value in extra_parameters.items():
+        text += f'parameters {{ key: "{key}" value {{ string_value: "{_pbtxt_string(value)}" }} }}\n'
+    return text
+
+
+def _deploy_graph(src: Path, version: Path, say) -> set[str]:
+    """Link the graph and its external data files into the version folder; returns their names."""
+    graph = src.name
+    files = {graph: src}
+    for extra in _external_data_files(src) | {p.name for p in src.parent.glob(graph + "*")}:
+        files.setdefault(extra, src.parent / extra)
+    for fname, fsrc in sorted(files.items()):
+        if not fsrc.is_file():
+            raise RenderError(f"{fsrc} (referenced by {src}) not found")
+        how = _link_or_copy(fsrc, version / fname)
+        say(f"[render] {version / fname}: {how} from {fsrc}")
+    return set(files)
+
+
+def _write_model(model_out: Path, name: str, text: str, graphs: list[Path], say) -> None:
+    """One model folder: config.pbtxt, 1/model.py, 1/engine/ and the graphs; nothing else."""
+    version = model_out / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    changed = _write_if_changed(model_out / "config.pbtxt", text)
+    say(f"[render] {model_out / 'config.pbtxt'}: {'written' if changed else 'unchanged'}")
+    changed = _copy_if_changed(HERE / name / "1" / "model.py", version / "model.py")
+    say(f"[render] {version / 'model.py'}: {'copied' if changed else 'unchanged'}")
+    copied = _sync_tree(ENGINE, version / ENGINE_DIR, ENGINE_FILES)
+    say(f"[render] {version / ENGINE_DIR}: {', '.join(copied) + ' copied' if copied else 'unchanged'}")
+    expected = {"model.py", ENGINE_DIR}
+    for src in graphs:
+        expected |= _deploy_graph(src, version, say)
+    for stale in version.iterdir():
+        if stale.name not in expected and stale.name != "__pycache__":
+            say(f"[render] removing stale {stale}")
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+
+
+def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: bool = False,
+                      **tunables) -> Path:
+    """Render ``out_dir`` (a Triton model repository) from ``model_dir``; returns ``out_dir``."""
+    model_dir = Path(model_dir).resolve()
+    out_dir = Path(out_dir).resolve()
+    say = print if verbose else (lambda *a, **k: None)
+    info, onnx_root, onnx_dir = _exported(model_dir, precision)
+    values = resolve_tunables(tunables)
+    family = str(_first(info, "family") or "whisper")
+    model_name = str(_first(info, "name", "model_name") or model_dir.name)
+    models = family_runner(family).graphs
+    sources, precision_label = _graph_sources(models, onnx_root, precision)
+    common = {
+        "FAMILY": _pbtxt_string(family), "MODEL_NAME": _pbtxt_string(model_name),
+        "PRECISION": _pbtxt_string(precision_label),
+        "EXECUTION_PROVIDER": _pbtxt_string(str(values["execution_provider"])),
+        "PYLIB_DIR": _pbtxt_string(values["pylib_dir"]), "ALLOW_SPINNING": _fmt_bool(values["allow_spinning"]),
+        **model_dims(model_dir, onnx_dir, info),
+    }
+    per_model = _per_model_placeholders(values)
     out_dir.mkdir(parents=True, exist_ok=True)
     extra_parameters = family_parameters(family, info)
     for name, graphs in models.items():
-        template_path = HERE / name / "config.pbtxt.in"
-        text = substitute(template_path.read_text(encoding="utf-8"), {**common, **per_model[name]}, str(template_path))
-        for key, value in extra_parameters.get(name, {}).items():
-            text += f'parameters {{ key: "{key}" value {{ string_value: "{_pbtxt_string(value)}" }} }}\n'
-        model_out = out_dir / name
-        version = model_out / "1"
-        version.mkdir(parents=True, exist_ok=True)
-        changed = _write_if_changed(model_out / "config.pbtxt", text)
-        say(f"[render] {model_out / 'config.pbtxt'}: {'written' if changed else 'unchanged'}")
-        changed = _copy_if_changed(HERE / name / "1" / "model.py", version / "model.py")
-        say(f"[render] {version / 'model.py'}: {'copied' if changed else 'unchanged'}")
-        expected = {"model.py"}
-        for graph in graphs:
-            src = sources[graph]
-            files = {graph: src}
-            for extra in _external_data_files(src) | {p.name for p in src.parent.glob(graph + "*")}:
-                files.setdefault(extra, src.parent / extra)
-            for fname, fsrc in sorted(files.items()):
-                if not fsrc.is_file():
-                    raise RenderError(f"{fsrc} (referenced by {src}) not found")
-                how = _link_or_copy(fsrc, version / fname)
-                expected.add(fname)
-                say(f"[render] {version / fname}: {how} from {fsrc}")
-        for stale in version.iterdir():
-            if stale.name not in expected and stale.name != "__pycache__":
-                say(f"[render] removing stale {stale}")
-                if stale.is_dir():
-                    shutil.rmtree(stale)
-                else:
-                    stale.unlink()
+        text = _config_text(name, {**common, **per_model[name]}, extra_parameters.get(name, {}))
+        _write_model(out_dir / name, name, text, [sources[g] for g in graphs], say)
     return out_dir
 
 

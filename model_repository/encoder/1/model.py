@@ -4,86 +4,33 @@ input_features FP32 [B, n_mels, frames] -> encoder_output FP32 [B, S, d] (docs/I
 All requests of one execute() call are concatenated into a single ONNX Runtime run; a request
 that cannot be served gets its own error response without failing the others.
 
-The backend stub runs Python in isolated mode (PYTHONPATH is ignored), so the directory with
-numpy (< 2) and onnxruntime is put on sys.path first: the `pylib_dir` parameter of this
-model's config.pbtxt, else the ASR_TRITON_PYLIB environment variable.
+The backend stub runs Python in isolated mode (PYTHONPATH is ignored): the engine package
+(sessions, sys.path bootstrap) is found next to this file (or, in the source tree, in
+model_repository/), and the directory with numpy (< 2) and onnxruntime comes from the
+`pylib_dir` parameter of this model's config.pbtxt, else the ASR_TRITON_PYLIB environment
+variable (engine/bootstrap.py).
 """
 import os
-import re
 import sys
 
-PYLIB_ENV = "ASR_TRITON_PYLIB"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _root in (_HERE, os.path.dirname(os.path.dirname(_HERE))):  # deployed, source tree
+    if os.path.isfile(os.path.join(_root, "engine", "__init__.py")):
+        if _root not in sys.path:
+            sys.path.insert(0, _root)
+        break
 
+from engine.bootstrap import add_pylib, numpy_warning  # noqa: E402
 
-def _add_pylib() -> str:
-    candidates = []
-    try:
-        config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config.pbtxt")
-        with open(config, encoding="utf-8") as f:
-            match = re.search(r'key:\s*"pylib_dir"\s*value\s*:?\s*\{\s*string_value:\s*"([^"]*)"', f.read())
-        if match:
-            candidates.append(match.group(1))
-    except (OSError, NameError):
-        pass
-    candidates.append(os.environ.get(PYLIB_ENV, ""))
-    for path in candidates:
-        if path and os.path.isdir(path):
-            if path not in sys.path:
-                sys.path.insert(0, path)
-            return path
-    return ""
-
-
-_PYLIB = _add_pylib()
+_PYLIB = add_pylib(os.path.join(os.path.dirname(_HERE), "config.pbtxt"))
 
 import json  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-
-
-def _param(config: dict, key: str, default: str = "") -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
-    return value if value not in ("", None) else default
-
-
-def resolve_providers(requested: str, logger) -> list:
-    """Requested execution provider(s) -> ORT providers list, falling back to CPU with a warning."""
-    available = ort.get_available_providers()
-    wanted = [p.strip() for p in (requested or "CPUExecutionProvider").split(",") if p.strip()]
-    chosen = []
-    for p in wanted:
-        if p in available:
-            chosen.append(p)
-            if p == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
-                chosen.append("CUDAExecutionProvider")
-        else:
-            logger.log_warn(f"execution provider {p} is not available in this onnxruntime "
-                            f"(available: {', '.join(available)}); falling back to CPUExecutionProvider")
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return list(dict.fromkeys(chosen))
-
-
-def make_session(path: str, config: dict, logger) -> "ort.InferenceSession":
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    threads = int(_param(config, "intra_op_threads", "0") or 0)
-    if threads > 0:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    spinning = _param(config, "allow_spinning", "0") in ("1", "true", "True")
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    providers = resolve_providers(_param(config, "execution_provider", "CPUExecutionProvider"), logger)
-    session = ort.InferenceSession(path, options, providers=providers)
-    logger.log_info(f"loaded {path} with providers {session.get_providers()} "
-                    f"(intra_op_threads={threads or 'auto'}, spinning={int(spinning)})")
-    return session
+from engine.config import enabled, param  # noqa: E402
+from engine.session import make_session  # noqa: E402
 
 
 def error_response(message: str, code: str = "INTERNAL"):
@@ -98,13 +45,10 @@ class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
         self.config = json.loads(args["model_config"])
-        if not _PYLIB:
-            self.logger.log_warn(f"no pylib_dir parameter / {PYLIB_ENV}: importing numpy/onnxruntime from the "
-                                 "system Python")
-        if int(np.__version__.split(".")[0]) >= 2:
-            self.logger.log_warn(f"numpy {np.__version__} in the backend stub: the Python backend needs numpy < 2")
+        for note in numpy_warning(_PYLIB):
+            self.logger.log_warn(note)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        onnx_file = _param(self.config, "onnx_file", "encoder.onnx")
+        onnx_file = param(self.config, "onnx_file", "encoder.onnx")
         self.session = make_session(os.path.join(version_dir, onnx_file), self.config, self.logger)
         inp = self.session.get_inputs()[0]
         self.input_name = "input_features" if any(i.name == "input_features" for i in self.session.get_inputs()) \
@@ -116,7 +60,7 @@ class TritonPythonModel:
         graph_outputs = [o.name for o in self.session.get_outputs()]
         self.graph_output = self.output_name if self.output_name in graph_outputs else graph_outputs[0]
         self.max_batch = int(self.config.get("max_batch_size", 0)) or None
-        if _param(self.config, "warmup", "1") not in ("0", "false", "False") and all(self.feature_dims):
+        if enabled(self.config, "warmup") and all(self.feature_dims):
             started = time.perf_counter()
             try:  # the first run of a session is slow: pay for it before serving
                 self._run(np.zeros([1] + self.feature_dims, np.float32))

@@ -1,0 +1,56 @@
+"""Whisper family: cross-attention K/V from decoder_init.onnx at START, token ids into the step graph."""
+import os
+
+import numpy as np
+
+from ..config import input_dims, param
+from ..errors import RequestError
+from ..kv_cache import CAP_STEP, Slab
+from ..session import make_session
+from .base import StepRunner
+
+
+class WhisperRunner(StepRunner):
+    family = "whisper"
+    graphs = {"encoder": ["encoder.onnx"], "decoder": ["decoder_init.onnx", "decoder_step.onnx"]}
+    token_input = "input_ids"
+    has_cross = True
+
+    def __init__(self, version_dir: str, config: dict, logger):
+        self.init_session = make_session(
+            os.path.join(version_dir, param(config, "init_onnx_file", "decoder_init.onnx")), config, logger)
+        init_inputs = [i.name for i in self.init_session.get_inputs()]
+        self.init_input = "encoder_output" if "encoder_output" in init_inputs else init_inputs[0]
+        super().__init__(version_dir, config, logger)
+
+    def cross_kv(self, enc: np.ndarray):
+        """(cross_k, cross_v) [L, B, H, S, dh] of encoder_output [B, S, d]."""
+        return self.init_session.run(["cross_k", "cross_v"],
+                                     {self.init_input: np.ascontiguousarray(enc, dtype=np.float32)})
+
+    def start(self, starts, fail):
+        """Cross K/V for the new sequences: one decoder_init run over all their encoder outputs."""
+        shapes = {q.enc.shape[1:] for q in starts}
+        if len(shapes) != 1:
+            raise RequestError(f"encoder_output shapes differ within one batch: {sorted(shapes)}")
+        enc = starts[0].enc if len(starts) == 1 else np.concatenate([q.enc for q in starts], axis=0)
+        return self.cross_kv(enc)
+
+    def token_feeds(self, slots, ids: np.ndarray, fail) -> dict:
+        return {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
+
+    def warmup_feeds(self):
+        dims = input_dims(self.config, "encoder_output") or []
+        if len(dims) != 2 or min(dims) <= 0:
+            return None
+        ck, cv = self.cross_kv(np.zeros([1] + dims, np.float32))
+        L, H, dh = self.kv_dims
+        L, H, dh = L or ck.shape[0], H or ck.shape[2], dh or ck.shape[4]
+        zeros = np.zeros((L, 1, 1, H, CAP_STEP, dh), self.kv_dtype)
+        past = Slab(zeros, zeros, CAP_STEP)
+        return self.feeds([None], np.zeros((1, 1, 1), np.int64), np.zeros(1, np.int64), past, (ck, cv), None)
+
+    def close(self) -> None:
+        super().close()
+        self.init_session = None
+

@@ -1,0 +1,55 @@
+"""ONNX Runtime sessions for every model of the repository (encoder and decoder alike).
+
+Execution provider, intra-op threads and spin-waiting come from the model's config parameters
+(`execution_provider`, `intra_op_threads`, `allow_spinning`); a provider this onnxruntime lacks
+falls back to CPU with a warning instead of failing the model.
+"""
+import numpy as np
+import onnxruntime as ort
+
+from .config import param
+
+CPU = "CPUExecutionProvider"
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def resolve_providers(requested: str, logger) -> list:
+    """Requested execution provider(s) -> ORT providers list, falling back to CPU with a warning."""
+    available = ort.get_available_providers()
+    wanted = [p.strip() for p in (requested or CPU).split(",") if p.strip()]
+    chosen = []
+    for p in wanted:
+        if p in available:
+            chosen.append(p)
+            if p == "TensorrtExecutionProvider" and "CUDAExecutionProvider" in available:
+                chosen.append("CUDAExecutionProvider")  # TensorRT hands unsupported nodes to CUDA
+        else:
+            logger.log_warn(f"execution provider {p} is not available in this onnxruntime "
+                            f"(available: {', '.join(available)}); falling back to {CPU}")
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return list(dict.fromkeys(chosen))
+
+
+def make_session(path_or_bytes, config: dict, logger, label: str = "") -> "ort.InferenceSession":
+    """A session for a graph file (or serialized graph) with the model's provider and threads."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    threads = int(param(config, "intra_op_threads", "0") or 0)
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    spinning = param(config, "allow_spinning", "0") in ("1", "true", "True")  # off unless asked: burns idle CPU
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    providers = resolve_providers(param(config, "execution_provider", CPU), logger)
+    session = ort.InferenceSession(path_or_bytes, options, providers=providers)
+    logger.log_info(f"loaded {label or path_or_bytes} with providers {session.get_providers()} "
+                    f"(intra_op_threads={threads or 'auto'}, spinning={int(spinning)})")
+    return session
+
+
+def input_type(session, name: str, default=np.float32):
+    """numpy dtype of a graph input (float types only; `default` otherwise)."""
+    meta = {i.name: i for i in session.get_inputs()}[name]
+    return ORT_TYPES.get(meta.type, default)
