@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTRITON_VERSION = "0.7.0"
 STUB_PYTHON = "3.11"
 # numpy < 2: with numpy 2.x the Python backend returned empty outputs. onnx: the decoder model
-# rewrites decoder_step.onnx at load time (per-layer K/V inputs, see its model.py).
+# rewrites decoder_step.onnx at load time (per-layer K/V inputs, see model_repository/engine/layers.py).
 PYLIB_REQUIREMENTS = ["numpy<2", "onnxruntime==1.31.1", "onnx==1.23.2"]
 STAMP_NAME = ".setup_stamp.json"
 WHEEL_PREFIX = "pytriton/tritonserver/"
