@@ -10,7 +10,7 @@ of earlier tickets (embeddings in the SQLite history), a one-line extractive sum
 Works without the ASR; `python -m analysis --help` for the command line.
 """
 
-from analysis.analyzer import AnalysisConfig, TicketAnalyzer, default_analyzer, load_config
+from analysis.analyzer import AnalysisConfig, TicketAnalyzer, analyze_ticket, default_analyzer, load_config
 from analysis.errors import (
     AnalysisError,
     ConfigError,
@@ -21,7 +21,7 @@ from analysis.errors import (
     TicketNotFoundError,
 )
 from analysis.store import Correction, HistoryStore
-from analysis.ticket import CORRECTABLE_FIELDS, Ticket, analyze_ticket
+from analysis.ticket import CORRECTABLE_FIELDS, Ticket
 
 __all__ = [
     "AnalysisConfig",

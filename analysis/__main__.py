@@ -4,7 +4,9 @@
     python -m analysis correct HL-20261116-1a2b3c4d category 环境卫生 --by 王芳 [--history-db PATH]
     python -m analysis export-corrections corrections.jsonl [--history-db PATH]
     python -m analysis report OUT_DIR [--days 7] [--history-db PATH]     # ledger + dashboard from the history
-    python -m analysis eval [--show-errors]                               # accuracy on the labelled set
+    python -m analysis train [--all] [--history-db PATH]                  # model -> build/analysis/
+    python -m analysis eval [--no-cv] [--no-test] [--show-errors] [--json OUT]   # 5-fold CV + frozen test
+    python -m analysis split                                              # (re)write data/labelled/splits.json
 
 The history database defaults to `store.path` in analysis/config/defaults.yaml.
 Exit status: 0 done, 2 bad input or configuration (the message says what).
@@ -74,10 +76,54 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from analysis.evaluation import print_report, run_evaluation
+    if args.data is not None:  # one labelled file, the current model (in-sample for data/eval)
+        from analysis.evaluation import print_report, run_evaluation
 
-    report = run_evaluation(args.data, load_config(args.config), rules_only=args.rules_only)
-    print_report(report, show_errors=args.show_errors)
+        report = run_evaluation(args.data, load_config(args.config), rules_only=args.rules_only)
+        print_report(report, show_errors=args.show_errors)
+        return 0
+    from analysis.honest_eval import format_report, run, strip_errors
+
+    report = run(load_config(args.config), cv=not args.no_cv, test=not args.no_test, log=lambda line: print(line, file=sys.stderr))
+    print(format_report(report, show_errors=args.show_errors))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(strip_errors(report) if not args.show_errors else report, ensure_ascii=False, indent=1), encoding="utf-8")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import logging
+
+    from analysis.embeddings import load_embedder
+    from analysis.model import MODEL_DIR, save_model
+    from analysis.training import Trainer, correction_examples, training_records
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = load_config(args.config)
+    records = training_records(include_test=args.all)
+    corrections = [] if args.no_corrections else correction_examples(args.history_db or config.defaults.store_path)
+    model = Trainer(config, load_embedder(config.defaults.embedding_model)).train(records, corrections)
+    versioned, current = save_model(model, args.out or MODEL_DIR)
+    summary = model.summary
+    print(f"model {model.version}: {summary['examples']} tickets ({summary['corrections']} from corrections), "
+          f"streams {summary['streams']}, trained in {summary['seconds']} s")
+    print(f"  inner out-of-fold: {json.dumps(summary['inner_oof'])}, high threshold {model.high_threshold:.4f}")
+    if "pairs" in summary:
+        print(f"  duplicates: {json.dumps(summary['pairs'])}")
+    print(f"  written: {versioned}\n  current: {current}")
+    return 0
+
+
+def cmd_split(args) -> int:
+    from analysis.dataset import load_labelled, writer_files
+    from analysis.splits import make_split, write_split
+
+    records = load_labelled()
+    split = make_split(records)
+    path = write_split(split, records, args.out)
+    writers = ", ".join(writer_files()) or "none"
+    print(f"{path}: {len(split.test)} test, {len(split.folds)} train+dev in {split.n_folds} folds (writer files: {writers})")
     return 0
 
 
@@ -117,9 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="ISO 8601 end of the period (default: now)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("eval", help="accuracy per field on the labelled set")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--rules-only", action="store_true")
+    from analysis.splits import SPLIT_FILE
+
+    p = sub.add_parser("split", help="(re)write the frozen split data/labelled/splits.json (test = writer E)")
+    p.add_argument("--out", type=Path, default=SPLIT_FILE)
+    p.set_defaults(func=cmd_split)
+
+    p = with_db(sub.add_parser("train", help="train the category/urgency/duplicate models from train+dev and the stored corrections"))
+    p.add_argument("--out", type=Path, help="model directory (default build/analysis)")
+    p.add_argument("--all", action="store_true", help="also train on the frozen test writer (production model, after evaluation)")
+    p.add_argument("--no-corrections", action="store_true", help="ignore the corrections in the history store")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="5-fold cross-validation on train+dev and the frozen test split (and ASR text)")
+    p.add_argument("--data", type=Path, default=None, help=f"instead: one labelled file with the current model (e.g. {DEFAULT_DATA.name}; in-sample)")
+    p.add_argument("--rules-only", action="store_true", help="with --data: rules only")
+    p.add_argument("--no-cv", action="store_true", help="skip the cross-validation")
+    p.add_argument("--no-test", action="store_true", help="skip the frozen test split")
+    p.add_argument("--json", type=Path, help="also write the figures as JSON")
     p.add_argument("--show-errors", action="store_true")
     p.set_defaults(func=cmd_eval)
     return parser

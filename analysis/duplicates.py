@@ -31,10 +31,14 @@ class HistoryCandidates:
     place_keys: tuple[tuple[str, ...], ...]
     issue_keys: tuple[tuple[str, ...], ...]
     vectors: np.ndarray
+    districts: tuple[str | None, ...] = ()    # optional columns (the pair model uses them)
+    transcripts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         count = len(self.ticket_ids)
         if not (len(self.received_at) == len(self.categories) == len(self.address_keys) == len(self.place_keys) == len(self.issue_keys) == count == len(self.vectors)):
+            raise ValueError("history candidate columns differ in length")
+        if (self.districts and len(self.districts) != count) or (self.transcripts and len(self.transcripts) != count):
             raise ValueError("history candidate columns differ in length")
 
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 _NOT_HAN = "_"
@@ -28,13 +29,43 @@ def _fuzzy(syllable: str) -> str:
     return syllable
 
 
+TABLE_PATH = Path(__file__).resolve().parent / "pinyin_table.txt"
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict[str, str] | None:
+    """Character -> toneless pinyin (first reading) from pinyin_table.txt: 0.2 MB instead of
+    the 56 MB pypinyin keeps resident with its phrase dictionaries."""
+    try:
+        lines = TABLE_PATH.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    return {line[0]: line[1:] for line in lines if line and not line.startswith("#")}
+
+
 @functools.lru_cache(maxsize=1)
 def _converter():
+    table = _table()
+    if table:
+        return lambda text: [table.get(ch, _NOT_HAN) for ch in text]
     try:
         from pypinyin import Style, lazy_pinyin
     except ImportError:  # optional: without it names must be heard right
         return None
     return lambda text: lazy_pinyin(text, style=Style.NORMAL, errors=lambda chunk: [_NOT_HAN] * len(chunk))
+
+
+def write_table(path: Path = TABLE_PATH) -> int:
+    """(Re)write pinyin_table.txt from pypinyin (needs pypinyin installed); returns the character count."""
+    from pypinyin.contrib.tone_convert import to_normal
+    from pypinyin.pinyin_dict import pinyin_dict
+
+    lines = [f"{chr(code)}{to_normal(pinyin_dict[code].split(',')[0]).replace('ü', 'v')}"
+             for code in range(0x3400, 0xA000) if code in pinyin_dict]
+    header = ("# Toneless pinyin of each CJK character (its first reading), from pypinyin's pinyin_dict.\n"
+              "# Written by analysis/phonetic.py write_table(); read instead of importing pypinyin (56 MB resident).\n")
+    path.write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines)
 
 
 def syllables(text: str) -> list[str] | None:

@@ -19,9 +19,12 @@ from analysis.phonetic import PhoneticIndex
 
 _HAN = "\u4e00-\u9fa5"
 # Words ending in 区 that are not districts (小区, 社区, 园区, 景区, ...).
-_NOT_DISTRICT_BEFORE = set("小社园景校片街辖市城郊灾禁盲雷专厂商学生居住营工军山矿病院考停服示试")
-_NOT_DISTRICT_START = set("在住是的我到个这那去了和跟从往向给")
-_DISTRICT_PATTERN = re.compile(rf"([{_HAN}]{{2}})区(?![域别间分内外])")
+# 城 is not among them: 东城区 and 西城区 are districts (of other cities); 主城区, 市城区 are not.
+# 山 is not among them either: 南山区 is a district; 在山区 is stopped by its first character.
+_NOT_DISTRICT_BEFORE = set("小社园景校片街辖市郊灾禁盲雷专厂商学生居住营工军矿病院考停服示试")
+_NOT_DISTRICT_START = set("在住是的我到个这那去了和跟从往向给们主该本哪每各偏远")
+# XX新区 (滨海新区) first, then XX区.
+_DISTRICT_PATTERN = re.compile(rf"([{_HAN}]{{2}}新|[{_HAN}]{{2}})区(?![域别间分内外])")
 _STREET_PATTERN = re.compile(rf"([{_HAN}]{{2,4}}街道)")
 _COMMUNITY_PATTERN = re.compile(rf"([{_HAN}]{{2,4}}社区)")
 _COMPOUND_PATTERN = re.compile(rf"([{_HAN}]{{2,6}}?(?:小区|花园|家园|新村|公寓|新城|大厦|宿舍))")

@@ -29,6 +29,7 @@ FLAG_LABELS = {
     "district_missing": "未识别区县",
     "low_confidence": "类型置信度低",
     "place_by_sound": "地名按读音纠正",
+    "no_words": "没有文字",
 }
 
 
@@ -65,7 +66,7 @@ LEDGER_COLUMNS: tuple[tuple[str, int], ...] = (
     ("工单号", 22), ("来电时间", 18), ("录音文件", 22), ("时长(秒)", 9), ("诉求类型", 13), ("类型置信度", 10),
     ("紧急程度", 9), ("紧急原因", 30), ("区县", 9), ("街道/社区", 14), ("小区/地址", 22), ("责任部门", 26),
     ("分派依据", 30), ("重复工单", 22), ("重复依据", 30), ("摘要", 40), ("关键词及录音时间", 36), ("转写全文", 60),
-    ("待核对提示", 20), ("AI生成", 22), ("核对人", 10), ("核对结果", 14),
+    ("待核对提示", 20), ("需人工核对", 30), ("模型版本", 22), ("AI生成", 22), ("核对人", 10), ("核对结果", 14),
 )
 
 
@@ -94,6 +95,8 @@ def ledger_row(record: CallRecord) -> list[Any]:
         key_phrase_times(ticket),
         ticket["transcript"],
         "、".join(FLAG_LABELS.get(flag, flag) for flag in ticket.get("flags", [])),
+        ("是：" + "；".join(ticket.get("review_reasons", []))) if ticket.get("needs_review") else "",
+        ticket.get("model_version") or "规则（无训练模型）",
         AI_MARK if ticket.get("machine_generated", True) else "否（已人工核对）",
         "",
         "",
@@ -125,7 +128,7 @@ def build_ledger(records: Sequence[CallRecord], path: Path, week: Sequence[CallR
         sheet.append(ledger_row(record))
         row = sheet.max_row
         for column in range(1, len(LEDGER_COLUMNS) + 1):
-            sheet.cell(row=row, column=column).alignment = Alignment(vertical="top", wrap_text=column in (8, 13, 15, 16, 17, 18))
+            sheet.cell(row=row, column=column).alignment = Alignment(vertical="top", wrap_text=column in (8, 13, 15, 16, 17, 18, 20))
         sheet.cell(row=row, column=time_column).number_format = "yyyy-mm-dd hh:mm"
         level = sheet.cell(row=row, column=urgency_column)
         if level.value in fills:
@@ -160,6 +163,15 @@ def build_ledger(records: Sequence[CallRecord], path: Path, week: Sequence[CallR
     buffer = io.BytesIO()
     workbook.save(buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def unknown_district_counts(records: Sequence[CallRecord]) -> Counter:
+    """District names callers gave that the city does not have (kept as heard), with counts."""
+    return Counter(
+        record.ticket.get("place", {}).get("district_unknown")
+        for record in records
+        if record.ticket.get("place", {}).get("district_unknown")
+    )
 
 
 @dataclass(frozen=True)
@@ -219,6 +231,8 @@ def build_dashboard(
     batch_high = [record for record in records if record.ticket["urgency"] == "high"]
     duplicates = sum(1 for record in records if record.ticket.get("duplicate_of"))
     flagged = sum(1 for record in records if record.ticket.get("flags"))
+    review = sum(1 for record in records if record.ticket.get("needs_review"))
+    unknown_districts = unknown_district_counts(records)
     escape = html.escape
 
     def card(label: str, value: Any, tone: str = "") -> str:
@@ -239,6 +253,11 @@ def build_dashboard(
         f'<figure><img src="charts/{name}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>'
         for name, (caption, _) in pictures.items()
     )
+    unknown_html = (
+        "<h2>来电所说区县不在本市（按原话记录）</h2><table><tr><th>区县</th><th>工单数</th></tr>"
+        + "".join(f"<tr><td>{escape(name)}</td><td>{count}</td></tr>" for name, count in unknown_districts.most_common())
+        + "</table>"
+    ) if unknown_districts else ""
     page = f"""<!DOCTYPE html>
 <html lang="zh-CN"><head><meta charset="utf-8"><title>{escape(title)}</title>
 <style>
@@ -261,9 +280,11 @@ th {{ background: #1f4e78; color: #fff; }}
 <div class="banner">AI生成：以下内容由语音识别和自动分析生成，供值班人员核对，不能直接作为办理结论。{''.join(escape(note) for note in notes)}</div>
 <div class="cards">
 {card("本批来电", len(records))}{card("本周来电", len(in_week))}{card("本批高紧急", len(batch_high), "alert")}
-{card("本批疑似重复", duplicates, "warn")}{card("待核对提示", flagged)}{card("处理失败", failures, "alert" if failures else "")}
+{card("本批疑似重复", duplicates, "warn")}{card("待核对提示", flagged)}{card("需人工核对", review, "warn" if review else "")}
+{card("区县不在本市", sum(unknown_districts.values()), "warn" if unknown_districts else "")}{card("处理失败", failures, "alert" if failures else "")}
 </div>
 <div class="grid">{figures}</div>
+{unknown_html}
 <h2>本批高紧急工单</h2>
 <table><tr><th>工单号</th><th>来电时间</th><th>诉求类型</th><th>责任部门</th><th>摘要</th><th>紧急原因</th></tr>{high_rows or '<tr><td colspan="6">无</td></tr>'}</table>
 </body></html>

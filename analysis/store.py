@@ -225,7 +225,7 @@ class HistoryStore:
         earliest = received_before - timedelta(days=window_days)
         with self._lock:
             rows = self._connection.execute(
-                """SELECT ticket_id, received_at, category, address_key, place_keys, issue_keys, embedding FROM tickets
+                """SELECT ticket_id, received_at, category, address_key, place_keys, issue_keys, embedding, district, transcript FROM tickets
                    WHERE embedding_model = ? AND embedding IS NOT NULL AND received_at >= ? AND received_at <= ?
                    ORDER BY received_at""",
                 (embedding_model, earliest.isoformat(), received_before.isoformat()),
@@ -241,6 +241,8 @@ class HistoryStore:
             place_keys=tuple(tuple(json.loads(row[4])) for row in rows),
             issue_keys=tuple(tuple(json.loads(row[5])) for row in rows),
             vectors=vectors,
+            districts=tuple(row[7] for row in rows),
+            transcripts=tuple(row[8] for row in rows),
         )
 
     # -- corrections ---------------------------------------------------------------------
@@ -321,17 +323,3 @@ class HistoryStore:
         records = list(self.iter_correction_records())
         atomic_write_text(out_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         return len(records)
-
-
-def open_default_store(path: Path | str | None = None) -> HistoryStore:
-    """The store named in defaults.yaml (or `path`), validating categories against the taxonomy."""
-    from analysis.analyzer import load_config
-
-    config = load_config()
-    return HistoryStore(path or config.defaults.store_path, categories=config.taxonomy.names)
-
-
-def correct(ticket_id: str, field: str, value: Any, by: str, *, path: Path | str | None = None) -> Correction:
-    """store.correct(ticket_id, field, value, by) on the configured store (the RPC calls this)."""
-    with open_default_store(path) as store:
-        return store.correct(ticket_id, field, value, by)

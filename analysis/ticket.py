@@ -1,4 +1,4 @@
-"""The ticket: everything the analysis says about one call, and the entry point.
+"""The ticket: everything the analysis says about one call (analysis.analyzer.analyze_ticket makes it).
 
     from analysis import analyze_ticket
     ticket = analyze_ticket("幸福路12号的路灯坏了三天了", {"received_at": "2026-11-16T09:30:00"})
@@ -14,11 +14,11 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from analysis.errors import AnalysisError
 
-ANALYZER_VERSION = "1"
+ANALYZER_VERSION = "2"
 
 # Fields staff may correct (store.correct) and what the ledger shows.
 CORRECTABLE_FIELDS = ("category", "urgency", "department", "duplicate_of", "summary", "district", "address")
@@ -76,6 +76,10 @@ class Ticket:
     corrected_fields: tuple[str, ...] = ()
     machine_generated: bool = True
     analyzer_version: str = ANALYZER_VERSION
+    model_version: str | None = None          # the trained model (build/analysis/); None: rules only
+    needs_review: bool = False                # a person should check the fields, see review_reasons
+    review_reasons: tuple[str, ...] = ()
+    urgency_probabilities: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def district(self) -> str | None:
@@ -108,7 +112,8 @@ class Ticket:
         data["received_at"] = self.received_at.isoformat()
         data["place"] = dict(self.place)
         data["metadata"] = dict(self.metadata)
-        for key in ("category_evidence", "urgency_evidence", "urgency_reasons", "flags", "corrected_fields"):
+        data["urgency_probabilities"] = dict(self.urgency_probabilities)
+        for key in ("category_evidence", "urgency_evidence", "urgency_reasons", "flags", "corrected_fields", "review_reasons"):
             data[key] = list(data[key])
         data["key_phrases"] = self.key_phrases()
         return data
@@ -120,7 +125,7 @@ class Ticket:
         values["received_at"] = parse_time(values["received_at"])
         for key in ("category_evidence", "urgency_evidence"):
             values[key] = tuple(values.get(key) or ())
-        for key in ("urgency_reasons", "flags", "corrected_fields"):
+        for key in ("urgency_reasons", "flags", "corrected_fields", "review_reasons"):
             values[key] = tuple(values.get(key) or ())
         return cls(**values)
 
@@ -130,28 +135,6 @@ class Ticket:
         if field_name in ("district", "address"):
             return dataclasses.replace(self, place={**self.place, field_name: value}, corrected_fields=corrected)
         return dataclasses.replace(self, **{field_name: value, "corrected_fields": corrected})
-
-
-def analyze_ticket(
-    text: str | None,
-    metadata: Mapping[str, Any] | None = None,
-    *,
-    segments: Iterable[Mapping] | None = None,
-    analyzer=None,
-    store=None,
-    record: bool = True,
-) -> Ticket:
-    """Analyse one call. `text` or `segments` ({start_s, end_s, text} as the gateway returns them).
-
-    metadata: optional received_at (ISO 8601; default now), ticket_id, and anything else
-    (file, caller, audio_sha256), kept in ticket.metadata. With a HistoryStore, the ticket
-    is checked for duplicates against it and, when `record`, saved in it.
-    """
-    from analysis.analyzer import default_analyzer  # the analyzer imports Ticket from here
-
-    analyzer = analyzer or default_analyzer()
-    return analyzer.analyze(text, metadata or {}, segments=segments, store=store, record=record)
-
 
 def now() -> datetime:
     return datetime.now(timezone.utc).astimezone().replace(tzinfo=None, microsecond=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -35,13 +34,64 @@ def test_labelled_set_is_large_and_consistent(examples):
         assert district is None or district in config.gazetteer.district_names
 
 
-def test_accuracy_per_field_stays_at_the_measured_level():
+def test_legacy_single_file_evaluation_still_runs():
+    # data/eval is part of train+dev now: these are in-sample figures, a smoke test only.
+    # The honest figures (5-fold CV, frozen test writer E) come from `python -m analysis eval`.
     report = run_evaluation(DEFAULT_DATA, load_config())
     accuracy = report["accuracy"]
-    # Measured: category 0.97, urgency 0.82, department 0.97, district 1.0, duplicate 0.98.
-    assert accuracy["category"] >= 0.93, json.dumps(report["errors"]["category"], ensure_ascii=False)
-    assert accuracy["urgency"] >= 0.78
-    assert accuracy["department"] >= 0.93
-    assert accuracy["district"] >= 0.97
-    assert accuracy["duplicate"] >= 0.95
-    assert report["duplicates"]["precision"] >= 0.95 and report["duplicates"]["recall"] >= 0.7
+    assert accuracy["category"] >= 0.9 and accuracy["district"] >= 0.97
+    assert report["duplicates"]["recall"] >= 0.7
+
+
+def _labelled(ticket_id, stream="A", duplicate_of=None, district=None, text="", urgency="medium", category="其他"):
+    from analysis.dataset import LabelledTicket
+
+    return LabelledTicket(ticket_id, stream, f"2027-01-01T0{int(ticket_id[-1])}:00:00", text, category, urgency, district, None, duplicate_of)
+
+
+def _ticket(category="其他", urgency="medium", district=None, unknown=None, duplicate_of=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(category=category, urgency=urgency, department=None, needs_review=False,
+                           place={"district": district, "district_unknown": unknown}, duplicate_of=duplicate_of, duplicate_reason="")
+
+
+def test_score_counts_links_into_the_right_chain_per_stream():
+    from analysis.honest_eval import score
+
+    records = [
+        _labelled("A1", district="东城区", text="我在东城区"),
+        _labelled("A2", duplicate_of="A1"),
+        _labelled("A3", duplicate_of="A2", urgency="high"),   # a repeat of a repeat: A1 or A2 are both right
+        _labelled("A4"),
+        _labelled("B1", stream="B"),
+        _labelled("B2", stream="B", duplicate_of="B1"),
+    ]
+    tickets = {
+        "A1": _ticket(unknown="东城区"),
+        "A2": _ticket(duplicate_of="A1"),
+        "A3": _ticket(duplicate_of="A1", urgency="medium"),
+        "A4": _ticket(duplicate_of="A2"),                        # a link where none is expected
+        "B1": _ticket(),
+        "B2": _ticket(),                                        # a missed link
+    }
+    result = score(records, tickets, records)
+    assert result["duplicates"]["streams"]["A"] == {"expected": 2, "predicted": 3, "correct": 2, "precision": 0.6667, "recall": 1.0, "f1": 0.8}
+    assert result["duplicates"]["streams"]["B"]["recall"] == 0.0
+    assert result["duplicates"]["all"]["correct"] == 2 and result["duplicates"]["all"]["expected"] == 3
+    assert result["accuracy"]["district_named"] == 1.0 and result["counted"]["district_named"] == 1
+    assert result["urgency_confusion"]["high"]["medium"] == 1 and result["high_recall"] == 0.0
+
+
+def test_replaying_a_stream_of_the_frozen_test_writer():
+    from analysis import default_analyzer
+    from analysis.dataset import load_labelled
+    from analysis.honest_eval import format_report, replay, score
+
+    analyzer = default_analyzer()
+    records = [record for record in load_labelled() if record.stream == "E"][:40]
+    tickets = replay(records, analyzer, analyzer.config)
+    result = score(records, tickets, records)
+    assert result["tickets"] == 40 and result["accuracy"]["category"] >= 0.6
+    text = format_report({"notes": [], "counts": {"train_dev": 0, "test": 40, "streams": {"E": 40}}, "test": result, "seconds": 0})
+    assert "| category |" in text and "urgency confusion" in text

@@ -85,7 +85,9 @@ def test_empty_transcript(analyzer):
 def test_english_and_mixed_text(analyzer):
     english = analyse(analyzer, "The streetlight in front of my apartment has been broken for a week, please fix it")
     assert "not_chinese" in english.flags
-    assert english.category == "市政设施维修"  # English keyword + multilingual embedding
+    # Another language: 其他 for a person to read; the model's guess is in the review reasons.
+    assert english.category == "其他" and english.needs_review
+    assert any("市政设施维修" in reason for reason in english.review_reasons)
     mixed = analyse(analyzer, "我想反映一下那个bus 36路，司机老是不按站停车，passengers都很有意见")
     assert "mixed_language" in mixed.flags
     assert mixed.category == "交通出行"

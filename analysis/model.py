@@ -1,0 +1,384 @@
+"""The trained ticket model: category and urgency classifiers and the duplicate pair model.
+
+    python -m analysis train        # -> build/analysis/ticket-model-<version>.joblib + ticket_model.joblib (current)
+
+Category and urgency are multinomial logistic regressions over the four views of
+analysis/features.py (sentence embedding, character and sound TF-IDF, lexicon), with
+probabilities calibrated by temperature scaling on out-of-fold predictions (folds grouped
+by duplicate chain). Urgency says `high` when the calibrated P(high) reaches
+`high_threshold`, chosen on the out-of-fold predictions so that recall of `high` reaches
+TrainOptions.high_recall_target; otherwise the more likely of medium and low.
+The duplicate pair model (analysis/pairs.py) is trained on the same records.
+
+A model file is a joblib pickle of {"format", "sklearn", "model"}; it is only ever read
+from the build directory this project writes (pickles run code when loaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from analysis.atomic import atomic_write_bytes
+from analysis.dataset import PROJECT_ROOT
+from analysis.errors import AnalysisError
+from analysis.features import TextViews, sound_tokens
+
+log = logging.getLogger("analysis.model")
+
+MODEL_FORMAT = 2
+MODEL_DIR = PROJECT_ROOT / "build" / "analysis"
+CURRENT_MODEL = MODEL_DIR / "ticket_model.joblib"
+TRAIN_COMMAND = "python -m analysis train"
+URGENCY_ORDER = ("high", "medium", "low")
+TRAIN_THREADS = 2   # the target machine has 2 cores
+
+
+class ModelFileError(AnalysisError):
+    """The model file is missing, unreadable, corrupt or made for another configuration."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"ticket model {path}: {message}; (re)build it with `{TRAIN_COMMAND}`")
+        self.path = Path(path)
+        self.message = message
+
+
+class TrainingDataError(AnalysisError):
+    """Too few labelled tickets to train on."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    category_c: float = 8.0            # inverse L2 strength of the category regression
+    urgency_c: float = 4.0
+    # Block weights (embedding, lexicon, characters, sounds) per head: the embedding and the
+    # TF-IDF rows have unit length, each standardised lexicon column is multiplied by its weight.
+    category_blocks: tuple[float, float, float, float] = (2.0, 0.15, 1.0, 0.7)
+    urgency_blocks: tuple[float, float, float, float] = (1.0, 0.08, 1.0, 1.0)
+    high_recall_target: float = 0.96   # out-of-fold recall of high the urgency threshold must reach
+    max_high_threshold: float = 0.5    # never ask for more than this P(high)
+    inner_folds: int = 5
+    seed: int = 12345
+    max_iter: int = 300
+    linear: str = "logistic"           # logistic (LogisticRegression) | svm (LinearSVC); both temperature-calibrated
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.high_recall_target <= 1.0:
+            raise ValueError("high_recall_target must be within [0.5, 1]")
+        if self.inner_folds < 2:
+            raise ValueError("inner_folds must be at least 2")
+        if self.linear not in ("logistic", "svm"):
+            raise ValueError("linear must be 'logistic' or 'svm'")
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    text: str                     # normalised
+    category: str | None
+    urgency: str | None
+    group: str                    # duplicate chain (stream/root): kept in one inner fold
+    source: str = "labelled"      # labelled | correction
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of softmax(logits / T)."""
+    from scipy.optimize import minimize_scalar
+
+    def nll(temperature: float) -> float:
+        probs = _softmax(logits / temperature)
+        return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+    return float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
+
+
+@dataclass
+class CalibratedHead:
+    """A multinomial logistic regression with a temperature; proba() is calibrated."""
+
+    classes: tuple[str, ...]
+    estimator: object
+    temperature: float = 1.0
+
+    def logits(self, matrix) -> np.ndarray:
+        scores = self.estimator.decision_function(matrix)
+        if scores.ndim == 1:  # two classes
+            scores = np.stack([-scores / 2, scores / 2], axis=1)
+        # estimator.classes_ may be a subset/order of self.classes: place its columns.
+        out = np.full((scores.shape[0], len(self.classes)), -30.0)
+        for column, name in enumerate(self.estimator.classes_):
+            out[:, self.classes.index(name)] = scores[:, column]
+        return out
+
+    def proba(self, matrix) -> np.ndarray:
+        return _softmax(self.logits(matrix) / self.temperature)
+
+
+@dataclass
+class Featurizer:
+    """The fitted part of the views: TF-IDF vocabularies and the lexicon scaler."""
+
+    options: TrainOptions
+    char: object = None
+    sound: object = None
+    lexicon_mean: np.ndarray | None = None
+    lexicon_scale: np.ndarray | None = None
+
+    def fit(self, views: Sequence[TextViews]) -> "Featurizer":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.char = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True, max_features=40000, dtype=np.float32)
+        self.char.fit([view.text for view in views])
+        self.sound = TfidfVectorizer(analyzer=sound_tokens, min_df=2, sublinear_tf=True, max_features=30000, dtype=np.float32)
+        self.sound.fit([view.sounds for view in views])
+        lexicon = np.stack([view.lexicon for view in views])
+        self.lexicon_mean = lexicon.mean(axis=0)
+        self.lexicon_scale = np.where(lexicon.std(axis=0) > 1e-6, lexicon.std(axis=0), 1.0)
+        return self
+
+    def blocks(self, views: Sequence[TextViews]) -> tuple:
+        """(embedding, lexicon, characters, sounds) matrices of the views."""
+        lexicon = (np.stack([view.lexicon for view in views]) - self.lexicon_mean) / self.lexicon_scale
+        embedding = np.stack([view.embedding for view in views])
+        return (
+            embedding.astype(np.float32),
+            lexicon.astype(np.float32),
+            self.char.transform([view.text for view in views]),
+            self.sound.transform([view.sounds for view in views]),
+        )
+
+    @staticmethod
+    def combine(blocks: tuple, weights: Sequence[float]):
+        from scipy import sparse
+
+        embedding, lexicon, char, sound = blocks
+        dense = np.hstack([embedding * weights[0], lexicon * weights[1]]).astype(np.float32)
+        return sparse.hstack([char * weights[2], sound * weights[3], sparse.csr_matrix(dense)], format="csr")
+
+    def transform(self, views: Sequence[TextViews], weights: Sequence[float]):
+        return self.combine(self.blocks(views), weights)
+
+
+@dataclass
+class Prediction:
+    category: str
+    category_probability: float
+    category_probabilities: dict
+    urgency: str
+    urgency_probabilities: dict
+    high_threshold: float
+
+
+@dataclass
+class TicketModel:
+    version: str
+    created_at: str
+    options: TrainOptions
+    embedding_model: str | None
+    lexicon_names: tuple[str, ...]
+    featurizer: Featurizer
+    category: CalibratedHead
+    urgency: CalibratedHead
+    high_threshold: float
+    pairs: object = None                      # analysis.pairs.PairModel, or None
+    summary: dict = field(default_factory=dict)
+
+    def predict(self, views: Sequence[TextViews]) -> list[Prediction]:
+        blocks = self.featurizer.blocks(views)
+        category_probs = self.category.proba(Featurizer.combine(blocks, self.options.category_blocks))
+        urgency_probs = self.urgency.proba(Featurizer.combine(blocks, self.options.urgency_blocks))
+        return [self._decide(c, u) for c, u in zip(category_probs, urgency_probs)]
+
+    def _decide(self, category_probs: np.ndarray, urgency_probs: np.ndarray) -> Prediction:
+        best = int(np.argmax(category_probs))
+        urgency = dict(zip(self.urgency.classes, map(float, urgency_probs)))
+        return Prediction(
+            category=self.category.classes[best],
+            category_probability=float(category_probs[best]),
+            category_probabilities=dict(zip(self.category.classes, map(float, category_probs))),
+            urgency=decide_urgency(urgency, self.high_threshold),
+            urgency_probabilities=urgency,
+            high_threshold=self.high_threshold,
+        )
+
+
+def decide_urgency(probabilities: dict, high_threshold: float) -> str:
+    if probabilities.get("high", 0.0) >= high_threshold:
+        return "high"
+    return "medium" if probabilities.get("medium", 0.0) >= probabilities.get("low", 0.0) else "low"
+
+
+def choose_high_threshold(p_high: np.ndarray, is_high: np.ndarray, target: float, ceiling: float) -> float:
+    """The largest threshold whose recall of high on these (out-of-fold) predictions reaches `target`."""
+    positives = np.sort(p_high[is_high])[::-1]
+    if len(positives) == 0:
+        return ceiling
+    needed = int(np.ceil(target * len(positives)))
+    threshold = float(positives[max(0, needed - 1)]) - 1e-6
+    return float(min(ceiling, max(1e-4, threshold)))
+
+
+def _fit_head(matrix, labels: Sequence[str], classes: tuple[str, ...], c: float, options: TrainOptions, balanced: bool = False):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    weights = "balanced" if balanced else None
+    if options.linear == "svm":
+        estimator = LinearSVC(C=c, class_weight=weights, max_iter=2000)
+    else:
+        estimator = LogisticRegression(C=c, max_iter=options.max_iter, class_weight=weights)
+    estimator.fit(matrix, list(labels))
+    return CalibratedHead(classes, estimator)
+
+
+def _inner_folds(examples: Sequence[TrainingExample], labels: Sequence[str], options: TrainOptions) -> list[tuple[np.ndarray, np.ndarray]]:
+    from collections import Counter
+
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    groups = [example.group for example in examples]
+    counts = Counter(labels)
+    folds = min(options.inner_folds, len(set(groups)))
+    if min(counts.values()) >= folds:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=options.seed)
+        return list(splitter.split(np.zeros(len(labels)), list(labels), groups))
+    return list(GroupKFold(n_splits=folds).split(np.zeros(len(labels)), list(labels), groups))
+
+
+def train_head(views, examples, field_name: str, classes: tuple[str, ...], c: float, options: TrainOptions, featurizer: Featurizer,
+               balanced: bool = False, weights: Sequence[float] = (1.0, 0.15, 1.0, 0.7)):
+    """Fit on the examples that have this label; out-of-fold probabilities calibrate it.
+
+    Returns (head, out-of-fold probabilities, labels, indices of the examples used)."""
+    used = [index for index, example in enumerate(examples) if getattr(example, field_name) in classes]
+    labels = [getattr(examples[index], field_name) for index in used]
+    matrix = featurizer.transform([views[index] for index in used], weights)
+    oof_logits = np.zeros((len(used), len(classes)))
+    folds = _inner_folds([examples[index] for index in used], labels, options)
+
+    def fit_fold(train_index):
+        return _fit_head(matrix[train_index], [labels[i] for i in train_index], classes, c, options, balanced)
+
+    # The inner folds run on TRAIN_THREADS threads (scipy's L-BFGS releases the GIL for most of its work).
+    from joblib import Parallel, delayed
+
+    heads = Parallel(n_jobs=TRAIN_THREADS, prefer="threads")(delayed(fit_fold)(train_index) for train_index, _ in folds)
+    for head, (_, test_index) in zip(heads, folds):
+        oof_logits[test_index] = head.logits(matrix[test_index])
+    label_index = np.array([classes.index(label) for label in labels])
+    temperature = fit_temperature(oof_logits, label_index)
+    head = _fit_head(matrix, labels, classes, c, options, balanced)
+    head.temperature = temperature
+    return head, _softmax(oof_logits / temperature), labels, used
+
+
+def _version(examples: Sequence[TrainingExample], options: TrainOptions, moment: datetime) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(f"{example.text}\t{example.category}\t{example.urgency}\n".encode("utf-8"))
+    digest.update(repr(asdict(options)).encode("utf-8"))
+    return f"{moment:%Y%m%d.%H%M%S}-{digest.hexdigest()[:8]}"
+
+
+def train_model(
+    examples: Sequence[TrainingExample],
+    views: Sequence[TextViews],
+    *,
+    categories: tuple[str, ...],
+    embedding_model: str | None,
+    lexicon_names: Sequence[str],
+    options: TrainOptions = TrainOptions(),
+    pair_training=None,
+) -> TicketModel:
+    """Fit the heads on `examples` (their views precomputed). `pair_training`: a callable
+    (oof category probabilities by example index) -> PairModel, or None for no duplicate model."""
+    started = time.perf_counter()
+    if len(examples) < 20:
+        raise TrainingDataError(f"{len(examples)} labelled tickets: too few to train on (need at least 20)")
+    featurizer = Featurizer(options).fit(views)
+    category, category_oof, category_labels, category_used = train_head(
+        views, examples, "category", categories, options.category_c, options, featurizer, weights=options.category_blocks)
+    urgency, urgency_oof, urgency_labels, _ = train_head(
+        views, examples, "urgency", URGENCY_ORDER, options.urgency_c, options, featurizer, balanced=True, weights=options.urgency_blocks)
+    is_high = np.array([label == "high" for label in urgency_labels])
+    p_high = urgency_oof[:, URGENCY_ORDER.index("high")]
+    threshold = choose_high_threshold(p_high, is_high, options.high_recall_target, options.max_high_threshold)
+    oof_urgency = [decide_urgency(dict(zip(URGENCY_ORDER, row)), threshold) for row in urgency_oof]
+    oof_category = [categories[int(np.argmax(row))] for row in category_oof]
+    moment = datetime.now().replace(microsecond=0)
+    summary = {
+        "examples": len(examples),
+        "corrections": sum(1 for example in examples if example.source == "correction"),
+        "inner_oof": {
+            "category_accuracy": round(float(np.mean([a == b for a, b in zip(oof_category, category_labels)])), 4),
+            "urgency_accuracy": round(float(np.mean([a == b for a, b in zip(oof_urgency, urgency_labels)])), 4),
+            "high_recall": round(float(np.mean([u == "high" for u, high in zip(oof_urgency, is_high) if high])) if is_high.any() else 0.0, 4),
+        },
+        "temperatures": {"category": round(category.temperature, 3), "urgency": round(urgency.temperature, 3)},
+    }
+    model = TicketModel(
+        version=_version(examples, options, moment),
+        created_at=moment.isoformat(),
+        options=options,
+        embedding_model=embedding_model,
+        lexicon_names=tuple(lexicon_names),
+        featurizer=featurizer,
+        category=category,
+        urgency=urgency,
+        high_threshold=threshold,
+    )
+    if pair_training is not None:
+        oof_by_index = {index: row for index, row in zip(category_used, category_oof)}
+        model.pairs = pair_training(oof_by_index, model)
+        summary["pairs"] = getattr(model.pairs, "summary", {})
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    model.summary = summary
+    return model
+
+
+def save_model(model: TicketModel, directory: Path = MODEL_DIR) -> tuple[Path, Path]:
+    """Writes ticket-model-<version>.joblib and replaces ticket_model.joblib (the current one)."""
+    import io
+
+    import joblib
+    import sklearn
+
+    buffer = io.BytesIO()
+    joblib.dump({"format": MODEL_FORMAT, "sklearn": sklearn.__version__, "model": model}, buffer, compress=3)
+    data = buffer.getvalue()
+    versioned = directory / f"ticket-model-{model.version}.joblib"
+    current = directory / CURRENT_MODEL.name
+    atomic_write_bytes(versioned, data)
+    atomic_write_bytes(current, data)
+    return versioned, current
+
+
+def load_model(path: Path | str = CURRENT_MODEL) -> TicketModel:
+    """The model in `path`; ModelFileError (naming the file and the train command) if it is not one."""
+    import joblib
+    import sklearn
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, "does not exist")
+    try:
+        data = joblib.load(path)
+    except Exception as error:  # a damaged pickle raises anything from EOFError to UnpicklingError
+        raise ModelFileError(path, f"cannot be read, the file is damaged or not a model ({type(error).__name__}: {error})") from error
+    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT or not isinstance(data.get("model"), TicketModel):
+        raise ModelFileError(path, f"not a ticket model of format {MODEL_FORMAT}")
+    if data.get("sklearn") != sklearn.__version__:
+        raise ModelFileError(path, f"written with scikit-learn {data.get('sklearn')}, this is {sklearn.__version__}")
+    return data["model"]

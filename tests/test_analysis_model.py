@@ -1,0 +1,215 @@
+"""The trained ticket model: training, the model file, its errors, and what it decides."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from analysis import HistoryStore, TicketAnalyzer, analyze_ticket, default_analyzer
+from analysis.model import CURRENT_MODEL, ModelFileError, load_model, save_model
+from analysis.training import Trainer, training_records
+
+WHEN = "2027-03-01T09:30:00"
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return default_analyzer()  # build/analysis/ticket_model.joblib, trained on first use when missing
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A model trained on a sample of train+dev: enough to test the file and the command."""
+    records = training_records()
+    sample = random.Random(0).sample(records, 160)
+    analyzer = default_analyzer()
+    return Trainer(analyzer.config, analyzer.embedder).train(sample)
+
+
+def analyse(analyzer, text, **metadata):
+    return analyze_ticket(text, {"received_at": WHEN, **metadata}, analyzer=analyzer)
+
+
+# -- the model file ---------------------------------------------------------------------------
+
+
+def test_the_default_analyzer_uses_a_trained_model(analyzer):
+    assert analyzer.model is not None, analyzer.model_note
+    ticket = analyse(analyzer, "幸福路12号的路灯坏了三天了")
+    data = ticket.to_dict()
+    assert data["model_version"] == analyzer.model.version
+    assert set(data["urgency_probabilities"]) == {"high", "medium", "low"}
+    assert abs(sum(data["urgency_probabilities"].values()) - 1.0) < 0.01
+
+
+def test_save_and_load_round_trip(small_model, tmp_path, analyzer):
+    versioned, current = save_model(small_model, tmp_path)
+    assert versioned.name == f"ticket-model-{small_model.version}.joblib" and current.name == CURRENT_MODEL.name
+    loaded = load_model(current)
+    assert loaded.version == small_model.version
+    other = TicketAnalyzer(analyzer.config, embedder=analyzer.embedder, model=current)
+    assert analyse(other, "楼道里一股煤气味").model_version == small_model.version
+
+
+def test_missing_model_file_names_the_file_and_the_train_command(tmp_path):
+    path = tmp_path / "nowhere.joblib"
+    with pytest.raises(ModelFileError, match="python -m analysis train") as raised:
+        load_model(path)
+    assert str(path) in str(raised.value) and raised.value.path == path
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"\x80\x04\x95garbage"])
+def test_corrupt_model_file_is_a_clear_error(tmp_path, analyzer, content):
+    path = tmp_path / "ticket_model.joblib"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match="python -m analysis train") as raised:
+        TicketAnalyzer(analyzer.config, embedder=analyzer.embedder, model=path)
+    assert str(path) in str(raised.value)
+
+
+def test_a_damaged_default_model_is_not_replaced_silently(tmp_path, monkeypatch, analyzer):
+    path = tmp_path / "ticket_model.joblib"
+    path.write_bytes(b"damaged")
+    monkeypatch.setenv("HOTLINE_ANALYSIS_MODEL", str(path))
+    with pytest.raises(ModelFileError, match=str(path)):
+        TicketAnalyzer(analyzer.config, embedder=analyzer.embedder)
+    assert path.read_bytes() == b"damaged"
+
+
+def test_without_a_model_the_rules_answer_and_ask_for_review(analyzer):
+    rules = TicketAnalyzer(analyzer.config, embedder=analyzer.embedder, model=None)
+    ticket = analyse(rules, "幸福路12号的路灯坏了三天了")
+    assert ticket.category == "市政设施维修" and ticket.model_version is None
+    assert ticket.needs_review and any("无训练模型" in reason for reason in ticket.review_reasons)
+
+
+def test_train_command_writes_a_versioned_model(tmp_path, monkeypatch, small_model):
+    import analysis.training as training
+    from analysis.__main__ import main
+
+    records = random.Random(1).sample(training_records(), 120)
+    monkeypatch.setattr(training, "training_records", lambda include_test=False: records)
+    assert main(["train", "--out", str(tmp_path), "--no-corrections"]) == 0
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert "ticket_model.joblib" in files and any(name.startswith("ticket-model-") for name in files)
+    model = load_model(tmp_path / "ticket_model.joblib")
+    assert model.summary["examples"] == 120 and 0.0 < model.high_threshold <= 0.5
+
+
+def test_corrections_become_training_examples(tmp_path, analyzer):
+    from analysis.training import correction_examples
+
+    with HistoryStore(tmp_path / "history.sqlite", categories=analyzer.config.taxonomy.names) as store:
+        ticket = analyze_ticket("小区里的健身器材坏了", {"received_at": WHEN, "ticket_id": "T1"}, analyzer=analyzer, store=store)
+        store.correct(ticket.ticket_id, "urgency", "medium", by="王芳")
+        store.correct(ticket.ticket_id, "category", "市政设施维修", by="王芳")
+    examples = correction_examples(tmp_path / "history.sqlite")
+    assert len(examples) == 1 and examples[0].category == "市政设施维修" and examples[0].urgency == "medium"
+    assert examples[0].source == "correction"
+
+
+# -- bad input: 其他 and needs_review, never an exception -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "flag"),
+    [
+        ("empty", "", "empty_transcript"),
+        ("whitespace", "   \n\t ", "empty_transcript"),
+        ("emoji_only", "😀😡🔥💧🙏", "no_words"),
+        ("english", "The streetlight in front of my apartment has been broken for a week, please fix it", "not_chinese"),
+        ("russian", "Здравствуйте, у нас во дворе не работает фонарь", "not_chinese"),
+        ("one_mib", "楼下工地天天晚上施工打桩，吵得睡不着。" * 18500, "truncated"),
+    ],
+)
+def test_bad_input_gives_a_ticket_for_review(analyzer, name, text, flag):
+    ticket = analyse(analyzer, text)
+    assert flag in ticket.flags
+    assert ticket.needs_review and ticket.review_reasons
+    if flag != "truncated":
+        assert ticket.category == "其他" and ticket.category_confidence == 0.0
+    ticket.to_dict()
+
+
+def test_one_mib_of_text_is_fast(analyzer):
+    import time
+
+    text = "楼下工地天天晚上施工打桩，吵得睡不着。" * 18500
+    assert len(text.encode("utf-8")) >= 1 << 20
+    started = time.perf_counter()
+    ticket = analyse(analyzer, text)
+    assert time.perf_counter() - started < 5.0
+    assert ticket.category == "噪音扰民"
+
+
+# -- danger described, not announced ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "我们单元楼道里一股煤气的味道，楼上住着两个老人，敲门也没人应",
+        "我在望江公园，我家五岁的儿子刚才还在滑梯那边，一转眼就找不到了",
+        "隔壁独居的张阿姨好像摔在地上了，我隔着门听见她喊，门是锁着的",
+        "停电三个小时了，我父亲在家用制氧机，现在机器停了",
+        "南湖大道下穿隧道积水很深，有辆小车熄火在里面，司机爬到车顶上了",
+        "人行道上方有根电线垂下来，离地就一米多，小学生放学都从这里走",
+    ],
+)
+def test_described_danger_is_high(analyzer, text):
+    ticket = analyse(analyzer, text)
+    assert ticket.urgency == "high", (ticket.urgency_probabilities, ticket.urgency_reasons)
+    assert any(reason.startswith("危险描述") for reason in ticket.urgency_reasons)
+
+
+def test_a_question_is_low(analyzer):
+    ticket = analyse(analyzer, "请问一下，社保卡丢了补办需要带什么材料？")
+    assert ticket.urgency == "low" and ticket.category == "劳动保障"
+
+
+# -- places -----------------------------------------------------------------------------------
+
+
+def test_a_named_unknown_district_wins_over_the_street(analyzer):
+    ticket = analyse(analyzer, "我在东城区解放路三百号，门口井盖松了，车一压就响")
+    assert ticket.place["district"] is None and ticket.place["district_unknown"] == "东城区"
+    assert ticket.place["road"] == "解放路" and "district_unknown" in ticket.flags
+    assert ticket.needs_review and any("东城区" in reason for reason in ticket.review_reasons)
+    assert "区县不明" in ticket.department_reason
+
+
+def test_a_named_district_wins_over_the_street(analyzer):
+    ticket = analyse(analyzer, "江北区解放路12号的路灯坏了")
+    assert ticket.place["district"] == "江北区" and ticket.place["district_source"] == "stated"
+
+
+@pytest.mark.parametrize(
+    ("text", "district"),
+    [
+        ("我是冰湖去柳岸路的，路灯不亮了", "滨湖区"),    # 滨湖区 heard as 冰湖去
+        ("我住在高兴去创新路，垃圾好几天没人收", "高新区"),
+        ("我住在濱湖區柳岸路，路燈壞了", "滨湖区"),     # traditional characters
+        ("西称区那边有个井盖没了", None),              # 西城区 by sound: not a district of this city
+    ],
+)
+def test_district_by_sound_and_script(analyzer, text, district):
+    ticket = analyse(analyzer, text)
+    assert ticket.place["district"] == district
+    if district is None:
+        assert ticket.place["district_unknown"] == "西称区"
+
+
+# -- duplicates -------------------------------------------------------------------------------
+
+
+def test_the_same_gas_leak_in_other_words_is_linked_with_evidence(analyzer, tmp_path):
+    with HistoryStore(tmp_path / "history.sqlite", categories=analyzer.config.taxonomy.names) as store:
+        first = analyze_ticket("阳光花园3栋2单元楼道里煤气味特别重，怀疑哪家燃气泄漏了", {"received_at": "2027-03-01T08:00:00", "ticket_id": "G1"}, analyzer=analyzer, store=store)
+        analyze_ticket("幸福路上的公交站牌被撞歪了", {"received_at": "2027-03-01T08:10:00", "ticket_id": "X1"}, analyzer=analyzer, store=store)
+        second = analyze_ticket("你好，阳光花园3栋那个单元一进去就闻到一股臭鸡蛋的味道，好多住户都闻到了", {"received_at": "2027-03-01T08:40:00", "ticket_id": "G2"}, analyzer=analyzer, store=store)
+        elsewhere = analyze_ticket("碧水湾小区5栋楼道里有煤气味", {"received_at": "2027-03-01T09:00:00", "ticket_id": "G3"}, analyzer=analyzer, store=store)
+    assert first.duplicate_of is None
+    assert second.duplicate_of == "G1", second.duplicate_reason
+    assert "重复概率" in second.duplicate_reason and "同一" in second.duplicate_reason
+    assert elsewhere.duplicate_of is None, elsewhere.duplicate_reason
