@@ -23,7 +23,7 @@ export PYTHONPATH := $(CURDIR)
 help:
 	@echo "make setup | export [MODEL=whisper-base|glm-asr-tiny|glm-asr-nano CHECKPOINT=DIR PRECISION=fp32|fp16|int8] | serve | demo | test | bench | trt | clean"
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-gateway.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt

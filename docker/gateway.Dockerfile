@@ -6,5 +6,10 @@ RUN pip install --no-cache-dir -r requirements-gateway.txt
 COPY protos/ protos/
 COPY gateway/ gateway/
 RUN python -m gateway.protocol
-EXPOSE 50051
+# not root (deploy/k8s/gateway.yaml runs it as uid 10001 too)
+RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin asr
+USER 10001
+# 50051 gRPC (published); 9464 /metrics with --metrics-port 9464 (not published)
+EXPOSE 50051 9464
+# binds 127.0.0.1 unless given --host=0.0.0.0 (docker-compose.yml and the k8s manifests do)
 ENTRYPOINT ["python", "-m", "gateway.service.server"]

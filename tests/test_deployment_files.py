@@ -14,7 +14,7 @@ from tests.conftest import PROJECT_ROOT
 def test_compose_file_is_consistent():
     compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"triton", "gateway"}
+    assert set(services) == {"triton", "gateway", "workbench"}
     for name, service in services.items():
         assert "healthcheck" in service, name
         dockerfile = PROJECT_ROOT / service["build"]["dockerfile"]
@@ -22,6 +22,11 @@ def test_compose_file_is_consistent():
     assert any(v.endswith(":/models:ro") for v in services["triton"]["volumes"])
     assert services["gateway"]["depends_on"]["triton"]["condition"] == "service_healthy"
     assert "--triton=triton:8001" in services["gateway"]["command"]
+    # the workbench reaches the ASR only through the gateway, and reads the history it writes
+    assert services["workbench"]["depends_on"]["gateway"]["condition"] == "service_healthy"
+    assert "--gateway=gateway:50051" in services["workbench"]["command"]
+    history = [v for v in services["gateway"]["volumes"] if v.startswith("./var:")]
+    assert history and any(v.startswith("./var:") for v in services["workbench"]["volumes"])
     # the gateway's healthcheck runs a module that exists
     probe = services["gateway"]["healthcheck"]["test"]
     importlib.import_module(probe[probe.index("-m") + 1])

@@ -30,10 +30,15 @@ SAMPLE_RATE = 16000  # Hz, what the models take
 MIN_SAMPLE_RATE_HZ = 1000
 MAX_SAMPLE_RATE_HZ = 384000
 MAX_PCM_CHANNELS = 32
+MAX_CONTAINER_CHANNELS = 32  # default ceiling on a container's channels (header and every frame)
 PCM_FRAME_SAMPLES = 65536  # samples per channel in each frame pushed to the resampler
 MAX_SEPARATE_CHANNELS = 8  # channels that can be kept apart (keep_channels=True)
 MAX_PREALLOCATED_S = 4 * 3600.0  # longest duration estimate the output buffer is sized for
 _MIN_BUFFER_SAMPLES = 16000
+# A header's duration is an estimate for some formats (MP3 without a Xing header: bitrate x
+# size); only a header clearly past the limit is refused before decoding, the exact limit
+# is enforced on the decoded samples.
+HEADER_DURATION_TOLERANCE = 1.02
 _CHECK_BLOCK = 1 << 20
 
 # Demuxers FFmpeg may pick for request bytes. Demuxers that open other files or URLs
@@ -181,17 +186,23 @@ class _Resampler:
 
 def _expected_samples(container, stream, rate: int, max_duration_s: float | None) -> int:
     """Output samples the container says it holds (0 when unknown), capped by the limits."""
-    seconds = 0.0
-    try:
-        if stream.duration and stream.time_base:
-            seconds = float(stream.duration * stream.time_base)
-        elif container.duration:
-            seconds = container.duration / av.time_base
-    except (TypeError, ValueError, ZeroDivisionError):
-        seconds = 0.0
+    seconds = header_duration_s(container, stream)
     cap_s = min(MAX_PREALLOCATED_S, max_duration_s) if max_duration_s else MAX_PREALLOCATED_S
     seconds = min(max(seconds, 0.0), cap_s)
     return int((seconds * 1.01 + 1.0) * rate) if seconds > 0 else 0
+
+
+# Float codecs (WAV/CAF f32/f64, raw f32le) can carry finite values far past full scale: a
+# bit flip in an exponent gives 1e38, whose square overflows the log-mel power to inf and the
+# encoder refuses the window. Nothing real is 24 dB over full scale, so samples are clipped
+# there (in place, no copy).
+MAX_AMPLITUDE = 16.0
+
+
+def _bound_amplitude(samples: np.ndarray) -> np.ndarray:
+    if samples.size and samples.dtype.kind == "f":
+        np.clip(samples, -MAX_AMPLITUDE, MAX_AMPLITUDE, out=samples)
+    return samples
 
 
 def _check_finite(samples: np.ndarray, what: str) -> None:
@@ -229,6 +240,53 @@ def _check_sample_rate(rate: int, name: str = "sample_rate") -> None:
         )
 
 
+def _check_container_channels(channels: int, max_channels: int, keep_channels: bool) -> None:
+    if channels > max_channels:
+        raise AudioDecodeError(f"audio has {channels} channels; at most {max_channels} are accepted")
+    _check_channels(channels, keep_channels)
+
+
+def header_duration_s(container, stream) -> float:
+    """The duration the container's header states (0 when it states none)."""
+    try:
+        if stream.duration and stream.time_base:
+            return max(float(stream.duration * stream.time_base), 0.0)
+        if container.duration:
+            return max(container.duration / av.time_base, 0.0)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        pass
+    return 0.0
+
+
+def _check_header(container, stream, *, max_duration_s: float | None, max_channels: int, keep_channels: bool) -> None:
+    """Refuse from the header alone what decoding would refuse later, before a sample is decoded.
+
+    The costly inputs are small files that claim a lot: a 32 KB WAV at 1 Hz resamples to
+    hundreds of MB, a 3 MB FLAC of silence says 5 hours. Rate and channels are checked
+    again on every decoded frame (a header can lie), the duration on the decoded samples.
+    """
+    context = stream.codec_context
+    rate = int(getattr(context, "sample_rate", 0) or 0)
+    if rate:
+        _check_sample_rate(rate)
+    channels = int(getattr(context, "channels", 0) or 0)
+    if channels:
+        _check_container_channels(channels, max_channels, keep_channels)
+    if max_duration_s is not None:
+        stated = header_duration_s(container, stream)
+        if stated > max_duration_s * HEADER_DURATION_TOLERANCE:
+            raise AudioTooLongError(
+                f"the container says the audio is {stated:.1f} s long; at most {max_duration_s:.1f} s is accepted"
+            )
+
+
+def _check_frame(frame, max_channels: int) -> None:
+    """Every decoded frame: a rate or channel count the header hid is refused, not resampled."""
+    _check_sample_rate(frame.sample_rate)
+    if frame.layout.nb_channels > max_channels:
+        raise AudioDecodeError(f"audio has {frame.layout.nb_channels} channels; at most {max_channels} are accepted")
+
+
 def _pcm_dtype(encoding: str, sample_rate: int, channels: int, target_sample_rate: int) -> np.dtype:
     """The sample dtype of raw PCM after checking its declared format (AudioDecodeError if bad)."""
     dtype = PCM_ENCODINGS.get(encoding)
@@ -247,13 +305,17 @@ def load_audio(
     sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
     keep_channels: bool = False,
+    max_channels: int = MAX_CONTAINER_CHANNELS,
 ) -> DecodedAudio:
     """Decode any container FFmpeg reads into float32 at ``sample_rate``.
 
     Mono (channels averaged) by default; ``keep_channels`` gives [channels, n] (at most
     MAX_SEPARATE_CHANNELS), e.g. agent and caller of a stereo call recording.
     Empty ``data`` gives empty samples. Raises AudioDecodeError when the bytes are not
-    decodable audio, AudioTooLongError past ``max_duration_s`` (checked while decoding).
+    decodable audio, AudioTooLongError past ``max_duration_s``. Sample rate, channels (at most
+    ``max_channels``) and the stated duration are checked from the header before decoding,
+    and again on every frame while decoding, so memory is bounded by the limits whatever the
+    header says.
     """
     _check_sample_rate(sample_rate)
     if not data:
@@ -286,6 +348,7 @@ def load_audio(
         if stream.codec_context is None:
             raise AudioDecodeError(f"no decoder for the audio stream in {container_name} input")
         codec = stream.codec_context.name
+        _check_header(container, stream, max_duration_s=max_duration_s, max_channels=max_channels, keep_channels=keep_channels)
         resampler = _Resampler(
             sample_rate,
             keep_channels=keep_channels,
@@ -315,6 +378,7 @@ def load_audio(
             for frame in frames:
                 if frame.sample_rate <= 0 or frame.samples <= 0:
                     continue
+                _check_frame(frame, max_channels)
                 if not source_rate:
                     source_rate = frame.sample_rate
                     source_channels = frame.layout.nb_channels
@@ -339,7 +403,7 @@ def load_audio(
         )
     _check_finite(samples, f"decoded {codec} audio")
     return DecodedAudio(
-        samples=samples,
+        samples=_bound_amplitude(samples),
         sample_rate=sample_rate,
         source_sample_rate=source_rate or stream.rate or sample_rate,
         source_channels=source_channels or stream.channels or 1,
@@ -356,10 +420,12 @@ def decode_audio(
     sample_rate: int = SAMPLE_RATE,
     max_duration_s: float | None = None,
     keep_channels: bool = False,
+    max_channels: int = MAX_CONTAINER_CHANNELS,
 ) -> np.ndarray:
     """Samples only of :func:`load_audio`: float32 [n] (or [channels, n]) at ``sample_rate``."""
     return load_audio(
-        data, sample_rate=sample_rate, max_duration_s=max_duration_s, keep_channels=keep_channels
+        data, sample_rate=sample_rate, max_duration_s=max_duration_s, keep_channels=keep_channels,
+        max_channels=max_channels,
     ).samples
 
 
@@ -409,7 +475,7 @@ def load_pcm(
     samples = np.stack(planes) if keep_channels else planes[0]
 
     return DecodedAudio(
-        samples=samples,
+        samples=_bound_amplitude(samples),
         sample_rate=target_sample_rate,
         source_sample_rate=sample_rate,
         source_channels=channels,
@@ -532,6 +598,7 @@ class PcmStream:
         if self.dtype.kind == "i":
             mono *= np.float32(_S16_SCALE)
         self.source_samples += mono.shape[0]
+        _bound_amplitude(mono)
         if self._resampler is None:
             return mono
         frame = av.AudioFrame.from_ndarray(mono[None], format="flt", layout="mono")
@@ -661,6 +728,7 @@ class ContainerStream:
         if samples.size:
             if not np.isfinite(np.sum(samples, dtype=np.float64)):
                 raise AudioDecodeError(f"decoded {self.codec} audio contains NaN/Inf samples")
+            _bound_amplitude(samples)
             with self._lock:
                 self._out.append(samples)
 
@@ -681,6 +749,10 @@ class ContainerStream:
                     raise AudioDecodeError(f"no audio stream in the {container.format.name} stream")
                 stream = container.streams.audio[0]
                 self.codec = stream.codec_context.name if stream.codec_context else "?"
+                if stream.codec_context is not None:
+                    _check_header(
+                        container, stream, max_duration_s=None, max_channels=MAX_CONTAINER_CHANNELS, keep_channels=False
+                    )
                 resampler = _StreamResampler(self.target_sample_rate)
                 packets = container.demux(stream)
                 while True:
@@ -699,6 +771,7 @@ class ContainerStream:
                     for frame in frames:
                         if frame.sample_rate <= 0 or frame.samples <= 0:
                             continue
+                        _check_frame(frame, MAX_CONTAINER_CHANNELS)
                         if not self.source_sample_rate:
                             self.source_sample_rate = frame.sample_rate
                             self.source_channels = frame.layout.nb_channels

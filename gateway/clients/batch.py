@@ -45,7 +45,14 @@ from analysis.errors import AnalysisError
 from analysis.report import CallRecord, build_dashboard, build_ledger
 from analysis.store import HistoryStore
 from analysis.ticket import parse_time
-from gateway.clients.channel import DEFAULT_SERVER, open_channel, response_to_dict
+from gateway.clients.channel import (
+    DEFAULT_SERVER,
+    ChannelSecurity,
+    add_security_arguments,
+    open_channel,
+    response_to_dict,
+    security_from_args,
+)
 from gateway.protocol import asr_pb2, asr_pb2_grpc
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".opus", ".amr", ".m4a", ".aac", ".wma", ".webm", ".mp4", ".au"})
@@ -81,6 +88,7 @@ class BatchOptions:
     retries: int = 2                  # extra tries when the gateway is UNAVAILABLE
     progress: bool = True
     connect_timeout_s: float = 15.0
+    security: ChannelSecurity | None = None  # TLS and API key (None: plaintext, no key)
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 256:
@@ -335,7 +343,7 @@ def run_batch(
     except AnalysisError as error:
         raise BatchError(str(error)) from error
 
-    channel = open_channel(options.server)
+    channel = open_channel(options.server, options.security)
     summary = BatchSummary(total=len(recordings) + len(failures))
     records: dict[str, CallRecord] = {}
     pending: list[Recording] = []
@@ -444,7 +452,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         summary = run_batch(
             args.input_dir, args.out, server=args.server, concurrency=args.concurrency, language=args.language,
             beam_size=args.beam_size, timeout_s=args.timeout, history_db=args.history_db, recursive=args.recursive,
-            progress=not args.no_progress,
+            progress=not args.no_progress, security=security_from_args(args),
         )
     except (BatchError, AnalysisError, ValueError) as error:
         print(f"batch: error: {error}", file=sys.stderr)
@@ -472,5 +480,6 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--history-db", type=Path, help="SQLite history of tickets (default: store.path in analysis/config/defaults.yaml)")
     parser.add_argument("--recursive", action="store_true", help="also take recordings from subfolders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_security_arguments(parser)
     parser.set_defaults(func=_cmd_batch)
     return parser

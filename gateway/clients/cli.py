@@ -15,7 +15,14 @@ from pathlib import Path
 
 import grpc
 
-from gateway.clients.channel import DEFAULT_SERVER, open_channel, response_to_dict
+from gateway.clients.channel import (
+    DEFAULT_SERVER,
+    ChannelSecurity,
+    add_security_arguments,
+    open_channel,
+    response_to_dict,
+    security_from_args,
+)
 from gateway.protocol import asr_pb2, asr_pb2_grpc
 
 
@@ -28,11 +35,12 @@ def transcribe_files(
     timeout_s: float = 600.0,
     word_timestamps: bool = False,
     channel_labels: list[str] | None = None,
+    security: ChannelSecurity | None = None,
 ):
     """Yields (path, response dict or None, error message or None) per file.
 
     ``channel_labels`` (even empty) transcribes each channel on its own (CHANNEL_MODE_SEPARATE)."""
-    with open_channel(server) as channel:
+    with open_channel(server, security) as channel:
         stub = asr_pb2_grpc.AsrStub(channel)
         for path in paths:
             try:
@@ -63,7 +71,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
         labels = [x.strip() for x in args.channel_labels.split(",")] if args.channel_labels else []
     for path, result, error in transcribe_files(
         args.files, server=args.server, language=args.language, beam_size=args.beam_size, timeout_s=args.timeout,
-        word_timestamps=args.word_timestamps, channel_labels=labels,
+        word_timestamps=args.word_timestamps, channel_labels=labels, security=security_from_args(args),
     ):
         if error:
             failures += 1
@@ -96,7 +104,8 @@ def _add_unavailable_batch_parser(sub, error: ImportError) -> None:
 
 
 def stream_file(path: Path, *, server: str = DEFAULT_SERVER, language: str = "", realtime: bool = False,
-                chunk_s: float = 0.1, word_timestamps: bool = False, timeout_s: float = 3600.0):
+                chunk_s: float = 0.1, word_timestamps: bool = False, timeout_s: float = 3600.0,
+                security: ChannelSecurity | None = None):
     """Send a file as a StreamingRecognize stream (16 kHz s16 PCM, paced in real time when
     ``realtime``); yields the responses."""
     import time
@@ -116,14 +125,14 @@ def stream_file(path: Path, *, server: str = DEFAULT_SERVER, language: str = "",
                 time.sleep(max(0.0, started + i / 2 / SAMPLE_RATE - time.monotonic()))
             yield asr_pb2.StreamingRecognizeRequest(audio=pcm[i : i + step])
 
-    with grpc.insecure_channel(server) as channel:
+    with open_channel(server, security) as channel:
         yield from asr_pb2_grpc.AsrStub(channel).StreamingRecognize(requests(), timeout=timeout_s)
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
     try:
         for response in stream_file(args.file, server=args.server, language=args.language, realtime=args.realtime,
-                                    word_timestamps=args.word_timestamps):
+                                    word_timestamps=args.word_timestamps, security=security_from_args(args)):
             r = response.result
             if args.json:
                 print(json.dumps(response_to_dict(response), ensure_ascii=False), flush=True)
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--word-timestamps", action="store_true", help="segments from Whisper timestamps, words with times")
     p.add_argument("--separate-channels", action="store_true", help="transcribe each channel on its own")
     p.add_argument("--channel-labels", default="", help="speaker label per channel, e.g. agent,caller")
+    add_security_arguments(p)
     p.set_defaults(func=_cmd_transcribe)
     p = sub.add_parser("stream", help="send a file as a live stream; prints partial and final results")
     p.add_argument("file", type=Path)
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realtime", action="store_true", help="pace the audio like a live call")
     p.add_argument("--word-timestamps", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per response")
+    add_security_arguments(p)
     p.set_defaults(func=_cmd_stream)
     try:
         from gateway.clients.batch import add_batch_parser  # needs analysis/ and its packages (not in the gateway image)

@@ -17,10 +17,22 @@ from gateway.asr.streaming import StreamConfigError
 from gateway.asr.tokenizer import UnknownLanguageError
 from gateway.asr.transcriber import ModelMismatchError, VadUnavailableError
 from gateway.asr.triton_client import TritonInferenceError, TritonUnavailableError
-from gateway.service.options import RequestError
-from gateway.service.ticket_service import TicketNotFound, TicketServiceError
+from gateway.service.options import AdmissionError, MissingRoleError, RequestError, StreamIdleError, quote
+from gateway.service.ticket_service import TicketExists, TicketNotFound, TicketServiceError
 
 log = logging.getLogger("gateway")
+
+# Status messages stay well under 1 KB whatever the client sent: a client value is quoted
+# shortened (options.quote), and every message is cut to this many UTF-8 bytes.
+MAX_STATUS_BYTES = 900
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED and UNAVAILABLE
+
+
+def bounded(message: str, limit: int = MAX_STATUS_BYTES) -> str:
+    encoded = message.encode("utf-8")
+    if len(encoded) <= limit:
+        return message
+    return encoded[: limit - 3].decode("utf-8", errors="ignore") + "..."
 
 INVALID_ARGUMENT_ERRORS = (
     RequestError, AudioDecodeError, UnknownLanguageError, StreamConfigError, HotwordError, itn.ItnError,
@@ -30,15 +42,34 @@ INVALID_ARGUMENT_ERRORS = (
 
 async def abort_for(context, error: BaseException, where: str) -> None:
     """Abort the RPC with the status that fits ``error`` (never a traceback to the client)."""
+    if isinstance(error, AdmissionError):
+        await context.abort(
+            error.code, bounded(str(error)), trailing_metadata=((RETRY_AFTER_KEY, str(int(error.retry_after_s * 1000))),)
+        )
+    if isinstance(error, MissingRoleError):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, bounded(str(error)))
+    if isinstance(error, StreamIdleError):
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, bounded(str(error)))
     if isinstance(error, TicketNotFound):
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        await context.abort(grpc.StatusCode.NOT_FOUND, bounded(str(error)))
+    if isinstance(error, TicketExists):
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, bounded(str(error)))
+    if isinstance(error, UnknownLanguageError):
+        # the message would list every code the model knows; the client's value, shortened
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            bounded(f"unknown language {quote(error.language)}; valid codes: {', '.join(error.valid)}"),
+        )
     if isinstance(error, INVALID_ARGUMENT_ERRORS):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(error)))
     if isinstance(error, VadUnavailableError):
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, bounded(str(error)))
     if isinstance(error, TritonUnavailableError):
         log.warning("%s: %s", where, error)
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "inference server unavailable; retry later")
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "inference server unavailable; retry later",
+            trailing_metadata=((RETRY_AFTER_KEY, "1000"),),
+        )
     if isinstance(error, (TritonInferenceError, ModelMismatchError, DecodingError)):
         log.error("%s: %s", where, error)
         await context.abort(grpc.StatusCode.INTERNAL, "inference failed; see gateway log")

@@ -32,8 +32,43 @@ RAW_ENCODINGS = {
 }
 
 
+MAX_QUOTED_CHARS = 40  # a client's value quoted in a status message, at most
+MAX_LANGUAGE_CHARS = 16  # "zh", "yue", "haw", "en-US": longer is not a language code
+
+
 class RequestError(ValueError):
     """A client error that maps to INVALID_ARGUMENT."""
+
+
+class AdmissionError(RuntimeError):
+    """The gateway is at a configured limit (RESOURCE_EXHAUSTED) or not ready (UNAVAILABLE), with a retry hint."""
+
+    def __init__(self, message: str, code, retry_after_s: float) -> None:
+        super().__init__(f"{message}; retry after {retry_after_s:g} s")
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class MissingRoleError(RuntimeError):
+    """The caller's API key lacks a role this request needs (PERMISSION_DENIED)."""
+
+
+class StreamIdleError(RuntimeError):
+    """A stream sent nothing for longer than the idle timeout (DEADLINE_EXCEEDED)."""
+
+
+def quote(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """A client value for a status message: repr, shortened, never echoed in full."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def language(value: str) -> str | None:
+    """The requested language code (empty: detect); a value no code can be is refused here."""
+    if not value:
+        return None
+    if len(value) > MAX_LANGUAGE_CHARS or not value.replace("-", "").replace("_", "").isalnum():
+        raise RequestError(f"language {quote(value)} is not a language code (e.g. zh, en)")
+    return value
 
 
 def beam_size(value: int, default: int) -> int:
@@ -112,7 +147,7 @@ def itn_options(registry: HotwordRegistry | None, request) -> itn.ItnOptions | N
     Protected terms (left as spoken): the server lists' phrases + the request's hotwords.
     """
     if request.itn_time_format not in ("", *ITN_TIME_FORMATS):
-        raise RequestError(f"itn_time_format must be '24h' or 'chinese', got {request.itn_time_format!r}")
+        raise RequestError(f"itn_time_format must be '24h' or 'chinese', got {quote(request.itn_time_format)}")
     if not request.itn:
         return None
     server_terms = registry.terms if registry else frozenset()
@@ -135,7 +170,7 @@ def transcribe_options(request, scorer, *, have_vad: bool) -> TranscribeOptions:
     """A TranscribeRequest -> TranscribeOptions (the scorer is built by the caller, off the loop)."""
     vad = vad_options(request.vad, VadOptions())
     return TranscribeOptions(
-        language=request.language or None,
+        language=language(request.language),
         beam_size=beam_size(request.beam_size, DEFAULT_BEAM_SIZE),
         word_timestamps=request.word_timestamps,
         # no VAD model: fixed 30 s windows (logged at start)
@@ -151,7 +186,7 @@ def streaming_options(config, scorer) -> StreamingOptions:
         raise RequestError("vad.disabled is not supported for streams: utterances are found by VAD")
     try:
         return StreamingOptions(
-            language=config.language or None,
+            language=language(config.language),
             beam_size=beam_size(config.beam_size, DEFAULT_STREAM_BEAM_SIZE),
             word_timestamps=config.word_timestamps,
             vad=vad,
@@ -168,7 +203,7 @@ def stream_decoder(config) -> PcmStream | ContainerStream:
     container = config.container.strip().lower()
     if container:
         if container != "auto" and container not in ALLOWED_DEMUXERS.split(","):
-            raise RequestError(f"config.container {config.container!r} is not supported; use one of auto,{ALLOWED_DEMUXERS}")
+            raise RequestError(f"config.container {quote(config.container)} is not supported; use one of auto,{ALLOWED_DEMUXERS}")
         return ContainerStream("" if container == "auto" else container)
     encoding = pcm_format("config", config.encoding, config.sample_rate_hz, config.channels)
     return PcmStream(config.sample_rate_hz, encoding, config.channels or 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -16,6 +17,11 @@ from google.protobuf.struct_pb2 import Struct
 
 from gateway.protocol import asr_pb2
 
+# Every correction, one JSON line; the server sends this logger to --audit-log.
+audit = logging.getLogger("gateway.audit")
+MAX_TICKET_ID_CHARS = 128
+UNKNOWN_TICKET = "no such ticket"  # one message for unknown and not-visible ids
+
 
 class TicketServiceError(ValueError):
     """A client error in an analysis request (maps to INVALID_ARGUMENT)."""
@@ -23,6 +29,34 @@ class TicketServiceError(ValueError):
 
 class TicketNotFound(LookupError):
     """CorrectTicket named a ticket the history does not hold (maps to NOT_FOUND)."""
+
+
+class TicketExists(ValueError):
+    """record=true for a ticket id the history already holds (maps to ALREADY_EXISTS): never overwritten."""
+
+
+class _NoOverwriteStore:
+    """The history store as the analyzer sees it when recording: ``add`` refuses an existing id.
+
+    The check and the insert happen under one lock, so two requests with one id cannot both
+    record; everything else is the real store's.
+    """
+
+    def __init__(self, store, lock: threading.Lock) -> None:
+        self._store = store
+        self._lock = lock
+
+    def add(self, ticket, embedding) -> None:
+        with self._lock:
+            if ticket.ticket_id in self._store:
+                raise TicketExists(
+                    f"ticket {ticket.ticket_id[:64]!r} already exists; record=true never replaces a ticket "
+                    "(use CorrectTicket, or another ticket_id)"
+                )
+            self._store.add(ticket, embedding)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
 
 
 def ticket_to_pb(ticket) -> asr_pb2.Ticket:
@@ -61,6 +95,7 @@ class TicketService:
         self._lock = threading.Lock()
         self._analyzer = None
         self._store = None
+        self._record_lock = threading.Lock()
 
     def _open(self):
         with self._lock:
@@ -83,6 +118,8 @@ class TicketService:
         from analysis.errors import AnalysisError, HistoryStoreError
 
         analyzer, store = self._open()
+        if record:
+            store = _NoOverwriteStore(store, self._record_lock)
         try:
             return analyzer.analyze(text, dict(metadata), segments=segments, store=store, record=record)
         except HistoryStoreError:
@@ -98,12 +135,26 @@ class TicketService:
         from analysis.errors import CorrectionError, TicketNotFoundError
 
         _, store = self._open()
+        # An unknown id and an id the caller may not see get the same answer, checked before
+        # the field and value, so the status never tells which ids exist.
+        if not ticket_id or len(ticket_id) > MAX_TICKET_ID_CHARS or ticket_id not in store:
+            raise TicketNotFound(UNKNOWN_TICKET)
         try:
             correction = store.correct(ticket_id, field, value, by)
         except TicketNotFoundError as error:
-            raise TicketNotFound(str(error)) from error
+            raise TicketNotFound(UNKNOWN_TICKET) from error
         except CorrectionError as error:
             raise TicketServiceError(str(error)) from error
+        audit.info(
+            json.dumps(
+                {
+                    "event": "ticket_correction", "ticket_id": correction.ticket_id, "field": correction.field,
+                    "old_value": correction.old_value, "new_value": correction.new_value,
+                    "corrected_by": correction.corrected_by, "corrected_at": correction.corrected_at.isoformat(),
+                },
+                ensure_ascii=False, default=str,
+            )
+        )
         return asr_pb2.CorrectTicketResponse(
             ticket_id=correction.ticket_id,
             field=correction.field,

@@ -1,0 +1,191 @@
+"""Request audio decoded in supervised worker processes, so a crash inside FFmpeg costs one
+request, not the gateway.
+
+A native crash (a codec bug, like PyAV's 8-channel planar segfault) kills the process it runs
+in; decoding in the gRPC process would take every open call and stream with it. Here each
+decode runs in a small pool of worker processes (forkserver: children do not inherit the
+gateway's threads or gRPC state). When a worker dies, every decode then in flight on the
+pool fails with BrokenProcessPool; the pool is replaced and each of those decodes is tried
+once more, alone in a process of its own, so the culprit cannot take a bystander's retry down
+with it. An input that kills its own process too is refused (DecoderCrashError,
+INVALID_ARGUMENT); the bystanders succeed.
+
+Samples come back through a file in /dev/shm that the gateway maps and unlinks at once: the
+audio is held once in the gateway (no pickled copy next to the array), and the mapping is
+freed with the array.
+
+Test-only: with ASR_DECODE_CRASH_MARKER set, a worker aborts (SIGABRT, as a segfault would
+end it) on input containing that marker; unset in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import multiprocessing
+import os
+import tempfile
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gateway.asr.audio import MAX_CONTAINER_CHANNELS, AudioDecodeError, decode_audio, pcm_to_float
+from gateway.service.metrics import DECODER_CRASHES
+
+log = logging.getLogger("gateway")
+
+CRASH_MARKER_ENV = "ASR_DECODE_CRASH_MARKER"
+_SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+
+
+class DecoderCrashError(AudioDecodeError):
+    """The input killed the decoder process twice (maps to INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """What one request asks decoded: container bytes, or raw PCM with its declared format."""
+
+    data: bytes
+    keep_channels: bool
+    max_duration_s: float
+    max_channels: int = MAX_CONTAINER_CHANNELS
+    pcm_sample_rate: int = 0  # > 0: raw PCM
+    pcm_encoding: str = "s16le"
+    pcm_channels: int = 1
+
+
+def run_job(job: DecodeJob) -> np.ndarray:
+    """The decode itself (in the worker, or in-process when the pool is off)."""
+    if job.pcm_sample_rate:
+        return pcm_to_float(
+            job.data, job.pcm_sample_rate, encoding=job.pcm_encoding, channels=job.pcm_channels,
+            max_duration_s=job.max_duration_s, keep_channels=job.keep_channels,
+        )
+    return decode_audio(
+        job.data, max_duration_s=job.max_duration_s, keep_channels=job.keep_channels, max_channels=job.max_channels
+    )
+
+
+def _worker_decode(job: DecodeJob) -> tuple[str, tuple[int, ...]] | AudioDecodeError:
+    marker = os.environ.get(CRASH_MARKER_ENV)
+    if marker and marker.encode() in job.data:
+        os.abort()  # test hook: dies as a native crash would
+    try:
+        samples = np.ascontiguousarray(run_job(job), dtype=np.float32)
+    except AudioDecodeError as error:
+        return error  # a plain ValueError subclass: pickles back as the client's message
+    fd, path = tempfile.mkstemp(prefix="asr-audio-", dir=_SHM_DIR)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(memoryview(samples).cast("B"))
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path, samples.shape
+
+
+def _map_samples(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The worker's samples, mapped (not copied); the file is unlinked before returning."""
+    try:
+        n_bytes = int(np.prod(shape)) * 4
+        if n_bytes == 0:
+            return np.zeros(shape, dtype=np.float32)
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), n_bytes, access=mmap.ACCESS_COPY)
+        return np.frombuffer(mapped, dtype=np.float32).reshape(shape)
+    finally:
+        os.unlink(path)
+
+
+def _discard_result(future) -> None:
+    """A decode whose caller went away (cancelled call): unlink the samples it wrote, if any."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    result = future.result()
+    if isinstance(result, tuple):
+        try:
+            os.unlink(result[0])
+        except FileNotFoundError:
+            pass
+
+
+async def _wait(future):
+    """The worker's result; on cancellation the samples file is removed when the worker finishes."""
+    try:
+        return await asyncio.wrap_future(future, loop=asyncio.get_running_loop())
+    except asyncio.CancelledError:
+        future.add_done_callback(_discard_result)
+        raise
+
+
+class DecodePool:
+    """``workers`` decoder processes, replaced whenever one dies."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"a decode pool needs at least one worker, got {workers}")
+        self.workers = workers
+        self.crashes = 0  # worker deaths seen (metrics, tests)
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["gateway.asr.audio", "gateway.service.decode_pool"])
+        self._lock = threading.Lock()
+        self._executor = self._new_executor()
+        self._generation = 0
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
+
+    def warm_up(self) -> None:
+        """Start the workers now (forkserver start is about a second), not on the first request."""
+        futures = [self._executor.submit(_worker_decode, DecodeJob(b"", False, 1.0)) for _ in range(self.workers)]
+        for future in futures:
+            future.result()
+            _discard_result(future)
+
+    def _replace(self, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return  # another caller already replaced it
+            self.crashes += 1
+            DECODER_CRASHES.inc()
+            broken, self._executor = self._executor, self._new_executor()
+            self._generation += 1
+        broken.shutdown(wait=False, cancel_futures=True)
+        log.error("an audio decoder process died; started a new decode pool")
+
+    async def decode(self, job: DecodeJob) -> np.ndarray:
+        with self._lock:
+            executor, generation = self._executor, self._generation
+        try:
+            result = await _wait(executor.submit(_worker_decode, job))
+        except BrokenProcessPool:
+            self._replace(generation)
+            result = await self._decode_alone(job)
+        if isinstance(result, AudioDecodeError):
+            raise result
+        path, shape = result
+        return _map_samples(path, shape)
+
+    async def _decode_alone(self, job: DecodeJob):
+        """The retry after a crash: a process of its own, so only the culprit dies again."""
+        solo = ProcessPoolExecutor(max_workers=1, mp_context=self._context)
+        try:
+            return await _wait(solo.submit(_worker_decode, job))
+        except BrokenProcessPool:
+            with self._lock:
+                self.crashes += 1
+            DECODER_CRASHES.inc()
+            log.error("audio input crashed the decoder twice; refused")
+            raise DecoderCrashError("the audio decoder crashed on this input; it cannot be decoded") from None
+        finally:
+            solo.shutdown(wait=False)
+
+    def close(self) -> None:
+        with self._lock:
+            self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,204 @@
+"""A hostile client against a real gateway + Triton: bad input, overload, idle and crashing
+streams get a clean status at once and the gateway keeps serving (issue 12, items 1 and 2).
+
+The gateway runs with tiny limits (1 Transcribe, 1 stream, 3 s idle timeout) and the decoder
+crash hook armed, so every case is reached with a few requests.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from gateway.protocol import asr_pb2
+from gateway.service.decode_pool import CRASH_MARKER_ENV
+from tests.conftest import asr_client, sample_clips
+from tests.test_reliability_audio import MAX_STATUS_BYTES, flac_claiming, pcm_wav
+
+CRASH_MARKER = "CRASH-THE-DECODER"
+IDLE_TIMEOUT_S = 3
+SAMPLE_RATE = 16000
+START_TIMEOUT_S = 600.0  # a first start may train the ticket model (analysis/) on a loaded machine
+
+
+def gateway_process(model_dir, triton_url: str, logs, args: list[str], credentials=None):
+    """A started gateway with ``args``, its history and log in ``logs`` (as conftest.running_gateway)."""
+    from gateway.launch.local import GatewayProcess
+
+    extra = ["--history-db", str(logs / "history.sqlite"), *args]
+    process = GatewayProcess(model_dir, triton_url, log_path=logs / "gateway.log", extra_args=extra, credentials=credentials)
+    try:
+        return process.start(timeout_s=START_TIMEOUT_S)
+    except BaseException:
+        process.stop()
+        raise
+
+
+@pytest.fixture(scope="module")
+def hostile_gateway(triton, model_dir, tmp_path_factory):
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv(CRASH_MARKER_ENV, CRASH_MARKER)  # the gateway's decoder workers inherit it
+    args = ["--max-transcribes", "1", "--max-streams", "1", "--stream-idle-timeout-s", str(IDLE_TIMEOUT_S),
+            "--decode-workers", "2", "--retry-after-s", "1.5"]
+    logs = tmp_path_factory.mktemp("hostile")
+    process = gateway_process(model_dir, triton.grpc_url, logs, args)
+    try:
+        yield process
+    finally:
+        process.stop()
+        monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def stub(hostile_gateway):
+    with asr_client(hostile_gateway.address) as client:
+        yield client
+
+
+def _status(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    error = raised.value
+    assert "Traceback" not in (error.details() or "")
+    assert len((error.details() or "").encode()) < MAX_STATUS_BYTES
+    return error
+
+
+def _clip_request(**kw) -> asr_pb2.TranscribeRequest:
+    clip = sample_clips()[0]
+    return asr_pb2.TranscribeRequest(audio_content=clip.path.read_bytes(), **{"language": clip.language, "beam_size": 1, **kw})
+
+
+def test_decoder_crash_costs_one_request(stub, hostile_gateway):
+    crashing = pcm_wav(8000, 1, 8000) + CRASH_MARKER.encode()
+    error = _status(lambda: stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=crashing), timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "crashed" in error.details()
+    assert stub.Transcribe(_clip_request(), timeout=120).text
+    assert hostile_gateway.process.poll() is None
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [(pcm_wav(1, 1, 16000), "1 Hz"), (pcm_wav(8000, 33, 800), "33 channels"), (flac_claiming(5 * 3600), "18000.0 s")],
+    ids=["wav-1Hz", "wav-33-channels", "flac-header-5h"],
+)
+def test_hostile_headers_are_invalid_argument(stub, data, words):
+    error = _status(lambda: stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=data), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.details()
+
+
+def _raw_call(address: str, method: str, payload: bytes, response_type):
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=response_type.FromString)
+        return call(payload, timeout=30)
+
+
+@pytest.mark.parametrize(
+    "method, message, response_type",
+    [
+        ("/asr.v1.Asr/Transcribe", asr_pb2.TranscribeRequest(language="zz"), asr_pb2.TranscribeResponse),
+        ("/asr.v1.Asr/AnalyzeTicket", asr_pb2.AnalyzeTicketRequest(text="zz"), asr_pb2.Ticket),
+        ("/asr.v1.Asr/CorrectTicket", asr_pb2.CorrectTicketRequest(ticket_id="zz"), asr_pb2.CorrectTicketResponse),
+    ],
+    ids=["transcribe-language", "analyze-text", "correct-ticket-id"],
+)
+def test_text_that_is_not_utf8_is_invalid_argument(hostile_gateway, method, message, response_type):
+    payload = message.SerializeToString().replace(b"zz", b"\xff\xfe")
+    error = _status(lambda: _raw_call(hostile_gateway.address, method, payload, response_type))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in error.details()
+
+
+def test_long_client_values_are_not_echoed(stub):
+    error = _status(lambda: stub.Transcribe(_clip_request(language="x" * 10_000), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "10000 characters" in error.details()
+    unknown = _status(lambda: stub.Transcribe(_clip_request(language="xx"), timeout=30))
+    assert unknown.code() == grpc.StatusCode.INVALID_ARGUMENT and "'xx'" in unknown.details()
+
+
+def _stream_config() -> asr_pb2.StreamingRecognizeRequest:
+    return asr_pb2.StreamingRecognizeRequest(
+        config=asr_pb2.StreamingConfig(encoding=asr_pb2.RawAudio.S16LE, sample_rate_hz=SAMPLE_RATE, language="en")
+    )
+
+
+def _silence(seconds: float) -> bytes:
+    return np.zeros(int(SAMPLE_RATE * seconds), dtype="<i2").tobytes()
+
+
+def test_audio_before_config_is_invalid_argument(stub):
+    def requests():
+        for _ in range(5):
+            yield asr_pb2.StreamingRecognizeRequest(audio=_silence(0.1))
+
+    error = _status(lambda: list(stub.StreamingRecognize(requests(), timeout=30)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "config" in error.details()
+
+
+def test_idle_stream_is_closed(stub):
+    release = threading.Event()
+
+    def requests():
+        yield _stream_config()
+        release.wait(60)  # then silence: no message at all
+
+    try:
+        error = _status(lambda: list(stub.StreamingRecognize(requests(), timeout=60)))
+    finally:
+        release.set()
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "idle" in error.details()
+
+
+def test_stream_over_the_limit_is_refused_with_a_retry_hint(stub):
+    """One stream is held open (silence every 0.2 s); a second one is turned away at once."""
+    release = threading.Event()
+    holder_started = threading.Event()
+
+    def held():
+        yield _stream_config()
+        holder_started.set()
+        while not release.wait(0.2):
+            yield asr_pb2.StreamingRecognizeRequest(audio=_silence(0.2))
+
+    def second():
+        yield _stream_config()
+
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(lambda: list(stub.StreamingRecognize(held(), timeout=120)))
+        try:
+            holder_started.wait(30)
+            refused = None
+            for _ in range(200):  # until the holder's handler has started (it is admitted first)
+                try:
+                    list(stub.StreamingRecognize(second(), timeout=30))
+                except grpc.RpcError as error:
+                    refused = error
+                    break
+            assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(refused.trailing_metadata() or ())["retry-after-ms"] == "1500"
+            assert "retry after 1.5 s" in refused.details()
+        finally:
+            release.set()
+        holder.result(timeout=120)  # the admitted stream ends normally
+
+
+def test_transcribe_over_the_limit_is_refused(stub):
+    request = _clip_request()
+    outcomes = []
+
+    def call():
+        try:
+            stub.Transcribe(request, timeout=300)
+            outcomes.append("OK")
+        except grpc.RpcError as error:
+            outcomes.append(error.code().name)
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                assert dict(error.trailing_metadata() or ())["retry-after-ms"] == "1500"
+
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(6):
+            pool.submit(call)
+    assert set(outcomes) == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
