@@ -335,12 +335,18 @@ class DuplicateDecision:
     reason: str
 
 
+@functools.lru_cache(maxsize=8192)
+def _normalized(text: str) -> str:
+    """normalize() of a history transcript: the same earlier tickets are candidates again and again."""
+    return normalize(text)
+
+
 def _pair_side_from_history(history, index: int) -> PairSide:
     return PairSide(
         ticket_id=history.ticket_ids[index],
         received_at=history.received_at[index],
         embedding=history.vectors[index],
-        text=normalize(history.transcripts[index]) if history.transcripts else "",
+        text=_normalized(history.transcripts[index]) if history.transcripts else "",
         category=history.categories[index],
         district=history.districts[index] if history.districts else None,
         address_key=history.address_keys[index],

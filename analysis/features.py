@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.danger import CALM_KINDS, DANGER_KINDS, find_calm, find_danger
+from analysis.danger import CALM_KINDS, DANGER_KINDS, WEAK_DANGER_KINDS, find_calm, find_danger
 from analysis.phonetic import syllables
 from analysis.taxonomy import CategoryClassifier, Taxonomy, _rule_evidence
 from analysis.urgency import UrgencyScorer
@@ -108,7 +108,8 @@ class LexiconFeatures:
         values += [forced, math.log1p(result.score)]
         danger = tuple(find_danger(text))
         kinds = {hit.kind for hit in danger}
-        values += [1.0 if kind in kinds else 0.0 for kind in DANGER_KINDS] + [1.0 if kinds else 0.0, len(kinds) / 2.0]
+        strong = kinds.difference(WEAK_DANGER_KINDS)
+        values += [1.0 if kind in kinds else 0.0 for kind in DANGER_KINDS] + [1.0 if strong else 0.0, len(strong) / 2.0]
         calm = tuple(find_calm(text))
         calm_kinds = {hit.kind for hit in calm}
         values += [1.0 if kind in calm_kinds else 0.0 for kind in CALM_KINDS]

@@ -79,17 +79,40 @@ def _keywords_in(text: str, keywords: Sequence[str]) -> frozenset[str]:
     return frozenset(word for word in keywords if word in lowered)
 
 
+@functools.lru_cache(maxsize=8192)
+def _numbers_in(text: str) -> frozenset[str]:
+    return frozenset(_NUMBER.findall(text))
+
+
+def pair_probabilities(estimator, rows: np.ndarray) -> np.ndarray:
+    """P(duplicate) of pair rows: the StandardScaler + LogisticRegression pipeline computed
+    directly (sklearn's predict_proba validates its input on every call, about 1 ms)."""
+    steps = getattr(estimator, "steps", None)
+    if steps and len(steps) == 2 and hasattr(steps[0][1], "scale_") and hasattr(steps[1][1], "coef_") and len(steps[1][1].classes_) == 2:
+        scaler, regression = steps[0][1], steps[1][1]
+        z = ((rows - scaler.mean_) / scaler.scale_) @ regression.coef_[0] + regression.intercept_[0]
+        return 1.0 / (1.0 + np.exp(-z))
+    return estimator.predict_proba(rows)[:, 1]
+
+
 def prefilter(new: PairSide, candidates: Sequence[PairSide], vectors: np.ndarray, k: int = PREFILTER_TOP_K) -> list[int]:
     """Indices of candidates worth scoring: the k closest by embedding and any sharing a place."""
     if len(candidates) == 0:
         return []
     cosines = vectors @ new.embedding
-    order = list(np.argsort(-cosines)[:k])
-    places = set(new.place_keys)
+    if len(cosines) > k:
+        top = np.argpartition(-cosines, k - 1)[:k]
+        order = [int(index) for index in top[np.argsort(-cosines[top], kind="stable")]]
+    else:
+        order = [int(index) for index in np.argsort(-cosines, kind="stable")]
+    address, places = new.address_key, set(new.place_keys)
+    if not address and not places:
+        return order
+    chosen = set(order)
     for index, other in enumerate(candidates):
-        if index in order:
+        if index in chosen:
             continue
-        if (new.address_key and other.address_key == new.address_key) or (places and places & set(other.place_keys)):
+        if (address and other.address_key == address) or (places and not places.isdisjoint(other.place_keys)):
             order.append(index)
     return order
 
@@ -106,16 +129,16 @@ class PairFeaturizer:
         vectors = np.stack([other.embedding for other in candidates])
         cosines = vectors @ new.embedding
         best = float(cosines.max())
-        texts = self.char.transform([new.text, *(other.text for other in candidates)])
+        texts = self._char_rows([new.text, *(other.text for other in candidates)])
         char_cosines = (texts[1:] @ texts[0].T).toarray().ravel()
-        new_keywords = _keywords_in(new.text, self.keywords)
-        new_numbers = set(_NUMBER.findall(new.text))
+        new_keywords = self._keywords(new.text)
+        new_numbers = _numbers_in(new.text)
         new_places = set(new.place_keys)
         new_sounds = {_place_sound(name) for name in new.place_keys}
         rows = []
         for index, other in enumerate(candidates):
-            other_keywords = _keywords_in(other.text, self.keywords)
-            other_numbers = set(_NUMBER.findall(other.text))
+            other_keywords = self._keywords(other.text)
+            other_numbers = _numbers_in(other.text)
             union = new_keywords | other_keywords
             number_union = new_numbers | other_numbers
             hours = abs((new.received_at - other.received_at).total_seconds()) / 3600.0
@@ -140,6 +163,46 @@ class PairFeaturizer:
                 1.0 if new_numbers and other_numbers else 0.0,
             ])
         return np.asarray(rows, dtype=np.float32)
+
+    # The same earlier tickets are candidates of many new ones: their character TF-IDF rows
+    # and keywords are cached by text (not pickled with the model).
+    _CACHE_SIZE = 4096
+
+    def _cache(self) -> dict:
+        cache = self.__dict__.get("_text_cache")
+        if cache is None or len(cache) > self._CACHE_SIZE:
+            cache = self.__dict__["_text_cache"] = {}
+        return cache
+
+    def _char_rows(self, texts: Sequence[str]):
+        from scipy import sparse
+
+        cache = self._cache()
+        missing = [text for text in dict.fromkeys(texts) if ("char", text) not in cache]
+        if missing:
+            from analysis.model import tfidf_rows
+
+            for text, row in zip(missing, tfidf_rows(self.char, missing)):
+                cache[("char", text)] = row
+        return sparse.vstack([cache[("char", text)] for text in texts], format="csr")
+
+    def remember_char_rows(self, texts: Sequence[str], rows) -> None:
+        """Character TF-IDF rows computed elsewhere with this featurizer's vectorizer."""
+        cache = self._cache()
+        for text, row in zip(texts, rows):
+            cache[("char", text)] = row
+
+    def _keywords(self, text: str) -> frozenset[str]:
+        cache = self._cache()
+        found = cache.get(("kw", text))
+        if found is None:
+            found = cache[("kw", text)] = _keywords_in(text, self.keywords)
+        return found
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_text_cache", None)
+        return state
 
     @staticmethod
     def evidence(row: np.ndarray) -> tuple[str, ...]:
@@ -182,7 +245,7 @@ class PairModel:
             return None
         chosen = [eligible[index] for index in prefilter(new, eligible, np.stack([other.embedding for other in eligible]))]
         rows = self.featurizer.features(new, chosen)
-        probabilities = self.estimator.predict_proba(rows)[:, 1]
+        probabilities = pair_probabilities(self.estimator, rows)
         other_problem = (rows[:, FEATURE_NAMES.index("different_keywords")] > 0) & (rows[:, 0] < OTHER_PROBLEM_MAX_COSINE)
         probabilities = np.where(other_problem, 0.0, probabilities)
         best = int(np.argmax(probabilities))

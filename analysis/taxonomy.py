@@ -129,6 +129,16 @@ class CategoryClassifier:
         return results
 
     def classify(self, text: str, embedding: np.ndarray | None) -> CategoryResult:
+        # The analyzer and the model's lexicon features classify the same text in a row.
+        key = (text, None if embedding is None else embedding.tobytes())
+        last = self.__dict__.get("_last")
+        if last is not None and last[0] == key:
+            return last[1]
+        result = self._classify(text, embedding)
+        self._last = (key, result)
+        return result
+
+    def _classify(self, text: str, embedding: np.ndarray | None) -> CategoryResult:
         options = self.options
         if not text.strip():
             return CategoryResult(options.fallback, 0.0, ())

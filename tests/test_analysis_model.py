@@ -213,3 +213,82 @@ def test_the_same_gas_leak_in_other_words_is_linked_with_evidence(analyzer, tmp_
     assert second.duplicate_of == "G1", second.duplicate_reason
     assert "重复概率" in second.duplicate_reason and "同一" in second.duplicate_reason
     assert elsewhere.duplicate_of is None, elsewhere.duplicate_reason
+
+
+# -- pieces of the model (no training needed) ---------------------------------------------------
+
+
+def test_medium_ratio_moves_the_medium_low_boundary_only():
+    from analysis.model import choose_medium_ratio, decide_urgency
+
+    probabilities = {"high": 0.1, "medium": 0.4, "low": 0.5}
+    assert decide_urgency(probabilities, 0.3) == "low"
+    assert decide_urgency(probabilities, 0.3, medium_ratio=0.7) == "medium"
+    assert decide_urgency({"high": 0.35, "medium": 0.6, "low": 0.05}, 0.3, medium_ratio=2.0) == "high"
+    import numpy as np
+
+    rows = np.array([[0.1, 0.4, 0.5], [0.1, 0.45, 0.45], [0.05, 0.2, 0.75]])
+    assert choose_medium_ratio(rows, ["medium", "medium", "low"], 0.3) < 1.0
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("锦绣江南门口路边有个井口没盖子，电动车差点栽进去", "井坑"),
+    ("小卖部的散装白酒，我叔喝了以后眼睛看不清，医生说可能是甲醇", "中毒"),
+    ("工友爬到塔吊上去了，说不给钱他就跳下去", "轻生"),
+    ("阿爷屋企暖气唔热，今朝有啲发烧", "寒冷"),
+    ("差点踩到地上一根线，也不知道有没有电", "电线"),
+])
+def test_more_danger_described_without_urgent_words(text, kind):
+    from analysis.danger import find_danger
+
+    assert kind in {hit.kind for hit in find_danger(text)}
+
+
+def test_a_sign_knocked_askew_is_weak_danger_and_a_resolved_fall_is_calm():
+    from analysis.danger import WEAK_DANGER_KINDS, find_calm, find_danger
+
+    kinds = {hit.kind for hit in find_danger("注意儿童的标志牌被车撞歪了")}
+    assert kinds and kinds <= set(WEAK_DANGER_KINDS)
+    calm = {hit.kind for hit in find_calm("一个电动车也摔了一跤，还好人没事")}
+    assert "无恙" in calm and "表扬" not in calm
+    assert "过去" in {hit.kind for hit in find_calm("俺儿子上个月在工地上摔下来了")}
+
+
+def test_fast_scoring_paths_match_sklearn():
+    import numpy as np
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from analysis.model import CalibratedHead
+    from analysis.pairs import pair_probabilities
+
+    rng = np.random.default_rng(0)
+    matrix = sparse.random(60, 12, density=0.4, format="csr", random_state=1)
+    labels = rng.choice(["high", "medium", "low"], 60)
+    head = CalibratedHead(("high", "medium", "low"), LogisticRegression(max_iter=300).fit(matrix, labels))
+    expected = head.estimator.decision_function(matrix)
+    got = head.logits(matrix)
+    for column, name in enumerate(head.estimator.classes_):
+        assert np.allclose(got[:, head.classes.index(name)], expected[:, column], atol=1e-5)
+    binary = CalibratedHead(("no", "yes"), LogisticRegression(max_iter=300).fit(matrix, labels == "high"))
+    binary.classes = (False, True)
+    assert np.allclose(binary.logits(matrix)[:, 1] - binary.logits(matrix)[:, 0], binary.estimator.decision_function(matrix), atol=1e-5)
+    rows = rng.normal(size=(50, 5)).astype(np.float32)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(rows, rows[:, 0] + rng.normal(size=50) > 0)
+    assert np.allclose(pair_probabilities(pipeline, rows), pipeline.predict_proba(rows)[:, 1], atol=1e-5)
+
+
+def test_direct_tfidf_rows_match_sklearn(small_model):
+    import numpy as np
+
+    from analysis.features import sound_string
+    from analysis.model import tfidf_rows
+
+    texts = ["幸福路12号的路灯坏了三天了", "", "俺家楼下燃气味很重", "abc 12345 漏水"]
+    for vectorizer, inputs in ((small_model.featurizer.char, texts), (small_model.featurizer.sound, [sound_string(t) for t in texts])):
+        expected = vectorizer.transform(inputs).toarray()
+        got = tfidf_rows(vectorizer, inputs)
+        assert got.dtype == expected.dtype
+        assert np.allclose(got.toarray(), expected, atol=1e-6)
