@@ -58,6 +58,7 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "execution_provider": "CPUExecutionProvider",
     "pylib_dir": None,                      # default: $ASR_TRITON_PYLIB or build/triton/pylib
     "allow_spinning": False,                # ORT intra-op spin-waiting (burns CPU when idle)
+    "fp16": False,                          # TensorRT EP: fp16 engines from the fp32 graphs (trt_fp16_enable)
     # encoder (dynamic batching)
     "encoder_max_batch_size": 8,
     "encoder_preferred_batch_sizes": None,  # default: [encoder_max_batch_size]
@@ -65,7 +66,14 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "encoder_max_queue_size": 64,
     "encoder_default_timeout_microseconds": 60_000_000,
     "encoder_instance_count": 1,
-    "encoder_intra_op_threads": 0,          # 0 = ONNX Runtime default (one per core)
+    # 0 = ONNX Runtime default (one per core, each model). A budget of 1 + 1 (the stubs run at the
+    # same time on 2 cores) was measured slower: RTFx 4.37 vs 5.05 (3-min recording) and 2.26 vs
+    # 2.75 (20 calls) in one bench run (bench/results/ab_threads_encbatch.json)
+    "encoder_intra_op_threads": 0,
+    # ORT's CPU arena keeps the largest activations ever seen (encoder batches: hundreds of MB);
+    # off, they go back after each run (bench/results/latest.json: with both arenas off and
+    # buffer_pool_mb 256, peak memory 5.09 -> 3.66 GB at the same RTFx)
+    "encoder_cpu_mem_arena": False,
     # decoder (sequence batching, oldest strategy)
     "decoder_max_batch_size": 16,
     "decoder_preferred_batch_sizes": None,  # default: [decoder_max_batch_size]
@@ -76,8 +84,12 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "sequence_idle_timeout_s": None,        # default: max_sequence_idle_microseconds
     "decoder_instance_count": 1,
     "decoder_intra_op_threads": 0,
+    # the decoder keeps its arena: without it every START pays fresh pages for decoder_init's cross
+    # K/V (37 MB per sequence) and ten STARTs in a row took long enough under load for the first
+    # sequences to reach a 6 s idle timeout (tests/test_triton_models.py)
+    "decoder_cpu_mem_arena": True,
     "default_top_k": 5,
-    "buffer_pool_mb": 1024,                 # reusable KV-cache buffers kept per decoder instance
+    "buffer_pool_mb": 256,                  # reusable KV-cache buffers kept per decoder instance
     "split_layer_inputs": True,             # feed K/V per layer (rewrites decoder_step at load; needs onnx)
     "max_runs": 2,                          # decoder_step calls per (K, T) group before copying cross K/V
     "max_dummy_fraction": 0.25,             # ... or one call padded with dummy rows for missing sequences
@@ -86,6 +98,7 @@ DEFAULT_TUNABLES: dict[str, object] = {
 ALIASES = {
     "intra_op_threads": ("encoder_intra_op_threads", "decoder_intra_op_threads"),
     "instance_count": ("encoder_instance_count", "decoder_instance_count"),
+    "cpu_mem_arena": ("encoder_cpu_mem_arena", "decoder_cpu_mem_arena"),
 }
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
@@ -327,6 +340,7 @@ def _per_model_placeholders(values: dict) -> dict[str, dict[str, object]]:
             "DEFAULT_TIMEOUT_MICROSECONDS": int(values["encoder_default_timeout_microseconds"]),
             "INSTANCE_COUNT": int(values["encoder_instance_count"]),
             "INTRA_OP_THREADS": int(values["encoder_intra_op_threads"]),
+            "CPU_MEM_ARENA": _fmt_bool(values["encoder_cpu_mem_arena"]),
         },
         "decoder": {
             "MAX_BATCH_SIZE": int(values["decoder_max_batch_size"]),
@@ -338,6 +352,7 @@ def _per_model_placeholders(values: dict) -> dict[str, dict[str, object]]:
             "SEQUENCE_IDLE_TIMEOUT_S": float(values["sequence_idle_timeout_s"]),
             "INSTANCE_COUNT": int(values["decoder_instance_count"]),
             "INTRA_OP_THREADS": int(values["decoder_intra_op_threads"]),
+            "CPU_MEM_ARENA": _fmt_bool(values["decoder_cpu_mem_arena"]),
             "DEFAULT_TOP_K": int(values["default_top_k"]),
             "BUFFER_POOL_MB": int(values["buffer_pool_mb"]),
             "SPLIT_LAYER_INPUTS": _fmt_bool(values["split_layer_inputs"]),
@@ -416,6 +431,7 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
         "PRECISION": _pbtxt_string(precision_label),
         "EXECUTION_PROVIDER": _pbtxt_string(str(values["execution_provider"])),
         "PYLIB_DIR": _pbtxt_string(values["pylib_dir"]), "ALLOW_SPINNING": _fmt_bool(values["allow_spinning"]),
+        "FP16": _fmt_bool(values["fp16"]),
         **model_dims(model_dir, onnx_dir, info),
     }
     per_model = _per_model_placeholders(values)

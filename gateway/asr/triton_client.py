@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.asr.decoding import StepOutput
+from gateway.asr.profiling import client_profile
 
 ENCODER_MODEL = "encoder"
 DECODER_MODEL = "decoder"
@@ -96,6 +98,7 @@ class TritonAsrClient:
     async def encode(self, features: np.ndarray) -> np.ndarray:
         """log-mel [n_mels, n_frames] -> encoder output [S, d]."""
         batch = np.ascontiguousarray(features[np.newaxis], dtype=np.float32)
+        profile, started = client_profile(), time.perf_counter()
         try:
             result = await self._client.infer(
                 self.encoder_model,
@@ -105,6 +108,8 @@ class TritonAsrClient:
             )
         except InferenceServerException as error:
             raise _translate(error, "encoder inference") from error
+        if profile is not None:
+            profile.add("encoder", time.perf_counter() - started)
         return result.as_numpy("encoder_output")[0]
 
     def decoder_session(
@@ -123,8 +128,9 @@ class TritonAsrClient:
 
     async def _decoder_infer(self, inputs, sequence_id: int, start: bool, end: bool):
         outputs = [triton_grpc.InferRequestedOutput(name) for name in ("topk_logprobs", "topk_ids", "extra_logprobs")]
+        profile, started = client_profile(), time.perf_counter()
         try:
-            return await self._client.infer(
+            result = await self._client.infer(
                 self.decoder_model,
                 inputs,
                 outputs=outputs,
@@ -135,6 +141,9 @@ class TritonAsrClient:
             )
         except InferenceServerException as error:
             raise _translate(error, "decoder step") from error
+        if profile is not None:
+            profile.add("decoder_end" if end else "decoder", time.perf_counter() - started)
+        return result
 
     async def inference_statistics(self) -> dict:
         stats = await self._client.get_inference_statistics(as_json=True)

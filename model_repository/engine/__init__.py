@@ -22,6 +22,7 @@ Modules (each small, one concern):
   scoring      log_softmax, top-k and extra-id log-probs of a step's logits
   runners/     one step runner per model family, registered in runners/__init__.py
   decoder      DecoderEngine: sequences, rounds, groups, runs, commit, eviction
+  profile      opt-in timers (ASR_ENGINE_PROFILE_DIR) read by `make bench`
 
 This file imports nothing: model.py imports ``engine.bootstrap`` before numpy is importable.
 """

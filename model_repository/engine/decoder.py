@@ -21,6 +21,7 @@ from .config import DecoderSettings, param
 from .errors import INTERNAL, RequestError
 from .kv_cache import gather, release
 from .planner import plan
+from .profile import profiler
 from .pool import BufferPool
 from .runners import runner_class
 from .scoring import empty_output, score
@@ -44,6 +45,7 @@ class DecoderEngine:
         self.table = SequenceTable(self.settings, self.pool)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.profile = profiler("decoder")  # None unless ASR_ENGINE_PROFILE_DIR is set
         s = self.settings
         logger.log_info(
             f"decoder ready: family={param(config, 'family', '?')} model={param(config, 'model_name', '?')} "
@@ -65,7 +67,11 @@ class DecoderEngine:
         """Run the steps (parsed; those with an error are only reported); sets each step's
         `output` or `error` + `code`."""
         with self._lock:
+            started = time.perf_counter()
             self._execute(steps, time.monotonic() if now is None else now)
+            if self.profile is not None:
+                self.profile.add("execute", time.perf_counter() - started)
+                self.profile.count("requests", len(steps))
 
     def _execute(self, steps, now: float) -> None:
         started = time.perf_counter()
@@ -138,6 +144,8 @@ class DecoderEngine:
                     self.fail(q, error)
                 members = [q for q in members if not q.start]
             notes.append(f"init {1e3 * (time.perf_counter() - t0):.1f}")
+            if self.profile is not None:
+                self.profile.add("init", time.perf_counter() - t0, len(starts))
         members.sort(key=lambda q: -1 if q.seq.row is None else q.seq.row)
         calls = plan(members, lambda q: q.seq.row, views=self.runner.cross_views,
                      max_runs=self.settings.max_runs, max_dummy_fraction=self.settings.max_dummy_fraction)
@@ -180,8 +188,10 @@ class DecoderEngine:
                                           else [q.seq for q in run], contiguous, self.pool)
         kv, kv_new = None, False
         try:
+            tg = time.perf_counter()
             kv, kv_new = gather(slots, K, T, self.runner.kv_dims, self.table.cross.dims, self.runner.kv_dtype,
                                 self.pool)
+            tg = time.perf_counter() - tg
             dummy = np.zeros((1, K, T), np.int64)
             ids = run[0].ids if N == 1 else np.concatenate([q.ids if q is not None else dummy for q in slots], axis=0)
             lengths = np.array([q.seq.length if q is not None else 0 for q in slots], dtype=np.int64)
@@ -193,6 +203,13 @@ class DecoderEngine:
             score(run, logits)
             t3 = time.perf_counter()
             self._commit(slots, kv, kv_new, new_k, new_v, K, T, now)
+            if self.profile is not None:
+                t4, p = time.perf_counter(), self.profile
+                p.add("ort", t2 - t1)
+                p.add("kv", tg + (t4 - t3))
+                p.add("score", t3 - t2)
+                p.add("prep", t1 - t0 - tg)
+                p.count("rows", len(run))
         finally:
             if kv_new and kv.live == 0:  # nobody took the new slab (errors): back to the pool
                 kv.live = 1
@@ -267,3 +284,5 @@ class DecoderEngine:
         with self._lock:
             self.table.drop_all()
         self.runner.close()
+        if self.profile is not None:
+            self.profile.close()

@@ -1,7 +1,7 @@
 """ONNX Runtime sessions for every model of the repository (encoder and decoder alike).
 
-Execution provider, intra-op threads and spin-waiting come from the model's config parameters
-(`execution_provider`, `intra_op_threads`, `allow_spinning`); a provider this onnxruntime lacks
+Execution provider, intra-op threads, spin-waiting and the CPU memory arena come from the model's
+config parameters (`execution_provider`, `intra_op_threads`, `allow_spinning`, `cpu_mem_arena`); a provider this onnxruntime lacks
 falls back to CPU with a warning instead of failing the model.
 """
 import numpy as np
@@ -42,10 +42,20 @@ def make_session(path_or_bytes, config: dict, logger, label: str = "") -> "ort.I
     options.inter_op_num_threads = 1
     spinning = param(config, "allow_spinning", "0") in ("1", "true", "True")  # off unless asked: burns idle CPU
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # the CPU arena keeps the largest activations of any run (encoder batches: hundreds of MB) for
+    # good; without it (and without memory patterns, which preallocate through it) the memory goes
+    # back after each run
+    if param(config, "cpu_mem_arena", "1") in ("0", "false", "False"):
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
     providers = resolve_providers(param(config, "execution_provider", CPU), logger)
+    if param(config, "fp16", "0") in ("1", "true", "True"):  # TensorRT builds fp16 engines from fp32 graphs
+        providers = [("TensorrtExecutionProvider", {"trt_fp16_enable": True}) if p == "TensorrtExecutionProvider"
+                     else p for p in providers]
     session = ort.InferenceSession(path_or_bytes, options, providers=providers)
     logger.log_info(f"loaded {label or path_or_bytes} with providers {session.get_providers()} "
-                    f"(intra_op_threads={threads or 'auto'}, spinning={int(spinning)})")
+                    f"(intra_op_threads={threads or 'auto'}, spinning={int(spinning)}, "
+                    f"cpu_mem_arena={int(options.enable_cpu_mem_arena)})")
     return session
 
 

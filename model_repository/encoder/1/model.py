@@ -30,6 +30,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from engine.config import enabled, param  # noqa: E402
+from engine.profile import profiler  # noqa: E402
 from engine.session import make_session  # noqa: E402
 
 
@@ -60,6 +61,7 @@ class TritonPythonModel:
         graph_outputs = [o.name for o in self.session.get_outputs()]
         self.graph_output = self.output_name if self.output_name in graph_outputs else graph_outputs[0]
         self.max_batch = int(self.config.get("max_batch_size", 0)) or None
+        self.profile = profiler("encoder")  # None unless ASR_ENGINE_PROFILE_DIR is set
         if enabled(self.config, "warmup") and all(self.feature_dims):
             started = time.perf_counter()
             try:  # the first run of a session is slow: pay for it before serving
@@ -87,7 +89,13 @@ class TritonPythonModel:
         return x
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.graph_output], {self.input_name: x})[0]
+        if self.profile is None:
+            return self.session.run([self.graph_output], {self.input_name: x})[0]
+        started = time.perf_counter()
+        out = self.session.run([self.graph_output], {self.input_name: x})[0]
+        self.profile.add("ort", time.perf_counter() - started)
+        self.profile.count("windows", x.shape[0])
+        return out
 
     def execute(self, requests):
         started = time.perf_counter()
@@ -126,6 +134,9 @@ class TritonPythonModel:
                         responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, out)])
                     except Exception as error:  # noqa: BLE001
                         responses[i] = error_response(f"encoder: inference failed: {error}")
+        if self.profile is not None:
+            self.profile.add("execute", time.perf_counter() - started)
+            self.profile.count("requests", len(requests))
         self.logger.log_verbose(
             f"encoder execute: {len(requests)} requests, batch {sum(a.shape[0] for a in arrays)}, "
             f"{(time.perf_counter() - started) * 1e3:.1f} ms")
@@ -133,3 +144,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.session = None
+        if self.profile is not None:
+            self.profile.close()

@@ -1,0 +1,193 @@
+"""The measuring tools of issue 13 without running a benchmark: the opt-in engine timers, the
+session settings the bench tunes (arena, fp16 TensorRT), the bench's CER, spec parsing and profile
+arithmetic, the process-tree memory sampler and perf_analyzer's recorded sequences.
+No timed assertions: the numbers come from `make bench` / `make perf`, not from tests.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_repository.engine import profile as engine_profile
+from model_repository.engine.session import make_session
+
+ROOT = Path(__file__).resolve().parent.parent
+WHISPER_DIR = Path(os.environ.get("ASR_MODEL_DIR", ROOT / "build" / "models" / "whisper-base"))
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def log_info(self, m):
+        self.lines.append(m)
+
+    log_warn = log_error = log_verbose = log_info
+
+
+def config(**params) -> dict:
+    return {"parameters": {k: {"string_value": str(v)} for k, v in params.items()}}
+
+
+def tiny_graph() -> bytes:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString()
+
+
+def test_engine_profile_is_off_without_the_directory(monkeypatch):
+    monkeypatch.delenv(engine_profile.PROFILE_ENV, raising=False)
+    assert engine_profile.profiler("decoder") is None
+
+
+def test_engine_profile_writes_cumulative_totals(monkeypatch, tmp_path):
+    monkeypatch.setenv(engine_profile.PROFILE_ENV, str(tmp_path))
+    prof = engine_profile.profiler("decoder")
+    prof.add("ort", 0.25)
+    prof.add("ort", 0.5, 2)
+    prof.count("requests", 7)
+    prof.close()
+    (path,) = tmp_path.glob("decoder-*.json")
+    data = json.loads(path.read_text())
+    assert data["seconds"]["ort"] == pytest.approx(0.75)
+    assert data["counts"] == {"ort": 3, "requests": 7}
+
+
+def test_session_arena_follows_the_parameter():
+    graph = tiny_graph()
+    on = make_session(graph, config(intra_op_threads=1), Log())
+    off = make_session(graph, config(intra_op_threads=1, cpu_mem_arena=0), Log())
+    assert on.get_session_options().enable_cpu_mem_arena
+    assert not off.get_session_options().enable_cpu_mem_arena
+    assert not off.get_session_options().enable_mem_pattern
+    np.testing.assert_array_equal(off.run(["y"], {"x": np.array([-1, 2], np.float32)})[0], [0, 2])
+
+
+def test_render_writes_the_thread_arena_and_fp16_settings(tmp_path):
+    if not (WHISPER_DIR / "model_info.json").is_file():
+        pytest.skip("no exported whisper model (make export)")
+    from model_repository.render import render_repository
+
+    out = render_repository(WHISPER_DIR, tmp_path / "default")
+    text = (out / "encoder" / "config.pbtxt").read_text() + (out / "decoder" / "config.pbtxt").read_text()
+    assert text.count('key: "intra_op_threads" value { string_value: "0" }') == 2  # ORT's default: one per core
+    assert 'key: "cpu_mem_arena" value { string_value: "0" }' in (out / "encoder" / "config.pbtxt").read_text()
+    assert 'key: "cpu_mem_arena" value { string_value: "1" }' in (out / "decoder" / "config.pbtxt").read_text()
+    assert text.count('key: "fp16" value { string_value: "0" }') == 2
+    out = render_repository(WHISPER_DIR, tmp_path / "trt", execution_provider="TensorrtExecutionProvider",
+                            fp16=True, cpu_mem_arena=False, intra_op_threads=1)
+    text = (out / "decoder" / "config.pbtxt").read_text()
+    assert 'key: "fp16" value { string_value: "1" }' in text
+    assert 'key: "cpu_mem_arena" value { string_value: "0" }' in text
+    assert 'key: "intra_op_threads" value { string_value: "1" }' in text
+    assert 'key: "execution_provider" value { string_value: "TensorrtExecutionProvider" }' in text
+
+
+def test_bench_cer_normalises_script_and_numbers():
+    from bench.speed import corpus_cer
+
+    refs = ["我们二十多个人都在等钱过年。", "幸福家园五栋的电梯坏了"]
+    hyps = ["我們20多個人都在等錢過年", "幸福家園5棟的電梯壞了"]
+    assert corpus_cer(hyps, refs, normalised=True) == pytest.approx(0.0)
+    assert corpus_cer(hyps, refs, normalised=False) > 30.0
+    assert corpus_cer(["abc"], [""], normalised=True) == 0.0  # no reference characters: nothing to score
+
+
+def test_bench_spec_parsing():
+    from bench.speed import parse_spec
+
+    assert parse_spec("int8") == ("ours-int8", "int8", {})
+    name, precision, tunables = parse_spec("t1:fp32:intra_op_threads=1,cpu_mem_arena=false,windows=16")
+    assert (name, precision) == ("ours-t1", "fp32")
+    assert tunables == {"intra_op_threads": 1, "cpu_mem_arena": False, "windows": 16}
+
+
+def test_bench_profile_table_per_window_and_per_step():
+    from bench.speed import profile_table
+
+    stats = {"encoder": {"requests": 4, "executions": 2, "queue_s": 2.0, "request_compute_s": 8.0,
+                         "execution_compute_s": 4.0},
+             "decoder": {"requests": 100, "executions": 50, "queue_s": 1.0, "request_compute_s": 4.0,
+                         "execution_compute_s": 2.0}}
+    prof = {"encoder": {"seconds": {"ort": 3.6}, "counts": {"windows": 4}},
+            "decoder": {"seconds": {"execute": 2.0, "ort": 1.2, "init": 0.1, "kv": 0.2, "score": 0.3},
+                        "counts": {"ort": 50, "rows": 100, "requests": 100}},
+            "gateway": {"seconds": {"encoder": 8.0, "decoder": 10.0}, "counts": {"encoder": 4, "decoder": 100}}}
+    t = profile_table(stats, prof)
+    assert t["encoder_batch"] == 2.0 and t["window_encoder_ort_ms"] == 900.0
+    assert t["window_triton_queue_ms"] == 500.0 and t["window_client_round_trip_ms"] == 2000.0
+    assert t["decoder_batch"] == 2.0 and t["decoder_rows_per_ort_call"] == 2.0
+    assert t["step_ort_ms"] == 13.0 and t["step_kv_cache_ms"] == 2.0 and t["step_engine_python_ms"] == 5.0
+    assert t["step_triton_queue_ms"] == 10.0 and t["step_client_round_trip_ms"] == 100.0
+    # outside Triton: 100 ms round trip - 10 ms queue - 40 ms (one execution) = 50 ms
+    assert t["step_grpc_and_gateway_ms"] == 50.0
+
+
+def test_memory_sampler_sums_a_process_tree():
+    pytest.importorskip("psutil")
+    import subprocess
+    import sys
+
+    from bench.speed import MemorySampler
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        with MemorySampler([os.getpid()], period_s=0.05) as memory:
+            for _ in range(100):
+                memory.sample()
+                if memory.peak_by_process and len(memory.peak_by_process) >= 2 and \
+                        max(memory.peak_by_process.values()) > 0 and memory.peak_total > (64 << 20):
+                    break
+                import time
+                time.sleep(0.05)
+        summary = memory.summary()
+        assert len(summary["peak_by_process_mb"]) >= 2  # this process and its child
+        assert summary["peak_total_mb"] >= 64
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_perf_recording_session_writes_sequence_steps():
+    from bench.perf import RecordingSession
+
+    class Real:
+        def __init__(self):
+            self.calls, self.closed = [], False
+
+        async def step(self, ids, parents, top_k, extra):
+            self.calls.append((ids, parents, top_k))
+            return "out"
+
+        async def close(self):
+            self.closed = True
+
+    real = Real()
+    enc = np.ones((4, 3), np.float32)
+    session = RecordingSession(real, enc, [1, 2], [])
+
+    async def search():
+        assert await session.step(np.array([[5, 6, 7]]), None, 6) == "out"
+        await session.step(np.array([[8], [9]]), np.array([0, 0]), 6)
+        await session.close()
+
+    asyncio.run(search())
+    first, second = session.steps
+    assert set(first) == {"input_ids", "top_k", "encoder_output", "suppress_ids"}
+    assert first["input_ids"]["shape"] == [1, 3] and first["encoder_output"]["shape"] == [4, 3]
+    assert np.frombuffer(base64.b64decode(first["encoder_output"]["b64"]), np.float32).tolist() == [1.0] * 12
+    assert set(second) == {"input_ids", "top_k", "parent_beams"}
+    assert np.frombuffer(base64.b64decode(second["parent_beams"]["b64"]), np.int32).tolist() == [0, 0]
+    assert real.closed and len(real.calls) == 2
