@@ -201,8 +201,11 @@ class TritonDecoderSession:
             inputs.append(_tensor("parent_beams", parents, "INT32"))
         if extra_ids is not None and extra_ids.size:
             inputs.append(_tensor("extra_ids", np.ascontiguousarray(extra_ids, dtype=np.int32)[np.newaxis], "INT32"))
-        result = await self._client._decoder_infer(inputs, self.sequence_id, start=start, end=False)
+        # Marked started before the request goes out: a step cancelled in flight (a client that
+        # hung up) must still END its sequence in close(), or its cache waits for idle eviction.
+        # END for a sequence Triton never saw fails, and close() ignores that.
         self._started = True
+        result = await self._client._decoder_infer(inputs, self.sequence_id, start=start, end=False)
         extra = result.as_numpy("extra_logprobs")
         return StepOutput(
             topk_logprobs=result.as_numpy("topk_logprobs")[0],
