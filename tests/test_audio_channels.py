@@ -42,7 +42,8 @@ DECODE_IN_CHILD = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from gateway.asr.audio import ContainerStream, load_audio
+    from gateway.asr.audio import load_audio
+    from gateway.asr.audio_stream import ContainerStream
     data = open(sys.argv[1], "rb").read()
     keep = sys.argv[2] == "separate"
     if sys.argv[2] == "stream":

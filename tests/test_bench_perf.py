@@ -140,7 +140,7 @@ def test_memory_sampler_sums_a_process_tree():
     import subprocess
     import sys
 
-    from bench.speed import MemorySampler
+    from bench.machine import MemorySampler
 
     child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(30)"])
     try:

@@ -26,13 +26,13 @@ from gateway.asr.hotwords import (
     Hotword,
     HotwordError,
     HotwordOptions,
-    HotwordRegistry,
     HotwordScorer,
     build_scorer,
     load_hotword_file,
     parse_hotword_text,
     parse_hotwords,
 )
+from gateway.asr.hotword_lists import HotwordRegistry
 from tests.conftest import glm_model_dir_path, model_dir_path
 from tests.test_decoding import EOT, FakeSession, MarkovModel, run
 

@@ -11,7 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from gateway.asr.audio import AudioDecodeError, AudioTooLongError, ContainerStream, load_audio
+from gateway.asr.audio import AudioDecodeError, AudioTooLongError, load_audio
+from gateway.asr.audio_stream import ContainerStream
 from gateway.service.decode_pool import CRASH_MARKER_ENV, DecodeJob, DecodePool, DecoderCrashError, run_job
 
 MAX_STATUS_BYTES = 1024
@@ -122,7 +123,8 @@ def test_worker_crash_costs_one_request(crashing_pool):
 
 def test_float_samples_past_full_scale_are_clipped():
     """A flipped exponent bit makes a float sample 1e38: finite, but its square overflows the log-mel."""
-    from gateway.asr.audio import MAX_AMPLITUDE, PcmStream, load_pcm
+    from gateway.asr.audio import MAX_AMPLITUDE, load_pcm
+    from gateway.asr.audio_stream import PcmStream
 
     samples = np.zeros(1600, dtype="<f4")
     samples[100] = 3e38

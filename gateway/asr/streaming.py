@@ -43,7 +43,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gateway.asr.audio import SAMPLE_RATE, ContainerStream, PcmStream
+from gateway.asr.audio import SAMPLE_RATE
+from gateway.asr.audio_stream import ContainerStream, PcmStream
 from gateway.asr.decoding import TokenScorer
 from gateway.asr.transcriber import ChunkResult, Segment, Transcriber, TranscribeOptions, Word, join_text
 from gateway.asr.vad import FRAME_SAMPLES, SileroVad, VadOptions, quietest_point

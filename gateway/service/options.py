@@ -8,9 +8,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from gateway.asr import itn
-from gateway.asr.audio import ALLOWED_DEMUXERS, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, ContainerStream, PcmStream
+from gateway.asr.audio import ALLOWED_DEMUXERS, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ
+from gateway.asr.audio_stream import ContainerStream, PcmStream
 from gateway.asr.decoding import MAX_BEAM_SIZE
-from gateway.asr.hotwords import HotwordError, HotwordRegistry
+from gateway.asr.hotword_lists import HotwordRegistry
+from gateway.asr.hotwords import HotwordError
 from gateway.asr.streaming import (
     DEFAULT_PARTIAL_INTERVAL_S,
     DEFAULT_STREAM_BEAM_SIZE,

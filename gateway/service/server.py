@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.asr import itn
 from gateway.asr.audio import MAX_CONTAINER_CHANNELS
-from gateway.asr.hotwords import HotwordRegistry, default_hotword_dir
+from gateway.asr.hotword_lists import HotwordRegistry, default_hotword_dir
 from gateway.asr.script import simplify_transcript
 from gateway.asr.streaming import DecodeGate, RecognitionStream, StreamResult
 from gateway.asr.transcriber import ModelMismatchError, Transcriber

@@ -1,0 +1,110 @@
+"""What a benchmark records about the machine: peak RSS summed over process trees (ours:
+gateway, tritonserver and every backend stub; the peer: its process), load averages, CPU flags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+
+class MemorySampler:
+    """Peak of the RSS summed over process trees (roots and all their descendants)."""
+
+    def __init__(self, roots: list[int], period_s: float = 0.2) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.roots = roots
+        self.period_s = period_s
+        self.peak_total = 0
+        self.peak_by_process: dict[str, int] = {}
+        self.at_peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _label(self, proc) -> str:
+        try:
+            cmd = proc.cmdline()
+        except Exception:  # noqa: BLE001
+            return f"pid {proc.pid}"
+        text = " ".join(cmd)
+        if "triton_python_backend_stub" in text:
+            model = next((Path(c).parent.parent.name for c in cmd if c.endswith("model.py")), "?")
+            return f"stub:{model}"
+        if "tritonserver" in text:
+            return "tritonserver"
+        if "gateway.service.server" in text:
+            return "gateway"
+        if "bench.speed" in text and "--peer-run" in text:
+            return "faster-whisper"
+        return f"{Path(cmd[0]).name if cmd else '?'}:{proc.pid}"
+
+    def sample(self) -> None:
+        procs = []
+        for pid in self.roots:
+            try:
+                root = self._psutil.Process(pid)
+                procs += [root] + root.children(recursive=True)
+            except self._psutil.Error:
+                continue
+        seen, total, now = set(), 0, {}
+        for p in procs:
+            if p.pid in seen:
+                continue
+            seen.add(p.pid)
+            try:
+                rss = p.memory_info().rss
+            except self._psutil.Error:
+                continue
+            label = self._label(p)
+            if label in now:
+                label = f"{label}#{p.pid}"
+            now[label] = rss
+            total += rss
+            self.peak_by_process[label] = max(self.peak_by_process.get(label, 0), rss)
+        if total > self.peak_total:
+            self.peak_total, self.at_peak = total, now
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.sample()
+
+    def __enter__(self) -> "MemorySampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def summary(self) -> dict:
+        mb = 1 << 20
+        return {"peak_total_mb": round(self.peak_total / mb, 1),
+                "at_peak_mb": {k: round(v / mb, 1) for k, v in sorted(self.at_peak.items())},
+                "peak_by_process_mb": {k: round(v / mb, 1) for k, v in sorted(self.peak_by_process.items())}}
+
+
+def load() -> dict:
+    one, five, fifteen = os.getloadavg()
+    try:
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001
+        uptime = ""
+    return {"load_1_5_15": [round(one, 2), round(five, 2), round(fifteen, 2)], "uptime": uptime}
+
+
+def machine() -> dict:
+    info = {"cpus": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["model"] = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+        info["avx512_vnni"] = "avx512_vnni" in flags
+        info["avx2"] = " avx2" in flags
+    except OSError:
+        pass
+    return info
