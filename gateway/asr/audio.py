@@ -204,6 +204,11 @@ def _bound_amplitude(samples: np.ndarray) -> np.ndarray:
     return samples
 
 
+def _open_error(what: str, exc: Exception) -> AudioDecodeError:
+    """FFmpeg could not open the input as a container: say what and why (no traceback)."""
+    return AudioDecodeError(f"cannot read {what} ({exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc})")
+
+
 def _check_finite(samples: np.ndarray, what: str) -> None:
     # One float64 sum (no temporary as large as the audio) catches NaN/Inf; only then count.
     if np.isfinite(np.sum(samples, dtype=np.float64)):
@@ -332,10 +337,7 @@ def load_audio(
             io.BytesIO(data), mode="r", options={"format_whitelist": ALLOWED_DEMUXERS}
         )
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise AudioDecodeError(
-            f"cannot read {len(data)} bytes as an audio container ({exc.__class__.__name__}: "
-            f"{getattr(exc, 'strerror', None) or exc})"
-        ) from exc
+        raise _open_error(f"{len(data)} bytes as an audio container", exc) from exc
 
     with container:
         container_name = container.format.name

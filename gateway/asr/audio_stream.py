@@ -26,6 +26,7 @@ from gateway.asr.audio import (
     _check_header,
     _check_sample_rate,
     _frame_channels,
+    _open_error,
     _pcm_dtype,
 )
 
@@ -249,10 +250,7 @@ class ContainerStream:
             try:
                 container = av.open(self._pipe, mode="r", format=self.container, container_options=options)
             except (av.FFmpegError, OSError, ValueError) as exc:
-                raise AudioDecodeError(
-                    f"cannot read the stream as {self.container or 'an audio container'} "
-                    f"({exc.__class__.__name__}: {getattr(exc, 'strerror', None) or exc})"
-                ) from exc
+                raise _open_error(f"the stream as {self.container or 'an audio container'}", exc) from exc
             with container:
                 if not container.streams.audio:
                     raise AudioDecodeError(f"no audio stream in the {container.format.name} stream")
