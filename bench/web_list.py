@@ -4,7 +4,8 @@
 
 Fills a history store (analysis/'s schema, synthetic tickets spread over a year), starts the web
 app on it (no gateway needed for the list) and times GET /tickets: the first page, a deep page
-(following "下一页" 20 times), each filter alone, a text search and combined filters. With
+(following "下一页" 20 times), each filter alone, text searches, combined filters, a deep page of a
+rare combination, and one ticket's page (it lists the ticket's later duplicates). With
 --browser it also times the page in headless Chromium (navigation to load event).
 """
 
@@ -113,6 +114,44 @@ def timed(opener, url: str, repeat: int = 5) -> tuple[float, str]:
     return statistics.median(times), body
 
 
+TODAY = datetime.now().date()
+LAST_7_DAYS = {"from": (TODAY - timedelta(days=7)).isoformat(), "to": TODAY.isoformat()}
+RARE = {"category": "环境卫生", "urgency": "high", "district": "江南区"}
+CASES = (  # (label, query of GET /tickets)
+    ("category filter", {"category": "噪音扰民"}),
+    ("urgency=high", {"urgency": "high"}),
+    ("district filter", {"district": "江南区"}),
+    ("department filter", {"department": "江南区城市管理局"}),
+    ("needs review", {"needs_review": "1"}),
+    ("duplicates", {"duplicate": "1"}),
+    ("last 7 days", LAST_7_DAYS),
+    ("text search 幸福路12号", {"q": "幸福路12号"}),
+    ("text search, no hit", {"q": "不存在的词语"}),
+    ("text search 井盖丢了 (1 in 12)", {"q": "井盖丢了"}),
+    ("category+district", {"category": "环境卫生", "district": "江南区"}),
+    ("urgency=high + last 7 days", {"urgency": "high", **LAST_7_DAYS}),
+    ("needs review + category", {"needs_review": "1", "category": "环境卫生"}),
+    ("duplicates + district", {"duplicate": "1", "district": "江南区"}),
+    ("district + department", {"district": "江南区", "department": "江南区城市管理局"}),
+    ("text search + district", {"q": "井盖丢了", "district": "江南区"}),
+    ("text search + category+urgency", {"q": "井盖丢了", "category": "环境卫生", "urgency": "high"}),
+    ("category+urgency+district", RARE),
+    ("needs review+category+district+7 days", {"needs_review": "1", "category": "环境卫生", "district": "江南区", **LAST_7_DAYS}),
+)
+
+
+def next_pages(opener, base: str, url: str, pages: int) -> str:
+    """The URL of the page `pages` clicks on "下一页" after `url` (or the last one there is)."""
+    for _ in range(pages):
+        body = opener.open(url).read().decode()
+        marker = 'href="/tickets?'
+        nexts = [part.split('"', 1)[0] for part in body.split(marker)[1:] if "after=" in part.split('"', 1)[0]]
+        if not nexts:
+            break
+        url = base + "/tickets?" + nexts[-1].replace("&amp;", "&")
+    return url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tickets", type=int, default=100_000)
@@ -140,36 +179,21 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             opener = login(base, "bench", "bench-password")  # lands on the list: the first one after a start
             results = [("login + first list after start*", time.perf_counter() - started)]
-            first, body = timed(opener, f"{base}/tickets")
-            rows = body.count('<a href="/tickets/HL-')
+            first, body_first = timed(opener, f"{base}/tickets")
+            rows = body_first.count('<a href="/tickets/HL-')
             assert rows == 50, f"the first page shows {rows} tickets, not 50 (login failed?)"
             results.append(("first page (50 of all)", first))
-            url = f"{base}/tickets"
-            for _ in range(20):
-                body = opener.open(url).read().decode()
-                marker = 'href="/tickets?'
-                nexts = [part.split('"', 1)[0] for part in body.split(marker)[1:] if "after=" in part.split('"', 1)[0]]
-                if not nexts:
-                    break
-                url = base + "/tickets?" + nexts[-1].replace("&amp;", "&")
-            results.append(("page 21 (keyset cursor)", timed(opener, url)[0]))
-            today = datetime.now().date()
-            for label, query in (
-                ("category filter", {"category": "噪音扰民"}),
-                ("urgency=high", {"urgency": "high"}),
-                ("district filter", {"district": "江南区"}),
-                ("needs review", {"needs_review": "1"}),
-                ("duplicates", {"duplicate": "1"}),
-                ("last 7 days", {"from": (today - timedelta(days=7)).isoformat(), "to": today.isoformat()}),
-                ("text search 幸福路12号", {"q": "幸福路12号"}),
-                ("text search, no hit", {"q": "不存在的词语"}),
-                ("category+urgency+district", {"category": "环境卫生", "urgency": "high", "district": "江南区"}),
-            ):
+            results.append(("page 21 (keyset cursor)", timed(opener, next_pages(opener, base, f"{base}/tickets", 20))[0]))
+            for label, query in CASES:
                 results.append((label, timed(opener, f"{base}/tickets?{urllib.parse.urlencode(query)}")[0]))
+            deep = next_pages(opener, base, f"{base}/tickets?{urllib.parse.urlencode(RARE)}", 5)
+            results.append(("page 6 of category+urgency+district", timed(opener, deep)[0]))
+            ticket_id = body_first.split('<a href="/tickets/', 1)[1].split('"', 1)[0]
+            results.append(("one ticket's page", timed(opener, f"{base}/tickets/{ticket_id}")[0]))
             print(f"\nGET /tickets with {args.tickets:,} tickets (median of 5, server + transfer, this machine):")
             for label, seconds in results:
-                print(f"  {label:<32} {seconds * 1000:8.1f} ms")
-            print("  * includes the scrypt check of the password and copying every transcript into the new search index")
+                print(f"  {label:<40} {seconds * 1000:8.1f} ms")
+            print("  * includes the scrypt check of the password and building the workbench's list index (gateway.web.list_index)")
             if args.browser:
                 from playwright.sync_api import sync_playwright
 

@@ -81,3 +81,62 @@ def test_compose_publishes_the_gateway_only():
     assert compose["networks"]["inference"]["internal"] is True
     assert "inference" in gateway["networks"] and gateway["ports"] == ["50051:50051"]
     assert "--host=0.0.0.0" in gateway["command"]  # the gateway binds 127.0.0.1 unless told
+
+
+def _containers(deployment: str) -> dict[str, dict]:
+    return {c["name"]: c for c in by_kind("Deployment", deployment)["spec"]["template"]["spec"]["containers"]}
+
+
+def _arg(container: dict, name: str) -> str:
+    [value] = [a.split("=", 1)[1] for a in container["args"] if a.startswith(f"--{name}=")]
+    return value
+
+
+def test_every_container_runs_unprivileged_with_resources():
+    for deployment in (d for d in manifests() if d["kind"] == "Deployment" and d["metadata"]["name"] != "triton"):
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            assert container["securityContext"]["runAsNonRoot"] is True, container["name"]
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, container["name"]
+            assert set(container["resources"]) == {"requests", "limits"}, container["name"]
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"]), container["name"]
+
+
+def test_the_workbench_runs_beside_the_one_gateway_that_writes_the_history():
+    deployment = by_kind("Deployment", "asr-workbench")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}  # one writer
+    containers = _containers("asr-workbench")
+    web, records = containers["workbench"], containers["records"]
+    # the workbench's gRPC goes to the gateway in its pod, which listens on loopback only
+    assert _arg(web, "gateway") == f"127.0.0.1:{_arg(records, 'port')}" and _arg(records, "host") == "127.0.0.1"
+    assert records["readinessProbe"]["exec"]["command"][-1] == _arg(web, "gateway")  # a kubelet grpc probe cannot reach loopback
+    assert web["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "https", "scheme": "HTTPS"}
+    assert _arg(records, "triton") == "triton:8001" and _arg(records, "api-keys").startswith("/auth/")
+    # one history file on one volume: written by records, read by the workbench
+    assert _arg(web, "history-db") == _arg(records, "history-db")
+    mounts = {c: {m["name"]: m["mountPath"] for m in containers[c]["volumeMounts"]} for c in containers}
+    assert mounts["workbench"]["history"] == mounts["records"]["history"] and _arg(web, "history-db").startswith(mounts["records"]["history"] + "/")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes["history"]["persistentVolumeClaim"]["claimName"]
+    assert by_kind("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]  # SQLite: one host
+    # users and the gateway key from a Secret, TLS like the gateway's
+    assert volumes["config"]["secret"]["secretName"] == "asr-workbench"
+    assert _arg(web, "users").startswith(mounts["workbench"]["config"]) and _arg(web, "gateway-api-key-file").startswith(mounts["workbench"]["config"])
+    assert _arg(web, "tls-cert").startswith(mounts["workbench"]["tls"]) and "secret" in volumes["tls"]
+    service = by_kind("Service", "asr-workbench")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["https"]
+
+
+def test_triton_admits_only_gateways():
+    """Every policy on Triton's pods, together: its gRPC port from the asr-gateway pods and from the
+    workbench pod (whose `records` container is a gateway), nothing else."""
+    sources = []
+    for policy in (d for d in manifests() if d["kind"] == "NetworkPolicy"):
+        if policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "triton"}:
+            for rule in policy["spec"]["ingress"]:
+                if {"protocol": "TCP", "port": 8001} in rule["ports"]:
+                    sources += [peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in rule["from"]]
+    assert sorted(sources) == ["asr-gateway", "asr-workbench"]
+    assert "records" in _containers("asr-workbench") and _containers("asr-workbench")["records"]["image"].startswith("asr-gateway:")
+    [only] = by_kind("NetworkPolicy", "asr-workbench-https-only")["spec"]["ingress"]
+    assert only["ports"] == [{"protocol": "TCP", "port": 8080}]

@@ -22,6 +22,7 @@ KEYS = {  # name -> (key, roles)
     "transcriber": ("key-transcriber-0123456789", ["transcribe"]),
     "reviewer": ("key-reviewer-0123456789", ["transcribe", "analyze", "correct"]),
     "operator": ("key-operator-0123456789", ["admin"]),
+    "workbench": ("key-workbench-0123456789", ["transcribe", "analyze", "correct", "delegate"]),
 }
 TICKET_TEXT = "江北区铁路新村门口的垃圾桶满了好几天了没人清运，臭得要命"
 
@@ -154,6 +155,87 @@ def test_tickets_are_not_overwritten_and_corrections_are_attributed(secured):
             assert (raised.value.code(), raised.value.details()) == (grpc.StatusCode.NOT_FOUND, "no such ticket")
     lines = [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines()]
     assert {"ticket_id": "HL-security-1", "field": "urgency", "new_value": "high", "corrected_by": "reviewer"}.items() <= lines[-1].items()
+
+
+def test_a_delegate_key_records_the_user_it_acts_for(secured):
+    """The workbench's key (role delegate) names its logged-in user; corrections read "<user> via workbench".
+    A key without the role that names a user is refused, and so is a malformed name."""
+    import asyncio
+
+    from gateway.web.gateway_client import GatewayClient, error_text
+
+    process, certs, audit = secured
+    ticket_id = "HL-security-delegate"
+    with _stub(secured, "workbench") as channel:
+        stub = asr_pb2_grpc.AsrStub(channel)
+        stub.AnalyzeTicket(asr_pb2.AnalyzeTicketRequest(text=TICKET_TEXT, metadata={"ticket_id": ticket_id}, record=True), timeout=120)
+        correct = asr_pb2.CorrectTicketRequest(ticket_id=ticket_id, field="urgency", value="medium", corrected_by="someone else")
+        assert stub.CorrectTicket(correct, timeout=30).corrected_by == "workbench"  # no user named: the key
+        ascii_user = stub.CorrectTicket(correct, timeout=30, metadata=[("x-on-behalf-of", "lijun")])
+        assert ascii_user.corrected_by == "lijun via workbench"
+        for metadata in (
+            [("x-on-behalf-of-bin", "王\n芳".encode())],  # a control character
+            [("x-on-behalf-of-bin", b"\xff\xfe")],  # not UTF-8
+            [("x-on-behalf-of", "x" * 65)],
+            [("x-on-behalf-of", " ")],
+            [("x-on-behalf-of", "lijun"), ("x-on-behalf-of-bin", "王芳".encode())],  # two different users
+        ):
+            assert _code(lambda: stub.CorrectTicket(correct, timeout=30, metadata=metadata)) == grpc.StatusCode.INVALID_ARGUMENT
+    with _stub(secured, "reviewer") as channel:  # correct, but not delegate: may not speak for anyone
+        stub = asr_pb2_grpc.AsrStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.CorrectTicket(correct, timeout=30, metadata=[("x-on-behalf-of", "lijun")])
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED and "delegate" in raised.value.details()
+
+    async def through_the_workbench_client(key: str):
+        client = GatewayClient(process.address, ca_file=certs["ca.pem"], api_key=KEYS[key][0],
+                               client_cert=certs["client.pem"], client_key=certs["client.key"])
+        try:
+            return await client.correct(ticket_id, "urgency", "high", "王芳")
+        except grpc.aio.AioRpcError as error:
+            return error
+        finally:
+            await client.close()
+
+    reply = asyncio.run(through_the_workbench_client("workbench"))
+    assert reply.corrected_by == "王芳 via workbench"
+    refused = asyncio.run(through_the_workbench_client("reviewer"))
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "delegate" in error_text(refused)
+    lines = [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines()]
+    assert {"ticket_id": ticket_id, "new_value": "high", "corrected_by": "王芳 via workbench"}.items() <= lines[-1].items()
+
+
+def test_a_workbench_correction_through_a_keyed_gateway_names_the_operator(secured, tmp_path):
+    """The workbench app itself (in-process) over TLS with the workbench's key: the operator who is
+    logged in, not the key, is the correction's author."""
+    import re
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    from gateway.web.app import WebConfig, create_app
+    from gateway.web.auth import hash_password
+    from tests.test_web_app import _login
+
+    process, certs, _ = secured
+    with _stub(secured, "workbench") as channel:
+        request = asr_pb2.AnalyzeTicketRequest(text=TICKET_TEXT, metadata={"ticket_id": "HL-security-web"}, record=True)
+        asr_pb2_grpc.AsrStub(channel).AnalyzeTicket(request, timeout=120)
+    users = tmp_path / "users.yaml"
+    users.write_text(f"users:\n  - name: op\n    role: operator\n    password_hash: \"{hash_password('op-pass-123')}\"\n", encoding="utf-8")
+    config = WebConfig(
+        gateway=process.address, users_file=users, history_db=certs["ca.pem"].parent / "history.sqlite", data_dir=tmp_path / "web",
+        gateway_ca=certs["ca.pem"], gateway_client_cert=certs["client.pem"], gateway_client_key=certs["client.key"],
+        gateway_api_key=KEYS["workbench"][0],
+    )
+    with TestClient(create_app(config)) as client:
+        _login(client)
+        page = client.get("/tickets/HL-security-web").text
+        csrf = re.search(r'data-csrf="([^"]+)"', page).group(1)
+        reply = client.post("/api/tickets/HL-security-web/correct", json={"field": "urgency", "value": "low"}, headers={"X-CSRF-Token": csrf})
+        assert reply.status_code == 200 and reply.json()["corrected_by"] == "op via workbench"
+    with sqlite3.connect(config.history_db) as history:  # what export-corrections hands to retraining
+        assert history.execute("SELECT corrected_by FROM corrections WHERE ticket_id = 'HL-security-web'").fetchall() == [("op via workbench",)]
 
 
 def test_cli_client_options(secured):

@@ -185,3 +185,117 @@ def test_recordings_browsers_cannot_seek_are_stored_as_ogg(tmp_path, fmt, codec,
     flac = (tmp_path / "x.flac")
     flac.write_bytes(b"fLaC" + bytes(40))
     assert playable_copy(flac.read_bytes(), sniff(flac.read_bytes()[:64]))[1].name == "FLAC"  # kept as it came
+
+
+# -- the list's own index (gateway.web.list_index) ------------------------------------------------
+def _expected(history, keep) -> list[str]:
+    """Every ticket id the list should show for a filter, in its order, straight from the history."""
+    with sqlite3.connect(history) as db:
+        rows = db.execute(
+            "SELECT ticket_id, received_at, category, urgency, COALESCE(district, ''), department, duplicate_of, "
+            "json_extract(ticket_json, '$.needs_review'), transcript FROM tickets ORDER BY received_at DESC, ticket_id DESC"
+        ).fetchall()
+    names = ("ticket_id", "received_at", "category", "urgency", "district", "department", "duplicate_of", "needs_review", "transcript")
+    return [row[0] for row in rows if keep(dict(zip(names, row)))]
+
+
+def _listed(reader, filters) -> list[str]:
+    """Every ticket id of every page, following the keyset cursor."""
+    ids, cursor = [], None
+    while True:
+        page = reader.list(filters, cursor, page_size=7)
+        ids += [row["ticket_id"] for row in page.rows]
+        if page.next_cursor is None:
+            return ids
+        cursor = page.next_cursor
+
+
+@pytest.fixture()
+def reader(tmp_path):
+    from bench.web_list import make_history
+    from gateway.web.history import HistoryReader
+
+    make_history(tmp_path / "history.sqlite", 400)
+    history = HistoryReader(tmp_path / "history.sqlite", tmp_path / "web" / "search.sqlite")
+    yield history
+    history.close()
+
+
+def test_every_filter_and_combination_matches_the_history(reader):
+    from datetime import date, timedelta
+
+    from gateway.web.history import ListFilters
+
+    week = date.today() - timedelta(days=60)
+    cases = [
+        (ListFilters(category="环境卫生"), lambda t: t["category"] == "环境卫生"),
+        (ListFilters(department="江南区城市管理局"), lambda t: t["department"] == "江南区城市管理局"),
+        (ListFilters(category="环境卫生", district="江南区"), lambda t: t["category"] == "环境卫生" and t["district"] == "江南区"),
+        (ListFilters(urgency="high", date_from=week), lambda t: t["urgency"] == "high" and t["received_at"] >= week.isoformat()),
+        (ListFilters(needs_review=True, category="噪音扰民"), lambda t: t["needs_review"] == 1 and t["category"] == "噪音扰民"),
+        (ListFilters(duplicate=True, district="江北区"), lambda t: bool(t["duplicate_of"]) and t["district"] == "江北区"),
+        (ListFilters(q="井盖", urgency="medium"), lambda t: "井盖" in t["transcript"] and t["urgency"] == "medium"),
+        (ListFilters(category="环境卫生", urgency="high", district="江南区"),
+         lambda t: (t["category"], t["urgency"], t["district"]) == ("环境卫生", "high", "江南区")),
+    ]
+    for filters, keep in cases:
+        expected = _expected(reader.path, keep)
+        assert expected, filters  # each case selects something in 400 tickets
+        assert _listed(reader, filters) == expected, filters
+    with sqlite3.connect(reader.path) as db:  # the ticket page's "later duplicates of this one"
+        original, = db.execute("SELECT duplicate_of FROM tickets WHERE duplicate_of IS NOT NULL LIMIT 1").fetchone()
+        later = [row[0] for row in db.execute("SELECT ticket_id FROM tickets WHERE duplicate_of = ? ORDER BY received_at", (original,))]
+    assert [row["ticket_id"] for row in reader.duplicates_of(original)] == later
+
+
+def test_the_index_follows_new_corrected_and_reanalysed_tickets(reader):
+    import dataclasses
+    from datetime import datetime
+
+    from analysis import HistoryStore
+    from gateway.web.history import ListFilters
+
+    assert len(_listed(reader, ListFilters())) == 400  # built
+    store = HistoryStore(reader.path)
+    try:
+        first = store.get(_expected(reader.path, lambda t: t["category"] != "教育服务")[0])
+        store.correct(first.ticket_id, "category", "教育服务", by="王芳")  # what the gateway's CorrectTicket does
+        new = dataclasses.replace(first, ticket_id="HL-new-ticket", received_at=datetime.now().replace(microsecond=0), transcript="新来电井盖丢了")
+        store.add(new, None)
+        assert first.ticket_id in _listed(reader, ListFilters(category="教育服务"))
+        assert _listed(reader, ListFilters(q="新来电井盖"))[0] == "HL-new-ticket"
+        # a batch re-run analyses a ticket again in place: same id and rowid, no correction
+        again = store.get(_expected(reader.path, lambda t: t["urgency"] == "high")[0])
+        store.add(dataclasses.replace(again, urgency="low"), None)
+    finally:
+        store.close()
+    shown = _listed(reader, ListFilters(urgency="high"))
+    assert again.ticket_id not in shown  # every row shown is checked against the history
+    assert again.ticket_id in _listed(reader, ListFilters(urgency="low"))  # and re-indexed
+    assert shown == _expected(reader.path, lambda t: t["urgency"] == "high")
+
+
+def test_an_index_of_an_earlier_version_is_rebuilt(tmp_path, monkeypatch):
+    from bench.web_list import make_history
+    from gateway.web import list_index
+    from gateway.web.history import HistoryReader, ListFilters
+
+    monkeypatch.setattr(list_index, "BATCH", 8)  # a first build in batches, the indexes made at the end
+    make_history(tmp_path / "history.sqlite", 30)
+    old = tmp_path / "search.sqlite"
+    with sqlite3.connect(old) as db:  # the transcript-only copy of the first workbench
+        db.execute("CREATE TABLE search (rid INTEGER PRIMARY KEY, ticket_id TEXT NOT NULL, transcript TEXT NOT NULL)")
+        db.execute("INSERT INTO search VALUES (1, 'HL-stale', 'x')")
+    reader = HistoryReader(tmp_path / "history.sqlite", old)
+    try:
+        assert len(_listed(reader, ListFilters())) == 30
+    finally:
+        reader.close()
+    with sqlite3.connect(old) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert "search" not in names and {"rows_category", "rows_district", "rows_review", "rows_duplicate_of"} <= names
+    reopened = HistoryReader(tmp_path / "history.sqlite", old)
+    try:
+        assert _listed(reopened, ListFilters(urgency="low")) == _expected(reopened.path, lambda t: t["urgency"] == "low")
+    finally:
+        reopened.close()

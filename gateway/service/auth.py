@@ -8,7 +8,27 @@ Every RPC except grpc.health.v1 goes through :class:`GatewayInterceptor`:
   ``authorization: Bearer <key>`` (or ``x-api-key: <key>``) metadata; no or an unknown key ->
   UNAUTHENTICATED, a key without the RPC's role -> PERMISSION_DENIED. Roles: transcribe
   (Transcribe, StreamingRecognize), analyze (AnalyzeTicket, Transcribe with analyze=true),
-  correct (CorrectTicket), admin (everything, server reflection included).
+  correct (CorrectTicket), delegate (may name the end user it acts for, below), admin
+  (everything, server reflection and delegate included).
+
+Delegation. A front end that serves many people with one key (the review workbench) names
+the person it acts for in ``x-on-behalf-of-bin: <UTF-8 bytes>`` (or ``x-on-behalf-of:
+<ASCII text>``) metadata. The call then runs as ``<user> via <key name>``: that is the
+corrected_by of a CorrectTicket (so a workbench correction reads ``wangfang via workbench``,
+not ``workbench``), and the identity in the request log. The key's own roles still decide
+what the call may do; the user named gains nothing. With keys on, a header that cannot be
+honoured is refused, never ignored:
+
+- from a key without the ``delegate`` role -> PERMISSION_DENIED (an ordinary client cannot
+  put words in someone else's mouth, and a front end whose key lacks the role fails loudly
+  instead of attributing every edit to itself);
+- empty, over 64 characters, with control characters, not UTF-8, or given twice with
+  different values -> INVALID_ARGUMENT.
+
+The name is the front end's word for its logged-in user (the workbench authenticates its
+users itself); the suffix ``via <key name>`` always names the key that vouched for it.
+Without keys (authentication off) the header is ignored and CorrectTicket takes the
+request's ``corrected_by``.
 
 The key file holds SHA-256 digests, never keys (keys are 32 random bytes, so a plain digest
 is enough; no salt or slow hash is needed against guessing)::
@@ -17,6 +37,9 @@ is enough; no salt or slow hash is needed against guessing)::
       - name: agent-console          # becomes corrected_by of its corrections
         sha256: 5e884898da28...      # python -m gateway.service.auth new-key NAME --roles ...
         roles: [transcribe, analyze]
+      - name: workbench              # corrections read "<user> via workbench"
+        sha256: 9f86d081884c...
+        roles: [transcribe, analyze, correct, delegate]
 
 Without ``--api-keys`` authentication is off (the local default, loopback only); the
 parsing still applies.
@@ -26,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -39,8 +63,11 @@ from google.protobuf.message import DecodeError
 from gateway.service.metrics import IN_FLIGHT, RequestRecord, request_id_of, status_of
 from gateway.service.options import MissingRoleError, RequestError
 
-ROLES = ("transcribe", "analyze", "correct", "admin")
+ROLES = ("transcribe", "analyze", "correct", "delegate", "admin")
 ADMIN = "admin"
+DELEGATE = "delegate"
+ON_BEHALF_OF = ("x-on-behalf-of", "x-on-behalf-of-bin")  # ASCII text / UTF-8 bytes
+MAX_ON_BEHALF_OF_CHARS = 64
 UNAUTHENTICATED_SERVICES = ("grpc.health.v1.Health",)  # probes carry no key
 METHOD_ROLES = {  # method name -> role it needs (admin has all)
     "/asr.v1.Asr/Transcribe": "transcribe",
@@ -61,8 +88,15 @@ class AuthConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Identity:
-    name: str
+    key_name: str
     roles: frozenset[str]
+    on_behalf_of: str | None = None  # the end user a delegate key acts for
+
+    @property
+    def name(self) -> str:
+        """Who the call is attributed to (corrected_by, the request log): the key's name, or
+        ``<user> via <key name>`` for a delegate key that named its user."""
+        return f"{self.on_behalf_of} via {self.key_name}" if self.on_behalf_of else self.key_name
 
     def allows(self, role: str) -> bool:
         return ADMIN in self.roles or role in self.roles
@@ -123,6 +157,46 @@ def _presented_key(metadata) -> str:
     return ""
 
 
+def _on_behalf_of(metadata) -> tuple[str | None, str | None]:
+    """(the user named in x-on-behalf-of[-bin], or None when absent; the reason it is unusable, or None)."""
+    values = []
+    for name, value in metadata or ():
+        if name not in ON_BEHALF_OF:
+            continue
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                return "", "x-on-behalf-of-bin must be UTF-8"
+        values.append(value.strip())
+    if not values:
+        return None, None
+    user = values[0]
+    if any(value != user for value in values):
+        return user, "x-on-behalf-of is given twice with different users"
+    if not user or len(user) > MAX_ON_BEHALF_OF_CHARS:
+        return user, f"x-on-behalf-of must name a user in 1 to {MAX_ON_BEHALF_OF_CHARS} characters"
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in user):
+        return user, "x-on-behalf-of must not hold control characters"
+    return user, None
+
+
+def _authorize(identity: Identity | None, role: str, metadata) -> tuple[Identity | None, tuple | None]:
+    """(the identity the call runs as, the refusal (code, message) or None), with authentication on."""
+    if identity is None:
+        return None, (grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (authorization: Bearer <key>)")
+    if not identity.allows(role):
+        return identity, (grpc.StatusCode.PERMISSION_DENIED, f"this key lacks the {role!r} role")
+    user, problem = _on_behalf_of(metadata)
+    if user is None:
+        return identity, None
+    if not identity.allows(DELEGATE):
+        return identity, (grpc.StatusCode.PERMISSION_DENIED, f"this key may not act on behalf of a user (x-on-behalf-of needs the {DELEGATE!r} role)")
+    if problem:
+        return identity, (grpc.StatusCode.INVALID_ARGUMENT, problem)
+    return dataclasses.replace(identity, on_behalf_of=user), None
+
+
 def require_role(role: str) -> None:
     """For a role that depends on the request (Transcribe with analyze=true): MissingRoleError if missing."""
     identity = current_identity.get()
@@ -141,13 +215,10 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             return handler
         identity = None
         refusal = None
-        if self.keys is not None:
-            identity = self.keys.identify(_presented_key(handler_call_details.invocation_metadata))
+        if self.keys is not None:  # without keys x-on-behalf-of is ignored: CorrectTicket takes the request's corrected_by
+            metadata = handler_call_details.invocation_metadata
             role = METHOD_ROLES.get(method, ADMIN)  # reflection and anything new: admin only
-            if identity is None:
-                refusal = (grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (authorization: Bearer <key>)")
-            elif not identity.allows(role):
-                refusal = (grpc.StatusCode.PERMISSION_DENIED, f"this key lacks the {role!r} role")
+            identity, refusal = _authorize(self.keys.identify(_presented_key(metadata)), role, metadata)
         return _wrap(handler, method, identity, refusal)
 
 

@@ -2,7 +2,7 @@
 
     users:
       - name: wangfang          # login name
-        display_name: 王芳       # shown and recorded as corrected_by
+        display_name: 王芳       # shown on the pages; corrections record the login name (name)
         role: operator          # operator | supervisor | admin
         password_hash: "scrypt$16384$8$1$<salt>$<hash>"   # python -m gateway.web hash-password
 

@@ -21,7 +21,7 @@ class GatewayClient:
                  client_cert: Path | None = None, client_key: Path | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        # a gateway with --api-keys: the workbench's key (roles transcribe, analyze, correct)
+        # a gateway with --api-keys: the workbench's key (roles transcribe, analyze, correct, delegate)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         if ca_file:
@@ -39,24 +39,42 @@ class GatewayClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def transcribe_and_record(self, audio: bytes, metadata: dict[str, str], language: str = "zh") -> asr_pb2.TranscribeResponse:
+    def _metadata_for(self, user: str) -> tuple | None:
+        """The key, and the logged-in user it acts for (gateway/service/auth.py, delegation): the
+        gateway records a correction as "<user> via <key name>". Without a key there is no
+        delegation; CorrectTicket then takes the request's corrected_by."""
+        if self._metadata is None:
+            return None
+        return (*self._metadata, ("x-on-behalf-of-bin", user.encode("utf-8")))
+
+    async def transcribe_and_record(self, audio: bytes, metadata: dict[str, str], user: str, language: str = "zh") -> asr_pb2.TranscribeResponse:
         request = asr_pb2.TranscribeRequest(
             audio_content=audio, language=language, word_timestamps=True, itn=True,
             analyze=True, record_ticket=True, ticket_metadata=metadata,
         )
-        return await self._stub.Transcribe(request, timeout=self.timeout_s, metadata=self._metadata)
+        return await self._stub.Transcribe(request, timeout=self.timeout_s, metadata=self._metadata_for(user))
 
-    async def transcribe_pcm(self, pcm: bytes, hotwords: list[str], language: str = "zh") -> asr_pb2.TranscribeResponse:
+    async def transcribe_pcm(self, pcm: bytes, hotwords: list[str], user: str, language: str = "zh") -> asr_pb2.TranscribeResponse:
         request = asr_pb2.TranscribeRequest(
             raw_audio=asr_pb2.RawAudio(pcm=pcm, sample_rate_hz=16000, encoding=asr_pb2.RawAudio.S16LE, channels=1),
             language=language, word_timestamps=True, itn=True,
             hotwords=[asr_pb2.Hotword(phrase=phrase) for phrase in hotwords],
         )
-        return await self._stub.Transcribe(request, timeout=self.timeout_s, metadata=self._metadata)
+        return await self._stub.Transcribe(request, timeout=self.timeout_s, metadata=self._metadata_for(user))
 
     async def correct(self, ticket_id: str, field: str, value: str, by: str) -> asr_pb2.CorrectTicketResponse:
         request = asr_pb2.CorrectTicketRequest(ticket_id=ticket_id, field=field, value=value, corrected_by=by)
-        return await self._stub.CorrectTicket(request, timeout=30.0, metadata=self._metadata)
+        return await self._stub.CorrectTicket(request, timeout=30.0, metadata=self._metadata_for(by))
+
+
+def segments_of(reply: asr_pb2.TranscribeResponse, offset_s: float = 0.0) -> list[dict]:
+    """The segments and words of a Transcribe reply as the ticket page's script reads them; times
+    shifted by offset_s (re-recognition of a range: times in seconds of the whole recording)."""
+    return [
+        {"start_s": s.start_s + offset_s, "end_s": s.end_s + offset_s, "text": s.text, "confidence": s.confidence,
+         "words": [{"text": w.text, "start_s": w.start_s + offset_s, "end_s": w.end_s + offset_s, "confidence": w.confidence} for w in s.words]}
+        for s in reply.segments
+    ]
 
 
 def error_text(error: grpc.aio.AioRpcError) -> str:
@@ -67,6 +85,8 @@ def error_text(error: grpc.aio.AioRpcError) -> str:
         return "识别服务暂不可用，请稍后重试"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "识别超时，请稍后重试"
+    if code == grpc.StatusCode.PERMISSION_DENIED and "x-on-behalf-of" in details:
+        return "核对台的识别服务密钥缺少 delegate 角色，无法以登录用户的名义操作（见 README 安全一节）"
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return "核对台未获识别服务授权（检查 --gateway-api-key-file）"
     if code == grpc.StatusCode.NOT_FOUND:

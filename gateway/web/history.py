@@ -2,8 +2,9 @@
 keyset paging, one ticket, the dashboard's aggregates, the ledger's rows.
 
 The file is opened with mode=ro: the workbench never writes the history; corrections go
-through the gateway's CorrectTicket. Paging is by (received_at, ticket_id) from the last row
-shown, so page 1,000 costs what page 1 costs (the store indexes received_at).
+through the gateway's CorrectTicket. The list's filters and text search run on the workbench's
+own index of it (gateway.web.list_index); paging is by (received_at, ticket_id) from the last
+row shown, so page 1,000 costs what page 1 costs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.ticket import Ticket
+from gateway.web.list_index import FILTER_COLUMNS, INDEXED, INDEXED_SQL, ListIndex
 
 PAGE_SIZE = 50
 
@@ -50,55 +52,75 @@ class HistoryUnavailable(RuntimeError):
     pass
 
 
+LIST_COLUMNS = (
+    "ticket_id, received_at, category, urgency, district, department, duplicate_of, "
+    "json_extract(ticket_json, '$.summary') AS summary, json_extract(ticket_json, '$.needs_review') AS needs_review, "
+    "json_extract(ticket_json, '$.corrected_fields') AS corrected_fields"
+)
+
+
+def _index_query(filters: ListFilters, cursor: str | None, limit: int) -> tuple[str, list]:
+    """The ids of a page from the index: every filter is a column of its narrow rows (indexed)."""
+    where, params = [], []
+    if filters.date_from:
+        where.append("received_at >= ?")
+        params.append(filters.date_from.isoformat())
+    if filters.date_to:
+        where.append("received_at < ?")
+        params.append((filters.date_to + timedelta(days=1)).isoformat())
+    for column in FILTER_COLUMNS:
+        value = getattr(filters, column)
+        if value:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if filters.duplicate:
+        where.append("duplicate_of IS NOT NULL")
+    if filters.needs_review:
+        where.append("needs_review = 1")
+    if filters.q:
+        where.append("(rid IN (SELECT rid FROM idx.texts WHERE instr(transcript, ?) > 0) OR ticket_id = ?)")
+        params += [filters.q, filters.q]
+    if cursor:
+        at, _, ticket_id = cursor.partition("|")
+        if at:
+            where.append("(received_at < ? OR (received_at = ? AND ticket_id < ?))")
+            params += [at, at, ticket_id]
+    sql = (
+        "SELECT ticket_id, rid, received_at, category, urgency, district, department, needs_review, duplicate_of FROM idx.rows"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + " ORDER BY received_at DESC, ticket_id DESC LIMIT ?"
+    )
+    return sql, [*params, limit]
+
+
+def _list_row(row: sqlite3.Row) -> dict:
+    out = {key: row[key] for key in ("ticket_id", "received_at", "category", "urgency", "district", "department", "duplicate_of", "summary", "needs_review")}
+    out["corrected_fields"] = json.loads(row["corrected_fields"] or "[]")
+    return out
+
+
 class HistoryReader:
-    def __init__(self, path: Path, search_index: Path | None = None) -> None:
-        """search_index: the workbench's own compact copy of (rowid, ticket_id, transcript) for text
-        search (var/web/search.sqlite); None: search scans the history itself."""
+    def __init__(self, path: Path, index_path: Path) -> None:
+        """index_path: the workbench's own index of the list's filters and the transcripts
+        (gateway.web.list_index, var/web/search.sqlite); the history itself is only read."""
         self.path = Path(path)
-        self.search_index = Path(search_index) if search_index else None
+        self.index = ListIndex(index_path, self.path)
         self._local = threading.local()
-        self._sync_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.index.close()
 
     def _db(self) -> sqlite3.Connection:
         connection = getattr(self._local, "db", None)
         if connection is None:
             if not self.path.exists():
                 raise HistoryUnavailable(f"工单库 {self.path} 不存在（先上传一通录音或运行批处理）")
+            self.index.sync()  # creates the index file before it is attached
             connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=30.0)
             connection.row_factory = sqlite3.Row
-            if self.search_index:
-                self._sync_search()
-                connection.execute("ATTACH DATABASE ? AS search", (f"file:{self.search_index}?mode=ro",))
+            connection.execute("ATTACH DATABASE ? AS idx", (f"file:{self.index.path}?mode=ro",))
             self._local.db = connection
         return connection
-
-    def _sync_search(self) -> None:
-        """Copy tickets added since the last sync (by rowid: new tickets get higher rowids) into the search index.
-
-        A 100,000-ticket history is ~150-400 MB (the JSON of each ticket); the transcripts alone
-        are a few MB, so a substring search over them is a scan of a small file. A ticket analysed
-        again in place keeps its rowid: its new transcript is not picked up (rare; search only)."""
-        with self._sync_lock:
-            index = sqlite3.connect(self.search_index, timeout=30.0)
-            try:
-                index.execute("CREATE TABLE IF NOT EXISTS search (rid INTEGER PRIMARY KEY, ticket_id TEXT NOT NULL, transcript TEXT NOT NULL)")
-                last = index.execute("SELECT COALESCE(MAX(rid), 0) FROM search").fetchone()[0]
-                source = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
-                try:
-                    while True:
-                        rows = source.execute("SELECT rowid, ticket_id, transcript FROM tickets WHERE rowid > ? ORDER BY rowid LIMIT 20000", (last,)).fetchall()
-                        if not rows:
-                            break
-                        with index:
-                            index.executemany("INSERT OR REPLACE INTO search VALUES (?, ?, ?)", rows)
-                        last = rows[-1][0]
-                except sqlite3.OperationalError as error:
-                    if "no such table" not in str(error):
-                        raise
-                finally:
-                    source.close()
-            finally:
-                index.close()
 
     def _rows(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
         try:
@@ -110,49 +132,25 @@ class HistoryReader:
 
     # -- list -------------------------------------------------------------------------------
     def list(self, filters: ListFilters, cursor: str | None = None, page_size: int = PAGE_SIZE) -> Page:
-        where, params = [], []
-        if filters.date_from:
-            where.append("received_at >= ?")
-            params.append(filters.date_from.isoformat())
-        if filters.date_to:
-            where.append("received_at < ?")
-            params.append((filters.date_to + timedelta(days=1)).isoformat())
-        for column in ("category", "urgency", "district", "department"):
-            value = getattr(filters, column)
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if filters.duplicate:
-            where.append("duplicate_of IS NOT NULL AND duplicate_of != ''")
-        if filters.needs_review:
-            where.append("json_extract(ticket_json, '$.needs_review') = 1")
-        if filters.q:
-            if self.search_index:
-                self._sync_search()
-                where.append("(ticket_id IN (SELECT ticket_id FROM search.search WHERE instr(transcript, ?) > 0) OR ticket_id = ?)")
-            else:
-                where.append("(instr(transcript, ?) > 0 OR ticket_id = ?)")
-            params += [filters.q, filters.q]
-        if cursor:
-            try:
-                at, ticket_id = cursor.split("|", 1)
-            except ValueError:
-                at, ticket_id = "", ""
-            if at:
-                where.append("(received_at < ? OR (received_at = ? AND ticket_id < ?))")
-                params += [at, at, ticket_id]
-        sql = (
-            "SELECT ticket_id, received_at, category, urgency, district, department, duplicate_of, "
-            "json_extract(ticket_json, '$.summary') AS summary, json_extract(ticket_json, '$.needs_review') AS needs_review, "
-            "json_extract(ticket_json, '$.corrected_fields') AS corrected_fields FROM tickets"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY received_at DESC, ticket_id DESC LIMIT ?"
-        )
-        rows = [dict(row) for row in self._rows(sql, [*params, page_size + 1])]
+        """A page of the list: the ticket ids from the index (its filters, its order), the rest
+        from the history. A shown row whose history differs from the index (re-analysed in
+        place) is re-indexed and the page asked again."""
+        self._db()
+        self.index.sync()
+        for _ in range(3):
+            hits = self._rows(*_index_query(filters, cursor, page_size + 1))
+            ids = [hit["ticket_id"] for hit in hits]
+            shown = {row["ticket_id"]: row for row in self._rows(
+                f"SELECT {LIST_COLUMNS}, {INDEXED_SQL} FROM tickets WHERE ticket_id IN ({', '.join('?' * len(ids))})", ids
+            )}
+            stale = [hit["ticket_id"] for hit in hits
+                     if hit["ticket_id"] not in shown or tuple(hit)[2:] != tuple(shown[hit["ticket_id"]])[-len(INDEXED):]]
+            if not stale:
+                break
+            self.index.reindex(stale)
+        rows = [_list_row(shown[hit["ticket_id"]]) for hit in hits if hit["ticket_id"] in shown]
         more = len(rows) > page_size
         rows = rows[:page_size]
-        for row in rows:
-            row["corrected_fields"] = json.loads(row["corrected_fields"] or "[]")
         next_cursor = f"{rows[-1]['received_at']}|{rows[-1]['ticket_id']}" if more and rows else None
         return Page(rows, next_cursor, filters, first=not cursor)
 
@@ -169,8 +167,15 @@ class HistoryReader:
         return bool(self._rows("SELECT 1 FROM tickets WHERE ticket_id = ?", (ticket_id,)))
 
     def duplicates_of(self, ticket_id: str, limit: int = 20) -> list[dict]:
-        """Later tickets marked as duplicates of this one (scan; the store has no index on it)."""
-        rows = self._rows("SELECT ticket_id, received_at FROM tickets WHERE duplicate_of = ? ORDER BY received_at LIMIT ?", (ticket_id, limit))
+        """Later tickets marked as duplicates of this one: found in the index (the history has no
+        index on duplicate_of), confirmed in the history."""
+        self._db()
+        self.index.sync()
+        rows = self._rows(
+            "SELECT t.ticket_id, t.received_at FROM (SELECT ticket_id FROM idx.rows WHERE duplicate_of = ? ORDER BY received_at LIMIT ?) AS hit "
+            "JOIN tickets AS t ON t.ticket_id = hit.ticket_id WHERE t.duplicate_of = ? ORDER BY t.received_at",
+            (ticket_id, limit, ticket_id),
+        )
         return [dict(row) for row in rows]
 
     # -- dashboard --------------------------------------------------------------------------
