@@ -106,7 +106,7 @@ def cmd_train(args) -> int:
     model = Trainer(config, load_embedder(config.defaults.embedding_model)).train(records, corrections)
     versioned, current = save_model(model, args.out or MODEL_DIR)
     summary = model.summary
-    print(f"model {model.version}: {summary['examples']} tickets ({summary['corrections']} from corrections), "
+    print(f"model {model.version}: {summary['examples']} examples ({summary.get('asr_copies', 0)} ASR copies, {summary['corrections']} from corrections), "
           f"streams {summary['streams']}, trained in {summary['seconds']} s")
     print(f"  inner out-of-fold: {json.dumps(summary['inner_oof'])}, high threshold {model.high_threshold:.4f}")
     if "pairs" in summary:

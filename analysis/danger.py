@@ -4,6 +4,13 @@ Each kind is a set of regular expressions over the normalised transcript (simpli
 Chinese, Arabic digits). A hit preceded closely by a negation (没有燃气味) does not count.
 The hits are features of the urgency model and reasons on the ticket; on their own they
 decide nothing. Common ASR homophones are written into the patterns (人气/然气 for 燃气).
+
+The ASR also writes a described danger as other characters of the same sound (煤气味 ->
+没气味, 食物中毒 -> 食物重毒). Words of three or more characters (HEARD_WORDS: the plain
+words of the patterns, and the gas words with 味/泄漏) are therefore also found by sound:
+every syllable must sound alike (analysis/phonetic.py), none may differ (天然气味 is not
+天然气要). Two-character words are not: too many of them sound like something harmless
+(打架 / 大家, 家暴 / 家宝, 拿刀 / 拿到).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from analysis.evidence import Evidence
+from analysis.phonetic import PhoneticIndex
 
 NEGATIONS = ("没有", "没", "不是", "并非", "不存在", "无", "不会", "别")
 NEGATION_WINDOW_CHARS = 2
@@ -83,6 +91,25 @@ DANGER_PATTERNS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+_GAS_WORDS = ("燃气", "煤气", "天然气", "液化气", "瓦斯")
+_HAN_WORD = re.compile(r"[\u4e00-\u9fff]{3,}")
+
+
+def _plain_words(sources: tuple[str, ...]) -> set[str]:
+    """Alternatives of the patterns that are plain words of 3+ characters (no regex syntax)."""
+    words = set()
+    for source in sources:
+        for alternative in re.split(r"[|()]", source):
+            if _HAN_WORD.fullmatch(alternative):
+                words.add(alternative)
+    return words
+
+
+HEARD_WORDS: dict[str, tuple[str, ...]] = {
+    kind: tuple(sorted(_plain_words(sources) | ({f"{gas}{tail}" for gas in _GAS_WORDS for tail in ("味", "泄漏", "漏气")} if kind == "燃气" else set())))
+    for kind, sources in DANGER_PATTERNS.items()
+}
+
 # Call types that lower urgency (questions, praise, suggestions), and the matters of 其他
 # (RUBRIC.md: missing people, public security, praise, wrong numbers, the hotline itself).
 CALM_PATTERNS: dict[str, tuple[str, ...]] = {
@@ -97,7 +124,6 @@ CALM_PATTERNS: dict[str, tuple[str, ...]] = {
     "热线": (r"(?:热线|12345|你们这个电话).{0,8}(?:几点|上班|下班|打不通|怎么|态度)",),
 }
 
-
 @dataclass(frozen=True)
 class DangerHit:
     kind: str
@@ -110,6 +136,8 @@ def _compile(table: dict[str, tuple[str, ...]]) -> tuple[tuple[str, tuple[re.Pat
 
 _DANGER = _compile(DANGER_PATTERNS)
 _CALM = _compile(CALM_PATTERNS)
+_HEARD_KIND = {word: kind for kind, words in HEARD_WORDS.items() for word in words}
+_HEARD = PhoneticIndex(_HEARD_KIND, allow_one_differing=False)
 DANGER_KINDS = tuple(DANGER_PATTERNS)
 WEAK_DANGER_KINDS = ("歪斜",)   # a feature of its own, not counted in danger:any / danger:count
 CALM_KINDS = tuple(CALM_PATTERNS)
@@ -131,10 +159,22 @@ def _find(table, text: str) -> list[DangerHit]:
     return hits
 
 
+def _heard(text: str, found: set[str]) -> list[DangerHit]:
+    hits = []
+    for match in _HEARD.find(text):
+        kind = _HEARD_KIND[match.name]
+        if kind not in found and not _negated(text, match.offset):
+            found.add(kind)
+            hits.append(DangerHit(kind, Evidence(match.heard, "sound", match.offset)))
+    return hits
+
+
 def find_danger(text: str) -> list[DangerHit]:
-    """At most one hit per danger kind, the first not negated."""
-    return _find(_DANGER, text)
+    """At most one hit per danger kind, the first not negated; written before heard."""
+    hits = _find(_DANGER, text)
+    return hits + _heard(text, {hit.kind for hit in hits})
 
 
 def find_calm(text: str) -> list[DangerHit]:
     return _find(_CALM, text)
+

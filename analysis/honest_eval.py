@@ -145,7 +145,8 @@ def _split(records: Sequence[LabelledTicket], notes: list[str]):
     return split
 
 
-def run(config: AnalysisConfig, *, cv: bool = True, test: bool = True, embedder="config", log=print) -> dict:
+def run(config: AnalysisConfig, *, cv: bool = True, test: bool = True, embedder="config", log=print, options=None) -> dict:
+    """`options`: the TrainOptions of every model trained here (default: TrainOptions())."""
     from analysis.embeddings import load_embedder
     from analysis.training import Trainer
 
@@ -154,7 +155,7 @@ def run(config: AnalysisConfig, *, cv: bool = True, test: bool = True, embedder=
     notes: list[str] = []
     split = _split(records, notes)
     embedder = load_embedder(config.defaults.embedding_model) if embedder == "config" else embedder
-    trainer = Trainer(config, embedder)
+    trainer = Trainer(config, embedder) if options is None else Trainer(config, embedder, options)
     cache: dict = {}
     train_dev = [record for record in records if record.id in split.train_dev]
     test_records = [record for record in records if record.id in split.test]

@@ -33,7 +33,7 @@ from analysis.features import TextViews, sound_tokens
 
 log = logging.getLogger("analysis.model")
 
-MODEL_FORMAT = 2
+MODEL_FORMAT = 3
 MODEL_DIR = PROJECT_ROOT / "build" / "analysis"
 CURRENT_MODEL = MODEL_DIR / "ticket_model.joblib"
 TRAIN_COMMAND = "python -m analysis train"
@@ -69,6 +69,8 @@ class TrainOptions:
     max_iter: int = 300
     linear: str = "logistic"           # logistic (LogisticRegression) | svm (LinearSVC); both temperature-calibrated
     tune_medium_ratio: bool = False     # choose decide_urgency's medium/low ratio on the out-of-fold predictions
+    asr_augment: bool = True           # also train the heads on the ASR transcript of each ticket that has one
+    asr_pairs: bool = False            # with asr_augment: the duplicate model also learns from the streams as heard
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.high_recall_target <= 1.0:
@@ -85,7 +87,7 @@ class TrainingExample:
     category: str | None
     urgency: str | None
     group: str                    # duplicate chain (stream/root): kept in one inner fold
-    source: str = "labelled"      # labelled | correction
+    source: str = "labelled"      # labelled | asr (the ASR transcript of a labelled ticket) | correction
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -372,11 +374,14 @@ def train_model(
     featurizer = Featurizer(options).fit(views)
     category, category_oof, category_labels, category_used = train_head(
         views, examples, "category", categories, options.category_c, options, featurizer, weights=options.category_blocks)
-    urgency, urgency_oof, urgency_labels, _ = train_head(
+    urgency, urgency_oof, urgency_labels, urgency_used = train_head(
         views, examples, "urgency", URGENCY_ORDER, options.urgency_c, options, featurizer, balanced=True, weights=options.urgency_blocks)
     is_high = np.array([label == "high" for label in urgency_labels])
     p_high = urgency_oof[:, URGENCY_ORDER.index("high")]
-    threshold = choose_high_threshold(p_high, is_high, options.high_recall_target, options.max_high_threshold)
+    # The threshold is chosen on the written tickets (and corrections), not on their ASR copies:
+    # those teach the head how danger sounds when misheard, the recall target stays one target.
+    chosen_on = np.array([examples[index].source != "asr" for index in urgency_used])
+    threshold = choose_high_threshold(p_high[chosen_on], is_high[chosen_on], options.high_recall_target, options.max_high_threshold)
     medium_ratio = choose_medium_ratio(urgency_oof, urgency_labels, threshold) if options.tune_medium_ratio else 1.0
     oof_urgency = [decide_urgency(dict(zip(URGENCY_ORDER, row)), threshold, medium_ratio) for row in urgency_oof]
     oof_category = [categories[int(np.argmax(row))] for row in category_oof]
@@ -384,6 +389,7 @@ def train_model(
     summary = {
         "examples": len(examples),
         "corrections": sum(1 for example in examples if example.source == "correction"),
+        "asr_copies": sum(1 for example in examples if example.source == "asr"),
         "inner_oof": {
             "category_accuracy": round(float(np.mean([a == b for a, b in zip(oof_category, category_labels)])), 4),
             "urgency_accuracy": round(float(np.mean([a == b for a, b in zip(oof_urgency, urgency_labels)])), 4),

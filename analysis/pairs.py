@@ -29,6 +29,13 @@ import numpy as np
 from analysis.features import sound_string
 
 PREFILTER_TOP_K = 15
+# A stream "A~asr" holds the calls of stream "A" as the ASR heard them: the two are one group
+# when pairs are split into folds (the same calls must not be on both sides of a split).
+HEARD_STREAM_SUFFIX = "~asr"
+
+
+def stream_group(stream: str) -> str:
+    return stream.split(HEARD_STREAM_SUFFIX)[0]
 WINDOW_DAYS = 30.0
 _NUMBER = re.compile(r"\d+")
 
@@ -290,7 +297,7 @@ def build_pairs(streams: Mapping[str, Sequence[PairSide]], roots: Mapping[str, s
             labels.extend(1 if roots.get(other.ticket_id, other.ticket_id) == root else 0 for other in chosen)
             tickets.extend([counter] * len(chosen))
             candidate_ids.extend((stream, other.ticket_id) for other in chosen)
-            groups.extend([stream] * len(chosen))
+            groups.extend([stream_group(stream)] * len(chosen))
             counter += 1
     matrix = np.vstack(rows) if rows else np.zeros((0, len(FEATURE_NAMES)), np.float32)
     return PairSet(matrix, np.asarray(labels), np.asarray(tickets), candidate_ids, np.asarray(groups), expected, all_roots)

@@ -85,7 +85,9 @@ class SoundMatch:
 
 
 class PhoneticIndex:
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], allow_one_differing: bool = True) -> None:
+        """allow_one_differing: names of four or more syllables may differ in one (see above)."""
+        self._allow_one_differing = allow_one_differing
         self._by_first: dict[str, list[tuple[str, list[str]]]] = {}
         for name in sorted(set(names), key=len, reverse=True):
             sounds = syllables(name)
@@ -115,7 +117,7 @@ class PhoneticIndex:
                     continue
                 differing = sum(1 for a, b in zip(sounds[position:position + len(target)], target) if a != b)
                 same_chars = sum(1 for a, b in zip(heard, name) if a == b)
-                if differing == 0 or (differing == 1 and len(target) >= 4 and same_chars >= len(target) - 1):
+                if differing == 0 or (self._allow_one_differing and differing == 1 and len(target) >= 4 and same_chars >= len(target) - 1):
                     found = SoundMatch(name, heard, position)
                     break
             if found:

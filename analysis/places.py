@@ -54,6 +54,7 @@ class Gazetteer:
     city: str
     districts: tuple[District, ...]
     source: Path
+    elsewhere: tuple[str, ...] = ()   # districts of other cities (a call naming one is outside the city)
 
     def __post_init__(self) -> None:
         names = [district.name for district in self.districts]
@@ -83,7 +84,9 @@ class Gazetteer:
             )
         if not districts:
             raise ConfigError(path, "no districts")
-        return cls(city, tuple(districts), path)
+        own = {district.name for district in districts}
+        elsewhere = tuple(name for name in dict.fromkeys(string_list(data.get("elsewhere"), path, "elsewhere")) if name not in own)
+        return cls(city, tuple(districts), path, elsewhere)
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,9 @@ class PlaceExtractor:
                     self._kind[name] = kind
         # Longest first, so 南湖大道 wins over a shorter name inside it.
         self._known_names = sorted(self._owners, key=len, reverse=True)
-        # Aliases match exactly only: a sound-alike is rewritten to the canonical name.
-        self._sounds = PhoneticIndex([*self._owners, *gazetteer.district_names])
+        # Aliases match exactly only: a sound-alike is rewritten to the canonical name. Districts
+        # of other cities are heard too (海电区 -> 海淀区), then reported as outside the city.
+        self._sounds = PhoneticIndex([*self._owners, *gazetteer.district_names, *gazetteer.elsewhere])
         self._district_names = sorted(
             ((alias, district.name) for district in gazetteer.districts for alias in (district.name, *district.aliases)),
             key=lambda pair: len(pair[0]),
@@ -161,7 +165,7 @@ class PlaceExtractor:
     def repair_by_sound(self, text: str) -> tuple[str, tuple[str, ...]]:
         """The text with sound-alike place names replaced by the gazetteer's (same length)."""
         protected = set()
-        for name in (*self._known_names, *(alias for alias, _ in self._district_names)):
+        for name in (*self._known_names, *(alias for alias, _ in self._district_names), *self.gazetteer.elsewhere):
             start = text.find(name)
             while start >= 0:
                 protected.update(range(start, start + len(name)))

@@ -22,7 +22,7 @@ import numpy as np
 from analysis.dataset import LabelledTicket, by_stream, chain_roots
 from analysis.features import LexiconFeatures, ViewBuilder
 from analysis.model import TicketModel, TrainingExample, TrainOptions, train_model
-from analysis.pairs import PairFeaturizer, PairSide, train_pair_model
+from analysis.pairs import HEARD_STREAM_SUFFIX, PairFeaturizer, PairSide, train_pair_model
 from analysis.places import PlaceExtractor
 from analysis.taxonomy import CategoryClassifier
 from analysis.text import normalize
@@ -75,7 +75,13 @@ class Trainer:
         examples = [
             TrainingExample(normalize(record.text), record.category, record.urgency, f"{record.stream}/{roots[record.id]}")
             for record in records
-        ] + list(corrections)
+        ]
+        if self.options.asr_augment:  # same group as its reference text: never split across inner folds
+            examples += [
+                TrainingExample(normalize(record.asr_text), record.category, record.urgency, f"{record.stream}/{roots[record.id]}", "asr")
+                for record in records if record.asr_text
+            ]
+        examples += list(corrections)
         texts = [example.text for example in examples]
         vectors = self.embed(texts, embeddings)
         views = self.views.build(texts, vectors)
@@ -83,17 +89,28 @@ class Trainer:
         taxonomy = self.config.taxonomy
         keywords = [word for category in taxonomy.categories for word in category.keywords]
 
+        asr_view = {}  # record index -> index of the view of its ASR transcript
+        if self.options.asr_augment:
+            asr_view = {index: len(records) + k for k, index in enumerate(i for i, record in enumerate(records) if record.asr_text)}
+
         def pair_training(oof_by_index: dict, model: TicketModel):
             streams: dict[str, list[PairSide]] = {}
-            for index, record in enumerate(records):
-                place = self.places.extract(views[index].text)
-                probabilities = oof_by_index.get(index)
+
+            def side(record: LabelledTicket, view_index: int) -> PairSide:
+                place = self.places.extract(views[view_index].text)
+                probabilities = oof_by_index.get(view_index)
                 category_probs = dict(zip(model.category.classes, map(float, probabilities))) if probabilities is not None else {}
                 predicted = max(category_probs, key=category_probs.get) if category_probs else record.category
-                streams.setdefault(record.stream, []).append(PairSide(
-                    record.id, parse_time(record.received_at), views[index].embedding, views[index].text, predicted,
-                    place.district, place.address_key, place.place_keys, category_probs,
-                ))
+                return PairSide(record.id, parse_time(record.received_at), views[view_index].embedding, views[view_index].text, predicted,
+                                place.district, place.address_key, place.place_keys, category_probs)
+
+            for index, record in enumerate(records):
+                streams.setdefault(record.stream, []).append(side(record, index))
+            if self.options.asr_pairs and asr_view:
+                # The same streams as heard: each ticket by its ASR transcript where it has one, so
+                # the link threshold also fits what the ASR makes of two reports of one problem.
+                for index, record in enumerate(records):
+                    streams.setdefault(f"{record.stream}{HEARD_STREAM_SUFFIX}", []).append(side(record, asr_view.get(index, index)))
             return train_pair_model(streams, roots, PairFeaturizer(model.featurizer.char, keywords))
 
         model = train_model(
