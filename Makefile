@@ -23,7 +23,7 @@ export PYTHONPATH := $(CURDIR)
 help:
 	@echo "make setup | export [MODEL=whisper-base|glm-asr-tiny|glm-asr-nano CHECKPOINT=DIR PRECISION=fp32|fp16|int8] | serve | demo | test | bench | trt | clean"
 
-$(VENV)/.installed: requirements.txt requirements-gateway.txt
+$(VENV)/.installed: requirements.txt requirements-gateway.txt requirements-analysis.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt
@@ -71,12 +71,15 @@ test: export analysis-model
 	ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) ASR_GLM_MODEL_DIR=$(abspath $(GLM_TEST_DIR)) \
 		$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# Issue 12: hostile inputs, 240 fuzzed containers, a 64-call overload and a 1,000-request soak
-# against a real Triton + gateway, then TLS/API keys and the deployment files; prints the table
-# of cases and outcomes (also build/reliability/report.txt). Its fast subset runs in `make test`.
+# Issue 12: hostile inputs, 216 fuzzed containers, a 64-call overload, a 1,000-request soak and
+# the largest request against a real Triton + gateway; cancelled calls, request ids, two Triton
+# replicas, Triton stopped and killed under a batch; TLS/API keys and the deployment files. Prints
+# the table of cases and outcomes (also build/reliability/report.txt) and the slowest tests.
+# Its fast subset runs in `make test`.
 reliability: export
-	RELIABILITY_FULL=1 ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m pytest -s -q \
+	RELIABILITY_FULL=1 ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m pytest -s -q --durations=10 \
 		tests/test_reliability_audio.py tests/test_reliability_gateway.py tests/test_reliability_observability.py \
+		tests/test_reliability_faults.py tests/test_reliability_sequences.py tests/test_reliability_replicas.py \
 		tests/test_security_gateway.py tests/test_deployment_manifests.py tests/test_reliability_suite.py $(PYTEST_ARGS)
 
 # TensorRT engines from the ONNX files (stops with a clear message where TensorRT is absent).

@@ -1,10 +1,13 @@
 # The stateless gRPC gateway. Build: docker compose build gateway
 FROM python:3.11-slim
 WORKDIR /app
-COPY requirements-gateway.txt .
-RUN pip install --no-cache-dir -r requirements-gateway.txt
+COPY requirements-gateway.txt requirements-analysis.txt ./
+RUN pip install --no-cache-dir -r requirements-gateway.txt -r requirements-analysis.txt
 COPY protos/ protos/
 COPY gateway/ gateway/
+# ticket analysis (AnalyzeTicket, CorrectTicket, Transcribe with analyze): code and configuration;
+# the trained model is a build output, mounted (docker-compose.yml: ./build/analysis)
+COPY analysis/ analysis/
 RUN python -m gateway.protocol
 # not root (deploy/k8s/gateway.yaml runs it as uid 10001 too)
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin asr

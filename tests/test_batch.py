@@ -97,3 +97,25 @@ def test_missing_input_folder_and_no_gateway(tmp_path):
 def test_options_are_validated(tmp_path):
     with pytest.raises(ValueError, match="concurrency"):
         run_batch(tmp_path, tmp_path / "out", "127.0.0.1:1", concurrency=0)
+
+
+# Three first reports and their repeat calls (data/calls/manifest.jsonl: duplicate_of), all in
+# one batch run with four calls in flight: the repeats must still see the first reports.
+DUPLICATE_PAIRS = (("call_01_E006.flac", "call_10_E069.flac"), ("call_02_E007.flac", "call_16_E116.flac"),
+                   ("call_07_E030.flac", "call_15_E114.flac"))
+
+
+def test_duplicates_within_one_concurrent_batch_run(gateway, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    manifest = {json.loads(line)["file"]: line for line in (CALLS_DIR / "manifest.jsonl").read_text(encoding="utf-8").splitlines()}
+    names = [name for pair in DUPLICATE_PAIRS for name in pair]
+    for name in names:
+        shutil.copy(CALLS_DIR / name, folder / name)
+    (folder / "manifest.jsonl").write_text("\n".join(manifest[name] for name in names) + "\n", encoding="utf-8")
+    summary = run_batch(folder, out, gateway.address, concurrency=4, beam_size=1, history_db=tmp_path / "history.sqlite", progress=False)
+    assert summary.transcribed == len(names) and summary.failed == 0
+    tickets = {name: json.loads((out / name.replace(".flac", ".json")).read_text(encoding="utf-8"))["ticket"] for name in names}
+    linked = sum(1 for first, repeat in DUPLICATE_PAIRS if tickets[repeat]["duplicate_of"] == tickets[first]["ticket_id"])
+    assert linked >= 2, {repeat: tickets[repeat]["duplicate_of"] for _, repeat in DUPLICATE_PAIRS}
+    assert all(not tickets[first]["duplicate_of"] for first, _ in DUPLICATE_PAIRS)  # nothing earlier to point to

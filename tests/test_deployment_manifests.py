@@ -4,17 +4,18 @@ bundled in kubernetes-validate (nothing downloaded) (issue 12, items 3 and 5).""
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.service import metrics
+from gateway.service import metrics, remote_tickets
 from tests.conftest import PROJECT_ROOT
 
 K8S_DIR = PROJECT_ROOT / "deploy" / "k8s"
-KUBERNETES_VERSION = "1.31.0"  # the oldest release the manifests must run on (grpc probes: 1.27+)
+KUBERNETES_VERSION = "1.31.0"  # the oldest release the manifests must run on
 
 
 def manifests() -> list[dict]:
@@ -36,7 +37,7 @@ def test_manifest_matches_the_kubernetes_schema(document):
 
 def test_the_schema_check_catches_mistakes():
     broken = copy.deepcopy(by_kind("Deployment", "asr-gateway"))
-    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"  # must be a number
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSeconds"] = "5s"  # must be a number
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
     typo = copy.deepcopy(by_kind("Service", "triton"))
@@ -47,10 +48,13 @@ def test_the_schema_check_catches_mistakes():
 
 def test_probes_and_resources():
     gateway = by_kind("Deployment", "asr-gateway")["spec"]["template"]["spec"]["containers"][0]
-    assert gateway["readinessProbe"]["grpc"] == {"port": 50051}  # grpc.health.v1, no key needed
-    assert gateway["livenessProbe"]["grpc"] == {"port": 50051}
     assert "--host=0.0.0.0" in gateway["args"] and "--api-keys=/auth/api_keys.yaml" in gateway["args"]
     assert any(a.startswith("--tls-cert=") for a in gateway["args"])
+    # grpc.health.v1 (no API key needed) over TLS: an exec probe, since a kubelet grpc probe speaks plaintext only
+    for probe in (gateway["readinessProbe"], gateway["livenessProbe"]):
+        command = probe["exec"]["command"]
+        assert command[:3] == ["python", "-m", "gateway.clients.healthcheck"] and command[-1] == "127.0.0.1:50051"
+        assert "--tls-ca=/tls/ca.crt" in command
     triton = by_kind("Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     for container in (gateway, triton):
@@ -106,9 +110,10 @@ def test_the_workbench_runs_beside_the_one_gateway_that_writes_the_history():
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}  # one writer
     containers = _containers("asr-workbench")
     web, records = containers["workbench"], containers["records"]
-    # the workbench's gRPC goes to the gateway in its pod, which listens on loopback only
-    assert _arg(web, "gateway") == f"127.0.0.1:{_arg(records, 'port')}" and _arg(records, "host") == "127.0.0.1"
-    assert records["readinessProbe"]["exec"]["command"][-1] == _arg(web, "gateway")  # a kubelet grpc probe cannot reach loopback
+    # the workbench's gRPC goes to the gateway in its pod (over TLS: records also serves the replicas)
+    assert _arg(web, "gateway") == f"127.0.0.1:{_arg(records, 'port')}"
+    assert records["readinessProbe"]["exec"]["command"][-1] == _arg(web, "gateway")  # a kubelet grpc probe speaks no TLS
+    assert any(a.startswith("--tls-ca=") for a in records["readinessProbe"]["exec"]["command"])
     assert web["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "https", "scheme": "HTTPS"}
     assert _arg(records, "triton") == "triton:8001" and _arg(records, "api-keys").startswith("/auth/")
     # one history file on one volume: written by records, read by the workbench
@@ -140,3 +145,63 @@ def test_triton_admits_only_gateways():
     assert "records" in _containers("asr-workbench") and _containers("asr-workbench")["records"]["image"].startswith("asr-gateway:")
     [only] = by_kind("NetworkPolicy", "asr-workbench-https-only")["spec"]["ingress"]
     assert only["ports"] == [{"protocol": "TCP", "port": 8080}]
+
+
+def _volumes(deployment: str) -> dict[str, dict]:
+    return {v["name"]: v for v in by_kind("Deployment", deployment)["spec"]["template"]["spec"]["volumes"]}
+
+
+def _mounted_at(deployment: str, container: dict, path: str) -> dict:
+    """The volume that holds ``path`` in ``container``."""
+    [name] = [m["name"] for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    return _volumes(deployment)[name]
+
+
+def test_the_replicas_send_their_tickets_to_the_one_history():
+    """The replicated gateways keep no history: --ticket-service points at a Service for records,
+    over TLS with a key of their own, which records names in --ticket-forwarders (issue 14)."""
+    gateway = _containers("asr-gateway")["gateway"]
+    records = _containers("asr-workbench")["records"]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--history-db")
+    remote_tickets.add_arguments(parser)
+    options, _ = parser.parse_known_args(gateway["args"])
+    assert options.history_db is None and not any(a.startswith("--audit-log") for a in gateway["args"])
+    # the address is the Service in front of records' gRPC port
+    host, port = options.ticket_service.split(":")
+    service = by_kind("Service", host)
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == by_kind("Deployment", "asr-workbench")["spec"]["selector"]["matchLabels"]
+    [service_port] = service["spec"]["ports"]
+    assert service_port["port"] == int(port)
+    [container_port] = [p for p in records["ports"] if p["name"] == service_port["targetPort"]]
+    assert container_port["containerPort"] == int(_arg(records, "port")) and _arg(records, "host") == "0.0.0.0"
+    # records: TLS, API keys, the replicas' key trusted to pass its callers' names on
+    assert _arg(records, "api-keys").startswith("/auth/") and _arg(records, "tls-cert").startswith("/records-tls/")
+    records_tls = _mounted_at("asr-workbench", records, _arg(records, "tls-cert"))["secret"]["secretName"]
+    [forwarder] = _arg(records, "ticket-forwarders").split(",")
+    assert f"new-key {forwarder} --roles analyze,correct,delegate" in (K8S_DIR / "gateway.yaml").read_text(encoding="utf-8")
+    # the replicas: records' CA (never its private key) and their key from Secrets
+    sources = {s["secret"]["name"]: s["secret"]["items"] for s in _mounted_at("asr-gateway", gateway, str(options.ticket_service_ca))["projected"]["sources"]}
+    assert sources[records_tls] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert str(options.ticket_service_ca).endswith("/ca.crt") and str(options.ticket_service_api_key_file).endswith("/api-key")
+    key_volume = _mounted_at("asr-gateway", gateway, str(options.ticket_service_api_key_file))
+    assert {s["secret"]["name"] for s in key_volume["projected"]["sources"]} == {records_tls, "asr-ticket-forwarder"}
+    web = _containers("asr-workbench")["workbench"]
+    web_ca = _mounted_at("asr-workbench", web, _arg(web, "gateway-ca"))["secret"]
+    assert web_ca["secretName"] == records_tls and web_ca["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+
+def test_records_admits_only_the_gateways_on_grpc():
+    """Every policy on the workbench pod, together: HTTPS from anywhere (the ingress), records'
+    gRPC port only from the asr-gateway pods."""
+    admitted: dict[int, list] = {}
+    for policy in (d for d in manifests() if d["kind"] == "NetworkPolicy"):
+        if policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "asr-workbench"}:
+            for rule in policy["spec"]["ingress"]:
+                for port in rule["ports"]:
+                    admitted.setdefault(port["port"], []).extend(
+                        [peer["podSelector"]["matchLabels"] for peer in rule["from"]] if "from" in rule else ["anyone"]
+                    )
+    records_port = int(_arg(_containers("asr-workbench")["records"], "port"))
+    assert admitted == {8080: ["anyone"], records_port: [{"app.kubernetes.io/name": "asr-gateway"}]}

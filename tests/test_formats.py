@@ -21,7 +21,7 @@ import pytest
 
 from gateway.asr.audio import SAMPLE_RATE, AudioDecodeError, decode_audio, load_audio, load_pcm
 from gateway.protocol import asr_pb2, asr_pb2_grpc
-from tests.conftest import load_clip_audio, sample_clips
+from tests.conftest import asr_client, load_clip_audio, running_gateway, sample_clips
 
 CLIPS = {c.name: c for c in sample_clips()}
 SR = SAMPLE_RATE
@@ -298,8 +298,10 @@ def test_limits_are_configurable_and_reported(triton, model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_hour_file(asr_stub):
-    """Two hours of FLAC (digital silence, one utterance at 1:23:20): a correct result."""
+def test_two_hour_file(asr_stub, triton, model_dir, tmp_path):
+    """Two hours of FLAC (digital silence, one utterance at 1:23:20): refused by a gateway with the
+    default one-hour Transcribe limit (memory per request, README Reliability) with a message
+    saying what to do; a correct result from one started with --max-audio-duration-s 7200."""
     n = SR * 7200
     clip = load_clip_audio(CLIPS["en/quick_brown_fox"].path)
     audio = np.zeros(n, np.float32)
@@ -307,7 +309,13 @@ def test_two_hour_file(asr_stub):
     audio[at : at + len(clip)] = clip
     data = encode(audio, "flac", "flac", SR)
     del audio
-    response = asr_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=data, language="en", beam_size=1, word_timestamps=True), timeout=900)
+    request = asr_pb2.TranscribeRequest(audio_content=data, language="en", beam_size=1, word_timestamps=True)
+    with pytest.raises(grpc.RpcError) as error:
+        asr_stub.Transcribe(request, timeout=300)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 3600.0 s" in error.value.details()
+    with running_gateway(model_dir, triton.grpc_url, tmp_path, ["--max-audio-duration-s", "7200"]) as gateway:
+        with asr_client(gateway.address) as stub:
+            response = stub.Transcribe(request, timeout=900)
     assert response.audio_duration_s == pytest.approx(7200.0, abs=0.1)
     assert len(response.segments) == 1 and "quick" in response.text.lower()
     assert abs(response.segments[0].start_s - 5000.05) < 0.5

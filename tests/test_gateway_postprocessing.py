@@ -161,3 +161,19 @@ def test_simplify_transcript_keeps_times_and_other_languages():
     assert simplify_transcript(yue) is yue
     plain = simplify_transcript(Transcript(text="路灯坏了", segments=[], duration_s=1.0, language="zh"))
     assert plain.model_text == ""
+
+
+def test_zh_stream_results_are_simplified_with_the_model_text_kept(asr_stub):
+    from gateway.asr.script import to_simplified
+    from tests.test_streaming import finals, run_stream
+
+    data = (CALLS_DIR / "call_03_E009.flac").read_bytes()  # written in traditional characters by Whisper base
+    results = {}
+    for keep in (False, True):
+        config = asr_pb2.StreamingConfig(container="flac", language="zh", keep_model_script=keep)
+        results[keep] = finals(run_stream(asr_stub, config, data, bytes_per_s=len(data) / 8.0, realtime=False, chunk_s=0.5))
+    assert results[False] and len(results[False]) == len(results[True])
+    assert any(result.model_text for result in results[False])  # something was converted
+    for default, kept in zip(results[False], results[True]):
+        assert to_simplified(default.text) == default.text
+        assert kept.model_text == "" and kept.text == (default.model_text or default.text)

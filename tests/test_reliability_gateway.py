@@ -7,6 +7,7 @@ crash hook armed, so every case is reached with a few requests.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +37,16 @@ def gateway_process(model_dir, triton_url: str, logs, args: list[str], credentia
     except BaseException:
         process.stop()
         raise
+
+
+@contextlib.contextmanager
+def gateway_running(model_dir, triton_url: str, logs, args: list[str]):
+    """gateway_process, stopped when the block ends (fixtures: ``with ...: yield``)."""
+    process = gateway_process(model_dir, triton_url, logs, args)
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")

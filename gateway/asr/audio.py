@@ -222,8 +222,13 @@ def _check_finite(samples: np.ndarray, what: str) -> None:
         raise AudioDecodeError(f"{what} contains {bad} NaN/Inf samples")
 
 
+# The decoded duration is a sum of frame lengths in floating point: a file of exactly the limit
+# can add up to a hair over it (7200.0000001 s), which must not refuse it.
+DURATION_ROUNDING_S = 1e-3
+
+
 def _check_duration(duration_s: float, max_duration_s: float | None) -> None:
-    if max_duration_s is not None and duration_s > max_duration_s:
+    if max_duration_s is not None and duration_s > max_duration_s + DURATION_ROUNDING_S:
         raise AudioTooLongError(
             f"audio is {duration_s:.1f} s long; at most {max_duration_s:.1f} s is accepted"
         )

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import zhconv
 
+from gateway.asr.streaming import StreamResult
 from gateway.asr.transcriber import Transcript
 
 SIMPLIFIED_LOCALE = "zh-cn"
@@ -34,3 +35,12 @@ def simplify_transcript(transcript: Transcript) -> Transcript:
     text = to_simplified(transcript.text)
     model_text = transcript.text if text != transcript.text else ""
     return replace(transcript, text=text, segments=segments, model_text=model_text)
+
+
+def simplify_stream_result(result: StreamResult) -> StreamResult:
+    """A streaming partial or final with simplified text and words; unchanged for other languages."""
+    if result.language not in SIMPLIFIED_LANGUAGES or not result.text:
+        return result
+    text = to_simplified(result.text)
+    words = [replace(w, text=to_simplified(w.text)) for w in result.words]
+    return replace(result, text=text, words=words, model_text=result.text if text != result.text else "")

@@ -153,6 +153,7 @@ class StreamResult:
     token_ids: list[int] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
     audio_received_s: float = 0.0
+    model_text: str = ""  # the model's own text where `text` was converted (gateway.asr.script)
 
 
 @dataclass

@@ -2,14 +2,30 @@
 
 Everything that crosses the wire per decoder step is token ids, beam parents and a few
 log-probabilities; the KV cache stays inside Triton.
+
+Request ids: while the gateway serves an RPC, :func:`tag_request` names it, and every Triton
+request made for it carries ``<request id>-w<window>-enc`` (encoder), ``-w<window>-s<step>``
+(decoder steps), ``-w<window>-end`` (the END), ``-w<window>-lang-s0`` (language detection),
+``-w<window>-a<n>-...`` (the window again on another replica), so Triton's verbose log
+(``[request id: ...]``) and traces join the gateway's request log.
+
+Scale-out: :class:`TritonReplicas` spreads work over several Tritons serving the same models.
+A decoder sequence is stateful (its KV cache lives in one server), so a session stays on the
+replica that started it; new encodes and sessions go to the ready replica with the fewest in
+flight (round robin among equals); a replica that fails or stops answering health is skipped
+until it is ready again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import itertools
 import json
+import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
@@ -18,10 +34,16 @@ from tritonclient.utils import InferenceServerException
 from gateway.asr.decoding import StepOutput
 from gateway.asr.profiling import client_profile
 
+log = logging.getLogger("gateway.triton")
+
 ENCODER_MODEL = "encoder"
 DECODER_MODEL = "decoder"
 # gRPC status codes that mean "Triton is not there right now" rather than "bad request".
 _UNAVAILABLE_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
+# ... and messages that say so with another code: a stopping Triton unloads its models and
+# answers requests that come meanwhile with "Request for unknown model: 'encoder' has no
+# available versions" (a retry after it is back succeeds)
+_UNAVAILABLE_MESSAGES = ("failed to connect", "has no available versions", "server is stopping", "server is not ready")
 
 
 class TritonUnavailableError(RuntimeError):
@@ -35,9 +57,38 @@ class TritonInferenceError(RuntimeError):
 def _translate(error: InferenceServerException, what: str) -> Exception:
     status = str(error.status() or "")
     message = error.message() or str(error)
-    if any(code in status for code in _UNAVAILABLE_STATUSES) or "failed to connect" in message.lower():
+    if any(code in status for code in _UNAVAILABLE_STATUSES) or any(m in message.lower() for m in _UNAVAILABLE_MESSAGES):
         return TritonUnavailableError(f"Triton unavailable during {what}: {message}")
     return TritonInferenceError(f"Triton {what} failed: {message}")
+
+
+@dataclass
+class RequestTag:
+    """The gateway's id of the RPC being served; its windows are numbered in decode order."""
+
+    request_id: str
+    _windows: itertools.count = field(default_factory=itertools.count, repr=False)
+
+    def window(self) -> str:
+        return f"{self.request_id}-w{next(self._windows)}"
+
+
+# Set per RPC by the gateway; tasks started while serving it (windows, stream decodes) inherit it.
+CURRENT_REQUEST: contextvars.ContextVar[RequestTag | None] = contextvars.ContextVar("asr_request", default=None)
+MAX_REQUEST_ID_CHARS = 64  # as the gateway's request log (gateway.service.metrics)
+
+
+def tag_request(request_id: str) -> RequestTag:
+    """Name the RPC this task (and every task it starts from now on) serves."""
+    tag = RequestTag(request_id[:MAX_REQUEST_ID_CHARS])
+    CURRENT_REQUEST.set(tag)
+    return tag
+
+
+def window_tag() -> str:
+    """``<request id>-w<n>`` for the next window of the current RPC; "" outside one."""
+    tag = CURRENT_REQUEST.get()
+    return tag.window() if tag is not None and tag.request_id else ""
 
 
 def _tensor(name: str, array: np.ndarray, datatype: str) -> triton_grpc.InferInput:
@@ -71,12 +122,25 @@ class TritonAsrClient:
         self.decoder_model = decoder_model
         self.request_timeout_s = request_timeout_s
         self._client = triton_grpc.InferenceServerClient(url)
+        self.ready = True  # last health poll answered, and no request found it unreachable since
+        self.in_flight = 0  # encodes and decoder sessions open on this server
+
+    def _failed(self, error: InferenceServerException, what: str) -> Exception:
+        translated = _translate(error, what)
+        if isinstance(translated, TritonUnavailableError) and self.ready:
+            self.ready = False  # skipped by TritonReplicas until its next good health poll
+            log.warning("triton %s: unavailable during %s: not ready, skipped until it answers health", self.url, what)
+        return translated
 
     async def close(self) -> None:
         await self._client.close()
 
     async def models_ready(self) -> bool:
-        """True when the server and both models answer ready; False on any failure."""
+        """True when the server and both models answer ready; False on any failure (kept in ``ready``)."""
+        self.ready = await self._models_ready()
+        return self.ready
+
+    async def _models_ready(self) -> bool:
         try:
             if not await self._client.is_server_ready(client_timeout=2.0):
                 return False
@@ -95,19 +159,23 @@ class TritonAsrClient:
         params = {key: value.get("string_value", "") for key, value in config["config"].get("parameters", {}).items()}
         return DeployedModel(family=params.get("family", ""), model_name=params.get("model_name", ""), parameters=params)
 
-    async def encode(self, features: np.ndarray) -> np.ndarray:
+    async def encode(self, features: np.ndarray, *, request_id: str = "") -> np.ndarray:
         """log-mel [n_mels, n_frames] -> encoder output [S, d]."""
         batch = np.ascontiguousarray(features[np.newaxis], dtype=np.float32)
         profile, started = client_profile(), time.perf_counter()
+        self.in_flight += 1
         try:
             result = await self._client.infer(
                 self.encoder_model,
                 [_tensor("input_features", batch, "FP32")],
                 outputs=[triton_grpc.InferRequestedOutput("encoder_output")],
                 client_timeout=self.request_timeout_s,
+                request_id=request_id,
             )
         except InferenceServerException as error:
-            raise _translate(error, "encoder inference") from error
+            raise self._failed(error, "encoder inference") from error
+        finally:
+            self.in_flight -= 1
         if profile is not None:
             profile.add("encoder", time.perf_counter() - started)
         return result.as_numpy("encoder_output")[0]
@@ -119,14 +187,17 @@ class TritonAsrClient:
         suppress_ids: list[int] | None = None,
         begin_suppress_ids: list[int] | None = None,
         timestamp_rules: tuple[int, int, int, int] | None = None,
+        request_id: str = "",
     ) -> TritonDecoderSession:
         """``timestamp_rules`` = (timestamp_begin, no_timestamps id, max initial timestamp index, eot id):
-        the decoder applies Whisper's timestamp rules to this sequence (docs/INTERFACES.md)."""
+        the decoder applies Whisper's timestamp rules to this sequence (docs/INTERFACES.md).
+        ``request_id``: Triton request ids of the steps are ``<request_id>-s<step>``, the END's ``-end``."""
         return TritonDecoderSession(
-            self, encoder_output, suppress_ids or [], begin_suppress_ids or [], timestamp_rules=timestamp_rules
+            self, encoder_output, suppress_ids or [], begin_suppress_ids or [], timestamp_rules=timestamp_rules,
+            request_id=request_id,
         )
 
-    async def _decoder_infer(self, inputs, sequence_id: int, start: bool, end: bool):
+    async def _decoder_infer(self, inputs, sequence_id: int, start: bool, end: bool, request_id: str = ""):
         outputs = [triton_grpc.InferRequestedOutput(name) for name in ("topk_logprobs", "topk_ids", "extra_logprobs")]
         profile, started = client_profile(), time.perf_counter()
         try:
@@ -138,9 +209,10 @@ class TritonAsrClient:
                 sequence_start=start,
                 sequence_end=end,
                 client_timeout=self.request_timeout_s,
+                request_id=request_id,
             )
         except InferenceServerException as error:
-            raise _translate(error, "decoder step") from error
+            raise self._failed(error, "decoder step") from error
         if profile is not None:
             profile.add("decoder_end" if end else "decoder", time.perf_counter() - started)
         return result
@@ -161,6 +233,7 @@ class TritonDecoderSession:
         begin_suppress_ids: list[int],
         *,
         timestamp_rules: tuple[int, int, int, int] | None = None,
+        request_id: str = "",
     ) -> None:
         self._client = client
         self._timestamp_rules = timestamp_rules
@@ -171,6 +244,13 @@ class TritonDecoderSession:
         self.sequence_id = random.getrandbits(63) or 1
         self._started = False
         self._ended = False
+        self._request_id = request_id
+        self._steps = 0
+        self._released = False
+        client.in_flight += 1  # until close(): the sequence's steps all go to this server
+
+    def _step_id(self, suffix: str) -> str:
+        return f"{self._request_id}-{suffix}" if self._request_id else ""
 
     async def step(
         self,
@@ -205,7 +285,9 @@ class TritonDecoderSession:
         # hung up) must still END its sequence in close(), or its cache waits for idle eviction.
         # END for a sequence Triton never saw fails, and close() ignores that.
         self._started = True
-        result = await self._client._decoder_infer(inputs, self.sequence_id, start=start, end=False)
+        step_id = self._step_id(f"s{self._steps}")
+        self._steps += 1
+        result = await self._client._decoder_infer(inputs, self.sequence_id, start=start, end=False, request_id=step_id)
         extra = result.as_numpy("extra_logprobs")
         return StepOutput(
             topk_logprobs=result.as_numpy("topk_logprobs")[0],
@@ -215,12 +297,99 @@ class TritonDecoderSession:
 
     async def close(self) -> None:
         """Free the sequence's cache in Triton (an END request with zero beams)."""
+        if not self._released:
+            self._released = True
+            self._client.in_flight -= 1
         if not self._started or self._ended:
             return
         self._ended = True
         empty = np.zeros((1, 0, 1), dtype=np.int64)
         try:
-            await self._client._decoder_infer([_tensor("input_ids", empty, "INT64")], self.sequence_id, start=False, end=True)
+            await self._client._decoder_infer(
+                [_tensor("input_ids", empty, "INT64")], self.sequence_id, start=False, end=True,
+                request_id=self._step_id("end"),
+            )
         except (TritonUnavailableError, TritonInferenceError):
             # Triton evicts idle sequences by itself; a failed END only delays that.
             pass
+
+
+def _model_of(deployed: DeployedModel) -> tuple[str, str]:
+    """What must agree between replicas (their parameters may differ: paths, sizes)."""
+    return deployed.family, deployed.model_name
+
+
+class TritonReplicas:
+    """Several Tritons serving the same models, with TritonAsrClient's interface (module doc).
+
+    ``models_ready`` polls every replica (the gateway's health watcher calls it each second)
+    and is True while any is ready; a replica that comes back is checked to serve the model the
+    others serve before it gets work again."""
+
+    def __init__(self, urls: list[str] | str, **client_options) -> None:
+        urls = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
+        if not urls:
+            raise ValueError("at least one Triton URL is needed")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"a Triton URL is given twice: {', '.join(urls)}")
+        self.replicas = [TritonAsrClient(url, **client_options) for url in urls]
+        self._turn = itertools.count()
+        self._deployed: DeployedModel | None = None  # what the first checked replica serves
+
+    @property
+    def url(self) -> str:
+        return ", ".join(replica.url for replica in self.replicas)
+
+    def any_ready(self) -> bool:
+        return any(replica.ready for replica in self.replicas)
+
+    def pick(self) -> TritonAsrClient:
+        """The ready replica with the fewest encodes and sessions in flight, round robin among
+        equals (all of them when none is ready: the request then fails as Triton unavailable)."""
+        ready = [replica for replica in self.replicas if replica.ready] or self.replicas
+        turn = next(self._turn) % len(ready)
+        return min(ready[turn:] + ready[:turn], key=lambda replica: replica.in_flight)
+
+    async def models_ready(self) -> bool:
+        was = [replica.ready for replica in self.replicas]
+        states = await asyncio.gather(*(replica._models_ready() for replica in self.replicas))
+        for replica, before, now in zip(self.replicas, was, states):
+            if now and not before and self._deployed is not None:
+                now = await self._same_model(replica)
+            replica.ready = now
+            if now != before and len(self.replicas) > 1:
+                log.info("triton %s: %s", replica.url, "ready" if now else "not ready, skipped")
+        return any(replica.ready for replica in self.replicas)
+
+    async def _same_model(self, replica: TritonAsrClient) -> bool:
+        try:
+            deployed = await replica.deployed_model()
+        except (TritonUnavailableError, TritonInferenceError):
+            return False
+        if _model_of(deployed) != _model_of(self._deployed):
+            log.error("triton %s serves %s, the other replicas %s: skipped", replica.url, _model_of(deployed), _model_of(self._deployed))
+            return False
+        return True
+
+    async def deployed_model(self) -> DeployedModel:
+        """What the ready replicas serve; they must all serve the same model."""
+        ready = [replica for replica in self.replicas if replica.ready] or self.replicas[:1]
+        models = await asyncio.gather(*(replica.deployed_model() for replica in ready))
+        if any(_model_of(model) != _model_of(models[0]) for model in models):
+            described = "; ".join(f"{r.url}: {m.model_name} ({m.family})" for r, m in zip(ready, models))
+            raise TritonInferenceError(f"the Triton replicas serve different models: {described}")
+        self._deployed = models[0]
+        return models[0]
+
+    async def encode(self, features: np.ndarray, *, request_id: str = "") -> np.ndarray:
+        return await self.pick().encode(features, request_id=request_id)
+
+    def decoder_session(self, encoder_output: np.ndarray, **options) -> TritonDecoderSession:
+        """A session on one replica: all its steps and its END go there."""
+        return self.pick().decoder_session(encoder_output, **options)
+
+    async def inference_statistics(self) -> dict:
+        return {replica.url: await replica.inference_statistics() for replica in self.replicas}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(replica.close() for replica in self.replicas))

@@ -24,6 +24,7 @@ import numpy as np
 from gateway.asr.decoding import DecodingOptions, DecodingResult, TokenScorer, beam_search
 from gateway.asr.families import ModelFamily
 from gateway.asr.features import N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from gateway.asr.triton_client import TritonUnavailableError, window_tag
 
 log = logging.getLogger(__name__)
 
@@ -98,33 +99,53 @@ class StepwiseTritonDecoder:
     async def decode_window(self, audio: np.ndarray, options: WindowOptions) -> WindowResult:
         if audio.shape[0] > N_SAMPLES:
             raise ValueError(f"a window holds at most {N_SAMPLES} samples, got {audio.shape[0]}")
+        features = await asyncio.to_thread(log_mel_spectrogram, audio, n_mels=self.family.n_mels)
+        tag = window_tag()  # Triton request ids: <request id>-w<n>-...
+        # Several Triton replicas (TritonReplicas): a window whose replica went away mid-decode
+        # is decoded again from its features on another one (its sequence died with the server).
+        any_ready = getattr(self.client, "any_ready", None)
+        attempts = len(getattr(self.client, "replicas", ())) or 1
+        for attempt in range(attempts):
+            try:
+                attempt_tag = f"{tag}-a{attempt}" if attempt and tag else tag
+                return await self._decode_features(features, audio.shape[0], options, attempt_tag)
+            except TritonUnavailableError as error:
+                if attempt + 1 == attempts or any_ready is None or not any_ready():
+                    raise
+                log.warning("window %s: %s; decoding it again on another Triton replica", tag or "-", error)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _decode_features(self, features: np.ndarray, n_samples: int, options: WindowOptions, tag: str) -> WindowResult:
         family = self.family
-        features = await asyncio.to_thread(log_mel_spectrogram, audio, n_mels=family.n_mels)
-        encoder_output = await self.client.encode(features)
+        # Triton request ids (triton_client): <tag>-enc, steps <tag>-s<n> and <tag>-end, language
+        # detection <tag>-lang-s0, a decode again without hotwords <tag>-nohw-s<n>
+        ids = (lambda suffix: {"request_id": f"{tag}-{suffix}" if suffix else tag}) if tag else (lambda suffix: {})
+        encoder_output = await self.client.encode(features, **ids("enc"))
         if options.language:
             language = options.language
         elif family.supports_language_detection:
-            language = await self._detect_language(encoder_output)
+            language = await self._detect_language(encoder_output, ids("lang"))
         else:
             language = ""
         timestamps = options.timestamps and family.supports_timestamps
-        decoder_audio = family.decoder_audio(encoder_output, audio.shape[0])
+        decoder_audio = family.decoder_audio(encoder_output, n_samples)
         prompt = family.prompt_ids(language, options.task, decoder_audio.shape[0], timestamps=timestamps)
         rules = self._timestamp_rules if timestamps else None
         # a hallucination loop stops after what the audio could hold (speech is < 8 tokens/s)
-        max_new_tokens = int(MIN_NEW_TOKENS + MAX_TOKENS_PER_S * audio.shape[0] / SAMPLE_RATE)
+        max_new_tokens = int(MIN_NEW_TOKENS + MAX_TOKENS_PER_S * n_samples / SAMPLE_RATE)
         if family.max_new_tokens is not None:
             max_new_tokens = min(max_new_tokens, family.max_new_tokens)
         decoding = DecodingOptions(
             beam_size=options.beam_size, max_new_tokens=max_new_tokens, max_biased_logprob=options.max_biased_logprob
         )
 
-        async def search(scorer: TokenScorer | None) -> DecodingResult:
+        async def search(scorer: TokenScorer | None, name: str) -> DecodingResult:
             session = self.client.decoder_session(
                 decoder_audio,
                 suppress_ids=list(family.suppress_ids),
                 begin_suppress_ids=list(family.begin_suppress_ids),
                 timestamp_rules=rules,
+                **ids(name),
             )
             try:
                 return await beam_search(
@@ -133,22 +154,22 @@ class StepwiseTritonDecoder:
             finally:
                 await session.close()
 
-        result = await search(options.scorer)
+        result = await search(options.scorer, "")
         if options.scorer is not None:
             text = family.decode(result.tokens)
             if looks_like_loop(text):
                 # hotwords pulled the decoder into a loop (listed names repeated): this window
                 # is decoded again without them
                 log.warning("hotword-biased window loops (%r...); decoded again without hotwords", text[:40])
-                result = await search(None)
+                result = await search(None, "nohw")
         return WindowResult(result=result, language=language)
 
-    async def _detect_language(self, encoder_output: np.ndarray) -> str:
+    async def _detect_language(self, encoder_output: np.ndarray, ids: dict) -> str:
         """One decoder step on <|startoftranscript|>; the most likely language token wins."""
         lang_to_id = self.family.language_token_ids()
         codes = list(lang_to_id)
         lang_ids = np.array([[lang_to_id[c] for c in codes]], dtype=np.int64)
-        session = self.client.decoder_session(encoder_output)
+        session = self.client.decoder_session(encoder_output, **ids)
         try:
             output = await session.step(
                 np.array([self.family.language_detection_prompt()], dtype=np.int64), None, top_k=1, extra_ids=lang_ids

@@ -14,6 +14,10 @@ OUT/dashboard.html (+ OUT/charts/*.png), OUT/failures.csv and OUT/batch_summary.
 - Resumable: a recording whose OUT/<name>.json holds the same content hash is skipped;
   every file is written atomically, so a killed job loses nothing already written. A
   failed recording is listed in failures.csv with the reason and the rest go on.
+- Triton or the gateway restarting (UNAVAILABLE) or busy (RESOURCE_EXHAUSTED with a retry
+  hint; without one it is a file over the gateway's size limit, which fails): the call is
+  tried again with exponential backoff (1 s doubling to 30 s, jittered, never sooner than the
+  gateway's retry-after-ms) for up to --retry-for seconds (600) before it counts as failed.
 - Checked before any transcription: the output folder is writable, the history opens
   (a corrupt one is an error, never reset), the gateway answers.
 """
@@ -26,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import sys
 import tempfile
 import threading
@@ -59,6 +64,9 @@ AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".opus", ".amr", 
 MANIFEST_NAME = "manifest.jsonl"
 FAILURE_COLUMNS = ("file", "audio_sha256", "stage", "reason", "failed_at")
 RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+RETRY_AFTER_KEY = "retry-after-ms"  # the gateway's hint (gateway/service/errors.py)
 RESULT_VERSION = 1
 
 
@@ -85,7 +93,7 @@ class BatchOptions:
     timeout_s: float = 600.0
     history_db: Path | None = None   # None: store.path of the analysis defaults
     recursive: bool = False
-    retries: int = 2                  # extra tries when the gateway is UNAVAILABLE
+    retry_for_s: float = 600.0        # how long a call is retried while the gateway is UNAVAILABLE / busy
     progress: bool = True
     connect_timeout_s: float = 15.0
     security: ChannelSecurity | None = None  # TLS and API key (None: plaintext, no key)
@@ -97,8 +105,8 @@ class BatchOptions:
             raise ValueError(f"beam_size must be 0 (server default) or positive, got {self.beam_size}")
         if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
-        if self.retries < 0:
-            raise ValueError("retries must not be negative")
+        if self.retry_for_s < 0:
+            raise ValueError("retry_for_s must not be negative")
 
 
 @dataclass(frozen=True)
@@ -257,14 +265,35 @@ class Transcriber:
         request = asr_pb2.TranscribeRequest(
             audio_content=data, language=self.options.language, beam_size=self.options.beam_size, request_id=recording.path.name
         )
-        for attempt in range(self.options.retries + 1):
+        give_up_at = time.monotonic() + self.options.retry_for_s
+        attempt = 0
+        while True:
             try:
                 return response_to_dict(self.stub.Transcribe(request, timeout=self.options.timeout_s))
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE_CODES or attempt == self.options.retries:
+                hint = retry_hint_s(error)
+                # RESOURCE_EXHAUSTED without the gateway's hint: a message over the size limit
+                if error.code() not in RETRYABLE_CODES or (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and hint is None):
                     raise
-                time.sleep(min(10.0, 1.0 * 2**attempt))  # the gateway or Triton is restarting
-        raise AssertionError("unreachable")  # the loop returns or raises
+                delay = backoff_s(attempt, hint)  # the gateway or Triton is restarting, or busy
+                if time.monotonic() + delay > give_up_at:
+                    raise
+                time.sleep(delay)
+                attempt += 1
+
+
+def retry_hint_s(error: grpc.RpcError) -> float | None:
+    """The gateway's retry-after hint in seconds (admission refusals carry one), or None."""
+    try:
+        hint = dict(error.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+        return float(hint) / 1000.0 if hint else None
+    except (TypeError, ValueError):
+        return None
+
+
+def backoff_s(attempt: int, hint_s: float | None = None) -> float:
+    """Exponential backoff with jitter, at least the gateway's retry-after hint."""
+    return max(min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**attempt) * random.uniform(0.8, 1.2), hint_s or 0.0)
 
 
 def describe_error(error: BaseException) -> tuple[str, str]:
@@ -452,6 +481,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         summary = run_batch(
             args.input_dir, args.out, server=args.server, concurrency=args.concurrency, language=args.language,
             beam_size=args.beam_size, timeout_s=args.timeout, history_db=args.history_db, recursive=args.recursive,
+            retry_for_s=args.retry_for,
             progress=not args.no_progress, security=security_from_args(args),
         )
     except (BatchError, AnalysisError, ValueError) as error:
@@ -477,6 +507,8 @@ def add_batch_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--language", default="zh", help="language code; '' lets the model detect it")
     parser.add_argument("--beam-size", type=int, default=0, help="0: server default (5); 1: greedy (faster)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-recording deadline in seconds")
+    parser.add_argument("--retry-for", type=float, default=600.0,
+                        help="seconds a recording is retried while the gateway or Triton is unavailable or busy")
     parser.add_argument("--history-db", type=Path, help="SQLite history of tickets (default: store.path in analysis/config/defaults.yaml)")
     parser.add_argument("--recursive", action="store_true", help="also take recordings from subfolders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from gateway.tls import channel_credentials
+
 DEFAULT_SERVER = "localhost:50051"
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = (
@@ -39,11 +41,7 @@ class ChannelSecurity:
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls_ca:
             return None
-        return grpc.ssl_channel_credentials(
-            root_certificates=Path(self.tls_ca).read_bytes(),
-            private_key=Path(self.client_key).read_bytes() if self.client_key else None,
-            certificate_chain=Path(self.client_cert).read_bytes() if self.client_cert else None,
-        )
+        return channel_credentials(self.tls_ca, self.client_cert, self.client_key)
 
 
 class _TokenInterceptor(

@@ -9,7 +9,7 @@ start() launches tritonserver (free ports unless given, LD_LIBRARY_PATH for its 
 libraries, the Python backend directory, --model-control-mode=none, --exit-on-error) with its
 output in a log file, and returns once the server and every model of the repository are
 ready; a failure or timeout raises TritonStartError with the tail of the log. stop() sends
-SIGTERM and kills after a timeout.
+SIGTERM and kills after a timeout; kill() kills at once.
 """
 from __future__ import annotations
 
@@ -283,6 +283,26 @@ class TritonProcess:
             self._log_file.close()
             self._log_file = None
         return code
+
+    def kill(self) -> int | None:
+        """SIGKILL at once, its Python backend stubs too (a crashed server, for fault tests: a
+        stub outlives a killed server for minutes otherwise); returns the exit code."""
+        if self.process is not None and self.process.poll() is None:
+            import psutil
+
+            try:
+                stubs = psutil.Process(self.process.pid).children(recursive=True)
+            except psutil.Error:
+                stubs = []
+            self.process.kill()
+            self.process.wait(timeout=30)
+            for stub in stubs:
+                try:
+                    stub.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(stubs, timeout=30)
+        return self.stop()
 
     def __enter__(self) -> TritonProcess:
         return self.start()

@@ -60,6 +60,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
+from gateway.asr.triton_client import RequestTag, tag_request
 from gateway.service.metrics import IN_FLIGHT, RequestRecord, request_id_of, status_of
 from gateway.service.options import MissingRoleError, RequestError
 
@@ -251,6 +252,7 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
                 except _BadMessage:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, BAD_MESSAGE)
                 record.request_id = request_id_of(request)
+                tag_request(record.request_id)  # Triton's request ids carry the id of this log line
                 IN_FLIGHT.labels(rpc).inc()
                 counted = True
                 response = await handler.unary_unary(request, context)
@@ -270,11 +272,11 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
 
     if handler.stream_stream is not None:
 
-        async def requests(raw_iterator, record: RequestRecord):
+        async def requests(raw_iterator, record: RequestRecord, tag: RequestTag):
             async for raw in raw_iterator:
                 message = parse(raw)  # _BadMessage surfaces in the handler's read loop
                 if not record.request_id:
-                    record.request_id = request_id_of(message)
+                    record.request_id = tag.request_id = request_id_of(message)
                 yield message
 
         async def stream_stream(raw_iterator, context):
@@ -285,9 +287,10 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
                 if refusal:
                     await context.abort(*refusal)
                 current_identity.set(identity)
+                tag = tag_request("")  # named by the stream's first message (requests above)
                 IN_FLIGHT.labels(rpc).inc()
                 counted = True
-                async for response in handler.stream_stream(requests(raw_iterator, record), context):
+                async for response in handler.stream_stream(requests(raw_iterator, record, tag), context):
                     result = getattr(response, "result", None)
                     if result is not None and result.is_final:
                         record.audio_s = max(record.audio_s, float(result.end_s))

@@ -62,6 +62,7 @@ def stream_response(result: StreamResult, *, model_name: str, normalized_text: s
             language=result.language,
             utterance=result.utterance,
             normalized_text=normalized_text,
+            model_text=result.model_text,
         ),
         audio_received_s=result.audio_received_s,
         model_name=model_name,

@@ -2,8 +2,10 @@
 
     python -m gateway.service.server --port 50051 --triton localhost:8001 --model-dir build/models/whisper-base
 
-Stateless: any number of replicas can share one Triton. Health answers NOT_SERVING until
-Triton's encoder and decoder are ready (and again whenever they stop answering).
+Stateless: any number of replicas can share one Triton. ``--triton a:8001,b:8001`` spreads the
+work over several Tritons (gateway.asr.triton_client.TritonReplicas: a window's decoder
+sequence stays on the replica that started it). Health answers NOT_SERVING until a Triton's
+encoder and decoder are ready (and again whenever none answers).
 
 Silero VAD (``--vad-model``, default build/vad/silero_vad.onnx from tools/setup_vad.py) segments
 Transcribe requests and drives StreamingRecognize. Without the model (an error is logged at
@@ -17,6 +19,7 @@ import asyncio
 import logging
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +33,20 @@ from grpc_reflection.v1alpha import reflection
 from gateway.asr import itn
 from gateway.asr.audio import MAX_CONTAINER_CHANNELS
 from gateway.asr.hotword_lists import HotwordRegistry, default_hotword_dir
-from gateway.asr.script import simplify_transcript
+from gateway.asr.script import simplify_stream_result, simplify_transcript
 from gateway.asr.streaming import DecodeGate, RecognitionStream, StreamResult
 from gateway.asr.transcriber import ModelMismatchError, Transcriber
-from gateway.asr.triton_client import TritonAsrClient, TritonInferenceError, TritonUnavailableError
+from gateway.asr.triton_client import (
+    CURRENT_REQUEST,
+    TritonInferenceError,
+    TritonReplicas,
+    TritonUnavailableError,
+    tag_request,
+)
 from gateway.asr.vad import DEFAULT_MODEL_PATH, SileroVad, VadModelError
 from gateway.protocol import asr_pb2, asr_pb2_grpc
 from gateway.service import options as request_options
-from gateway.service import metrics, responses
+from gateway.service import metrics, remote_tickets, responses
 from gateway.service.auth import ApiKeys, GatewayInterceptor, current_identity, require_role
 from gateway.service.decode_pool import DecodeJob, DecodePool, run_job
 from gateway.service.errors import abort_for
@@ -66,11 +75,17 @@ class TlsConfig:
 @dataclass(frozen=True)
 class GatewayConfig:
     model_dir: Path
-    triton_url: str = "localhost:8001"
+    triton_url: str = "localhost:8001"  # several Tritons: comma-separated (TritonReplicas)
     host: str = "127.0.0.1"  # loopback unless asked: --host 0.0.0.0 (containers) exposes it
     port: int = 50051
-    max_audio_bytes: int = 512 * MIB
-    max_audio_duration_s: float = 4 * 3600.0
+    # One Transcribe's audio is held whole: the request (a few copies of its bytes on the way in)
+    # plus its samples (float32 at 16 kHz, 230 MB an hour). These defaults keep the largest
+    # request (64 MB that decode to 1 h) under 1.5 GB of gateway memory, measured by
+    # tests/test_reliability_suite.py::test_largest_request (README, Reliability). Longer
+    # recordings: StreamingRecognize, which holds only the open utterance.
+    max_audio_bytes: int = 64 * MIB
+    max_audio_duration_s: float = 3600.0  # per Transcribe, and per stream unless max_stream_duration_s
+    max_stream_duration_s: float | None = None  # a stream holds only its open utterance: may be longer
     max_audio_channels: int = MAX_CONTAINER_CHANNELS  # refused from the header, before decoding
     health_poll_interval_s: float = 1.0
     max_concurrent_windows: int = 8
@@ -91,12 +106,15 @@ class GatewayConfig:
     tls: TlsConfig | None = None  # None: plaintext (loopback use)
     api_keys: Path | None = None  # None: no authentication (local default; see gateway/service/auth.py)
     audit_log: Path | None = None  # corrections, one JSON line each; None: the gateway log
+    ticket_service: remote_tickets.RemoteTicketConfig | None = None  # tickets kept by another gateway: no local history
+    ticket_forwarders: tuple[str, ...] = ()  # API-key names of gateways forwarding tickets here (remote_tickets)
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "model_info.json").is_file():
             raise FileNotFoundError(f"{self.model_dir}/model_info.json not found; run `make export` first")
-        if self.max_audio_bytes <= 0 or self.max_audio_duration_s <= 0:
-            raise ValueError("max_audio_bytes and max_audio_duration_s must be positive")
+        stream_limit = self.max_audio_duration_s if self.max_stream_duration_s is None else self.max_stream_duration_s
+        if min(self.max_audio_bytes, self.max_audio_duration_s, stream_limit) <= 0:
+            raise ValueError("max_audio_bytes, max_audio_duration_s and max_stream_duration_s must be positive")
         if min(self.max_transcribes, self.max_streams, self.max_audio_channels) < 1 or self.decode_workers < 0:
             raise ValueError("max_transcribes, max_streams, max_audio_channels must be >= 1, decode_workers >= 0")
         if self.stream_idle_timeout_s <= 0 or self.retry_after_s <= 0:
@@ -104,6 +122,15 @@ class GatewayConfig:
 
 
 STREAM_QUEUE_SIZE = 256  # responses buffered for a slow reader before the stream waits
+
+
+def tag_rpc(client_request_id: str) -> str:
+    """Name the RPC this task serves for Triton's request ids (gateway.asr.triton_client): the id
+    the request log line carries when the interceptor has set it, else the client's, else a new one."""
+    tag = CURRENT_REQUEST.get()
+    if tag is None or not tag.request_id:
+        tag = tag_request(client_request_id or uuid.uuid4().hex[:16])
+    return tag.request_id
 
 
 class AsrService(asr_pb2_grpc.AsrServicer):
@@ -133,14 +160,17 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         if kind is None:
             raise RequestError("request has no audio: set audio_content or raw_audio")
         limits = dict(keep_channels=keep_channels, max_duration_s=self.config.max_audio_duration_s)
+        # each read of a bytes field copies it: read once
         if kind == "audio_content":
-            request_options.audio_size(len(request.audio_content), self.config.max_audio_bytes)
-            return DecodeJob(request.audio_content, max_channels=self.config.max_audio_channels, **limits)
+            data = request.audio_content
+            request_options.audio_size(len(data), self.config.max_audio_bytes)
+            return DecodeJob(data, max_channels=self.config.max_audio_channels, **limits)
         raw = request.raw_audio
-        request_options.audio_size(len(raw.pcm), self.config.max_audio_bytes)
+        data = raw.pcm
+        request_options.audio_size(len(data), self.config.max_audio_bytes)
         encoding = request_options.pcm_format("raw_audio", raw.encoding, raw.sample_rate_hz, raw.channels)
         return DecodeJob(
-            raw.pcm, pcm_sample_rate=raw.sample_rate_hz, pcm_encoding=encoding, pcm_channels=raw.channels or 1, **limits
+            data, pcm_sample_rate=raw.sample_rate_hz, pcm_encoding=encoding, pcm_channels=raw.channels or 1, **limits
         )
 
     async def _decode(self, job: DecodeJob) -> np.ndarray:
@@ -171,6 +201,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             self._transcribes -= 1
 
     async def _transcribe(self, request, context, started: float):
+        tag_rpc(request.request_id)
         try:
             if request.analyze:
                 require_role("analyze")
@@ -236,7 +267,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 return
             if first.WhichOneof("request") != "config":
                 raise RequestError("the first message of a stream must be a config")
-            request_id = first.config.request_id[:64]
+            request_id = tag_rpc(first.config.request_id)
             # hotwords and ITN are checked (and the scorer built) once, before any audio
             scorer = await asyncio.to_thread(request_options.hotword_scorer, self.hotwords, first.config)
             itn_options = request_options.itn_options(self.hotwords, first.config)
@@ -254,7 +285,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 options,
                 decoder,
                 emit,
-                max_duration_s=self.config.max_audio_duration_s,
+                max_duration_s=self.config.max_stream_duration_s or self.config.max_audio_duration_s,
                 decode_gate=self._stream_gate,
                 on_error=lambda error: queue.put_nowait(error) if not queue.full() else None,
             )
@@ -265,6 +296,8 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                     break
                 if isinstance(item, BaseException):
                     raise item
+                if not first.config.keep_model_script:
+                    item = simplify_stream_result(item)
                 normalized = ""
                 if itn_options is not None and item.text:  # in order, off the event loop (1-2 ms a result)
                     normalized = await asyncio.to_thread(itn.normalize, item.text, itn_options)
@@ -308,8 +341,9 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 if kind == "config":
                     raise RequestError("config may only be sent once, as the first message")
                 if kind == "audio":
-                    request_options.audio_size(len(message.audio), self.config.max_audio_bytes)
-                    await stream.push(message.audio)
+                    audio = message.audio
+                    request_options.audio_size(len(audio), self.config.max_audio_bytes)
+                    await stream.push(audio)
             await stream.finish()
         except asyncio.CancelledError:
             raise
@@ -331,7 +365,7 @@ def load_vad(path: Path | None) -> SileroVad | None:
 
 
 async def watch_triton(
-    client: TritonAsrClient, transcriber: Transcriber, health: HealthServicer, interval_s: float, service: AsrService | None = None
+    client: TritonReplicas, transcriber: Transcriber, health: HealthServicer, interval_s: float, service: AsrService | None = None
 ) -> None:
     """Keep the health status (and ``service.triton_ready``) in step with Triton; recovers by itself when Triton returns."""
     serving = None
@@ -358,7 +392,7 @@ async def watch_triton(
 
 
 async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
-    client = TritonAsrClient(config.triton_url)
+    client = TritonReplicas(config.triton_url)
     vad = load_vad(config.vad_model)
     transcriber = Transcriber(client, config.model_dir, max_concurrent_windows=config.max_concurrent_windows, vad=vad)
     keys = ApiKeys.load(config.api_keys) if config.api_keys else None
@@ -376,7 +410,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     vocabulary = transcriber.family.hotword_vocabulary()
     if vocabulary is not None:
         hotwords = HotwordRegistry(config.hotword_dir or default_hotword_dir(), vocabulary)
-    tickets = TicketService(config.history_db)
+    tickets = remote_tickets.open_ticket_service(config.history_db, config.ticket_service, config.ticket_forwarders)
     await asyncio.to_thread(itn.load)  # FSTs load once (about 0.5 s), before the first request
     await asyncio.to_thread(tickets.warm_up)
     service = AsrService(config, transcriber, vad, hotwords=hotwords, tickets=tickets, decode_pool=decode_pool)
@@ -416,11 +450,12 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path("build/models/whisper-base"))
-    parser.add_argument("--triton", default="localhost:8001", help="Triton gRPC address")
+    parser.add_argument("--triton", default="localhost:8001", help="Triton gRPC address; several: comma-separated (scale-out)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 (every interface) only when asked")
     parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--max-audio-mb", type=float, default=512.0)
-    parser.add_argument("--max-audio-duration-s", type=float, default=4 * 3600.0)
+    parser.add_argument("--max-audio-mb", type=float, default=64.0, help="largest audio in one message")
+    parser.add_argument("--max-audio-duration-s", type=float, default=3600.0, help="longest audio of one Transcribe")
+    parser.add_argument("--max-stream-duration-s", type=float, default=None, help="longest stream (default: --max-audio-duration-s)")
     parser.add_argument("--vad-model", type=Path, default=None, help=f"Silero VAD ONNX model (default {DEFAULT_MODEL_PATH})")
     parser.add_argument("--max-concurrent-windows", type=int, default=8, help="chunks of Transcribe requests decoded at once")
     parser.add_argument("--max-audio-channels", type=int, default=MAX_CONTAINER_CHANNELS)
@@ -437,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-stream-decodes", type=int, default=4, help="stream decodes in flight (finals first)")
     parser.add_argument("--hotword-dir", type=Path, default=None, help="server-side hotword lists (default config/hotwords)")
     parser.add_argument("--history-db", type=Path, default=None, help="SQLite ticket history (default from analysis config)")
+    remote_tickets.add_arguments(parser)  # --ticket-service ... (replicas), --ticket-forwarders (the history's owner)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
@@ -461,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         max_audio_bytes=int(args.max_audio_mb * MIB),
         max_audio_duration_s=args.max_audio_duration_s,
+        max_stream_duration_s=args.max_stream_duration_s,
         vad_model=args.vad_model,
         max_concurrent_windows=args.max_concurrent_windows,
         max_audio_channels=args.max_audio_channels,
@@ -475,6 +512,8 @@ def main(argv: list[str] | None = None) -> None:
         max_stream_decodes=args.max_stream_decodes,
         hotword_dir=args.hotword_dir,
         history_db=args.history_db,
+        ticket_service=remote_tickets.config_from_args(args, parser),
+        ticket_forwarders=remote_tickets.forwarders_from_args(args),
     )
     asyncio.run(serve(config))
 

@@ -2,6 +2,15 @@
 
 The analyzer (taxonomy, embeddings) and the SQLite history are opened once per gateway
 process; analysis is CPU work, so it runs in a worker thread, never on the event loop.
+
+This is the gateway that owns the history. Replicated gateways started with ``--ticket-service``
+forward to it instead (gateway/service/remote_tickets.py); for them two things are honoured here:
+
+- a correction from a key named in ``--ticket-forwarders`` is recorded as the caller that gateway
+  names in x-on-behalf-of (``wangfang via workbench``, as if it had come here directly), not as
+  ``<that> via <forwarder key>``; the audit line adds ``forwarded_by``;
+- the metadata key ``SEGMENTS_KEY`` carries Transcribe's segments (JSON), which the proto's
+  AnalyzeTicketRequest has no field for: taken out of the metadata and analysed as segments.
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -16,11 +26,14 @@ from typing import Any, Iterable, Mapping
 from google.protobuf.struct_pb2 import Struct
 
 from gateway.protocol import asr_pb2
+from gateway.service.auth import current_identity
 
 # Every correction, one JSON line; the server sends this logger to --audit-log.
 audit = logging.getLogger("gateway.audit")
 MAX_TICKET_ID_CHARS = 128
 UNKNOWN_TICKET = "no such ticket"  # one message for unknown and not-visible ids
+SEGMENTS_KEY = "gateway.segments"  # ticket metadata: Transcribe's segments as JSON (forwarded analysis)
+MAX_SEGMENTS_BYTES = 4 * 1024 * 1024
 
 
 class TicketServiceError(ValueError):
@@ -86,12 +99,45 @@ def ticket_to_pb(ticket) -> asr_pb2.Ticket:
     )
 
 
-class TicketService:
-    """Lazily opened analyzer + history store, shared by all requests of one gateway."""
+def _is_time(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    def __init__(self, history_db: Path | None = None, config_dir: Path | None = None) -> None:
+
+def segments_from_metadata(metadata: dict) -> list[dict] | None:
+    """Take SEGMENTS_KEY out of ``metadata``: the segments it holds, or None when absent."""
+    carried = metadata.pop(SEGMENTS_KEY, None)
+    if carried is None:
+        return None
+    problem = f"metadata {SEGMENTS_KEY} must be a JSON list of {{start_s, end_s, text}}"
+    if not isinstance(carried, str):
+        raise TicketServiceError(problem)
+    if len(carried.encode("utf-8")) > MAX_SEGMENTS_BYTES:
+        raise TicketServiceError(f"metadata {SEGMENTS_KEY} is over {MAX_SEGMENTS_BYTES} bytes")
+    try:
+        segments = json.loads(carried)
+    except ValueError:
+        raise TicketServiceError(problem) from None
+    if not isinstance(segments, list):
+        raise TicketServiceError(problem)
+    for segment in segments:
+        if not (
+            isinstance(segment, dict) and isinstance(segment.get("text"), str)
+            and all(_is_time(segment.get(key)) for key in ("start_s", "end_s"))
+        ):
+            raise TicketServiceError(problem)
+    return [{"start_s": float(s["start_s"]), "end_s": float(s["end_s"]), "text": s["text"]} for s in segments]
+
+
+class TicketService:
+    """Lazily opened analyzer + history store, shared by all requests of one gateway.
+
+    ``forwarders``: API-key names of gateways that forward tickets here (``--ticket-forwarders``).
+    """
+
+    def __init__(self, history_db: Path | None = None, config_dir: Path | None = None, forwarders: Iterable[str] = ()) -> None:
         self._history_db = history_db
         self._config_dir = config_dir
+        self._forwarders = frozenset(forwarders)
         self._lock = threading.Lock()
         self._analyzer = None
         self._store = None
@@ -117,6 +163,10 @@ class TicketService:
     def analyze_sync(self, text: str, metadata: Mapping[str, Any], *, segments: Iterable[Mapping] | None = None, record: bool = False):
         from analysis.errors import AnalysisError, HistoryStoreError
 
+        metadata = dict(metadata)
+        carried = segments_from_metadata(metadata)
+        if segments is None:
+            segments = carried
         analyzer, store = self._open()
         if record:
             store = _NoOverwriteStore(store, self._record_lock)
@@ -131,7 +181,18 @@ class TicketService:
         ticket = await asyncio.to_thread(self.analyze_sync, text, metadata, segments=segments, record=record)
         return ticket_to_pb(ticket)
 
-    def correct_sync(self, ticket_id: str, field: str, value: str, by: str) -> asr_pb2.CorrectTicketResponse:
+    def author(self, by: str) -> tuple[str, str | None]:
+        """(who the correction is recorded as, the forwarding key or None). A key in --ticket-forwarders
+        is a gateway passing on its caller's identity, already authenticated there: recorded as is
+        (none named: an empty author, refused like a missing corrected_by)."""
+        identity = current_identity.get()
+        if identity is not None and identity.key_name in self._forwarders:
+            return identity.on_behalf_of or "", identity.key_name
+        return by, None
+
+    def correct_sync(
+        self, ticket_id: str, field: str, value: str, by: str, forwarded_by: str | None = None
+    ) -> asr_pb2.CorrectTicketResponse:
         from analysis.errors import CorrectionError, TicketNotFoundError
 
         _, store = self._open()
@@ -151,6 +212,7 @@ class TicketService:
                     "event": "ticket_correction", "ticket_id": correction.ticket_id, "field": correction.field,
                     "old_value": correction.old_value, "new_value": correction.new_value,
                     "corrected_by": correction.corrected_by, "corrected_at": correction.corrected_at.isoformat(),
+                    **({"forwarded_by": forwarded_by} if forwarded_by else {}),
                 },
                 ensure_ascii=False, default=str,
             )
@@ -165,4 +227,5 @@ class TicketService:
         )
 
     async def correct(self, ticket_id: str, field: str, value: str, by: str) -> asr_pb2.CorrectTicketResponse:
-        return await asyncio.to_thread(self.correct_sync, ticket_id, field, value, by)
+        by, forwarded_by = self.author(by)
+        return await asyncio.to_thread(self.correct_sync, ticket_id, field, value, by, forwarded_by)

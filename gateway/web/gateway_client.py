@@ -8,6 +8,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from gateway.protocol import asr_pb2, asr_pb2_grpc
+from gateway.tls import channel_credentials
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
@@ -26,11 +27,7 @@ class GatewayClient:
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         if ca_file:
             # a gateway with --tls-client-ca (mutual TLS) also wants the workbench's own certificate
-            credentials = grpc.ssl_channel_credentials(
-                Path(ca_file).read_bytes(),
-                private_key=Path(client_key).read_bytes() if client_key else None,
-                certificate_chain=Path(client_cert).read_bytes() if client_cert else None,
-            )
+            credentials = channel_credentials(ca_file, client_cert, client_key)
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
