@@ -213,3 +213,42 @@ def test_transcribe_over_the_limit_is_refused(stub):
         for _ in range(6):
             pool.submit(call)
     assert set(outcomes) == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
+
+
+def _speech_wav(seconds: float) -> bytes:
+    """The demo calls one after another until `seconds` of 16 kHz mono speech, as a WAV."""
+    import io
+    import wave
+
+    from tests.conftest import PROJECT_ROOT, load_clip_audio
+
+    calls = sorted((PROJECT_ROOT / "data" / "calls").glob("call_*.flac"))
+    pieces, total = [], 0
+    while total < seconds * SAMPLE_RATE:
+        audio = load_clip_audio(calls[len(pieces) % len(calls)])
+        pieces.append(audio)
+        total += len(audio)
+    samples = (np.clip(np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)], -1, 1) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes(samples.tobytes())
+    return buffer.getvalue()
+
+
+def test_decoded_audio_in_flight_is_bounded(triton, model_dir, tmp_path):
+    """Many calls each within the per-call limits could still hold more audio than memory allows:
+    past --max-audio-in-flight-s a call is refused after decoding, with the retry hint; a call
+    alone is always admitted."""
+    long_call, short_call = _speech_wav(60.0), _speech_wav(15.0)
+    with gateway_running(model_dir, triton.grpc_url, tmp_path, ["--max-audio-in-flight-s", "70", "--retry-after-s", "1.5"]) as process:
+        with asr_client(process.address) as client, ThreadPoolExecutor(1) as pool:
+            holder = pool.submit(client.Transcribe, asr_pb2.TranscribeRequest(audio_content=long_call, language="zh", beam_size=1), timeout=300)
+            threading.Event().wait(2.0)  # the 60 s call is decoded (well under a second) and being transcribed
+            error = _status(lambda: client.Transcribe(asr_pb2.TranscribeRequest(audio_content=short_call, language="zh"), timeout=60))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "decoded audio" in error.details()
+            assert dict(error.trailing_metadata() or ())["retry-after-ms"] == "1500"
+            assert holder.result(timeout=300).text
+            assert client.Transcribe(asr_pb2.TranscribeRequest(audio_content=short_call, language="zh", beam_size=1), timeout=300).text

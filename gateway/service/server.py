@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -31,7 +32,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gateway.asr import itn
-from gateway.asr.audio import MAX_CONTAINER_CHANNELS
+from gateway.asr.audio import MAX_CONTAINER_CHANNELS, SAMPLE_RATE
 from gateway.asr.hotword_lists import HotwordRegistry, default_hotword_dir
 from gateway.asr.script import simplify_stream_result, simplify_transcript
 from gateway.asr.streaming import DecodeGate, RecognitionStream, StreamResult
@@ -96,6 +97,11 @@ class GatewayConfig:
     # so Triton's batcher stays fed while calls decode audio; measured on the loaded 2-core box,
     # 8 admitted 2.6 s clips (beam 5) finish within 35 s, the rest are refused in 20 ms
     max_transcribes: int = 16
+    # Decoded audio held by Transcribe calls at once (channel-seconds): what bounds the gateway's
+    # memory under many large requests (about 1.25 GB for the largest one, README Reliability).
+    # A call that would pass it is refused after decoding with RESOURCE_EXHAUSTED and a retry hint;
+    # one call alone is always admitted. None: max_audio_duration_s (one largest call at a time).
+    max_audio_in_flight_s: float | None = None
     max_streams: int = 8  # concurrent StreamingRecognize calls
     retry_after_s: float = 2.0  # the hint sent with RESOURCE_EXHAUSTED
     stream_idle_timeout_s: float = 30.0  # a stream with no message for this long is closed
@@ -117,6 +123,8 @@ class GatewayConfig:
             raise ValueError("max_audio_bytes, max_audio_duration_s and max_stream_duration_s must be positive")
         if min(self.max_transcribes, self.max_streams, self.max_audio_channels) < 1 or self.decode_workers < 0:
             raise ValueError("max_transcribes, max_streams, max_audio_channels must be >= 1, decode_workers >= 0")
+        if self.max_audio_in_flight_s is not None and self.max_audio_in_flight_s <= 0:
+            raise ValueError("max_audio_in_flight_s must be positive")
         if self.stream_idle_timeout_s <= 0 or self.retry_after_s <= 0:
             raise ValueError("stream_idle_timeout_s and retry_after_s must be positive")
 
@@ -153,6 +161,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         self.triton_ready = False  # kept in step with Triton by watch_triton (its first poll is at start)
         self._streams = 0
         self._transcribes = 0
+        self._audio_in_flight_s = 0.0  # decoded audio held by Transcribe calls (channel-seconds)
         self._stream_gate = DecodeGate(config.max_stream_decodes)
 
     def _decode_job(self, request, keep_channels: bool = False) -> DecodeJob:
@@ -188,6 +197,21 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 self.config.retry_after_s,
             )
 
+    @contextlib.contextmanager
+    def _holding_audio(self, seconds: float):
+        """Count `seconds` of decoded audio against max_audio_in_flight_s while the call holds it."""
+        held, limit = self._audio_in_flight_s, self.config.max_audio_in_flight_s or self.config.max_audio_duration_s
+        if held > 0 and held + seconds > limit:
+            raise AdmissionError(
+                f"this gateway holds {held:.0f} s of decoded audio for calls in flight and at most {limit:.0f} s at once",
+                grpc.StatusCode.RESOURCE_EXHAUSTED, self.config.retry_after_s,
+            )
+        self._audio_in_flight_s += seconds
+        try:
+            yield
+        finally:
+            self._audio_in_flight_s -= seconds
+
     async def Transcribe(self, request, context):
         started = time.perf_counter()
         try:
@@ -212,7 +236,9 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             self.transcriber.validate_language(options.language)
             audio = await self._decode(self._decode_job(request, separate))
             labels = request_options.channel_labels(request, audio.shape[0]) if separate else None
-            transcript = await self.transcriber.transcribe(audio, options, channel_labels=labels)
+            with self._holding_audio(audio.size / SAMPLE_RATE):
+                transcript = await self.transcriber.transcribe(audio, options, channel_labels=labels)
+            del audio
             if not request.keep_model_script:
                 transcript = simplify_transcript(transcript)
             normalized: list[str] = []  # per segment, with itn
@@ -460,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-concurrent-windows", type=int, default=8, help="chunks of Transcribe requests decoded at once")
     parser.add_argument("--max-audio-channels", type=int, default=MAX_CONTAINER_CHANNELS)
     parser.add_argument("--max-transcribes", type=int, default=16, help="concurrent Transcribe calls; more: RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-audio-in-flight-s", type=float, default=None,
+                        help="decoded audio held by Transcribe calls at once (default: --max-audio-duration-s); more: RESOURCE_EXHAUSTED")
     parser.add_argument("--max-streams", type=int, default=8, help="concurrent streams; more: RESOURCE_EXHAUSTED")
     parser.add_argument("--retry-after-s", type=float, default=2.0, help="retry hint sent with RESOURCE_EXHAUSTED")
     parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0)
@@ -502,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         max_concurrent_windows=args.max_concurrent_windows,
         max_audio_channels=args.max_audio_channels,
         max_transcribes=args.max_transcribes,
+        max_audio_in_flight_s=args.max_audio_in_flight_s,
         max_streams=args.max_streams,
         retry_after_s=args.retry_after_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
