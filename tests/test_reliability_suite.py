@@ -241,6 +241,41 @@ def test_largest_request(gateway):
     assert code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"), details
 
 
+@pytest.mark.skipif(not FULL, reason="make reliability only: 16 x 64 MB requests, about a minute")
+def test_overload_of_largest_requests(triton, model_dir, tmp_path):
+    """16 concurrent largest requests at the default limits: one is transcribed, the rest are turned
+    away (decoded audio in flight, --max-audio-in-flight-s), and the gateway should stay under
+    MAX_GATEWAY_MB while it happens."""
+    data = largest_wav(MAX_AUDIO_BYTES, MAX_AUDIO_DURATION_S)
+    outcomes: list[str] = []
+    with gateway_running(model_dir, triton.grpc_url, tmp_path, []) as process:
+        options = [("grpc.max_send_message_length", 2 * MAX_AUDIO_BYTES)]
+        with grpc.insecure_channel(process.address, options=options) as channel, PeakMemory(process.process.pid) as memory:
+            stub = asr_pb2_grpc.AsrStub(channel)
+            calls = [stub.Transcribe.future(asr_pb2.TranscribeRequest(audio_content=data, language="zh", beam_size=1), timeout=600)
+                     for _ in range(16)]
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and sum(call.done() for call in calls) < len(calls) - 1:
+                time.sleep(1.0)
+            for call in calls:
+                if not call.done():
+                    outcomes.append("running (cancelled)")
+                    call.cancel()
+                    continue
+                try:
+                    call.result()
+                    outcomes.append("OK")
+                except grpc.RpcError as error:
+                    outcomes.append(error.code().name)
+    counts = {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}
+    ROWS.append(("overload: 16 x 64 MB WAV of 1 h at once", str(counts), f"peak {memory.peak:.0f} MB"))
+    assert outcomes.count("RESOURCE_EXHAUSTED") >= 14
+    if memory.peak >= MAX_GATEWAY_MB:  # known gap, reported in the table and as xfail until it is closed
+        pytest.xfail(f"issue 12, open: peak {memory.peak:.0f} MB. A Transcribe's message is received whole before "
+                     "admission: 16 calls of 64 MB hold about 1 GB of request bytes (and copies) at once; it needs "
+                     "admission before the message is read (chunked upload for large files)")
+
+
 # ---------------------------------------------------------------------- fuzzing
 def encode(samples: np.ndarray, container: str, codec: str, rate: int, layout: str) -> bytes:
     """16 kHz mono float samples -> a container of ``codec`` (resampled, channels duplicated)."""
