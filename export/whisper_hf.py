@@ -156,19 +156,25 @@ def ct2_to_hf_state_dict(m) -> tuple[dict, dict]:
             else:
                 sd[f"{name}.bias"] = np.ascontiguousarray(b)
 
+    def self_attention(d: str, s: str) -> None:  # HF layer d, CT2 layer s (encoder and decoder alike)
+        fused([f"{d}.self_attn.q_proj", f"{d}.self_attn.k_proj", f"{d}.self_attn.v_proj"],
+              f"{s}/self_attention/linear_0", 3)
+        lin(f"{d}.self_attn.out_proj", f"{s}/self_attention/linear_1")
+        ln(f"{d}.self_attn_layer_norm", f"{s}/self_attention/layer_norm")
+
+    def feed_forward(d: str, s: str) -> None:
+        lin(f"{d}.fc1", f"{s}/ffn/linear_0")
+        lin(f"{d}.fc2", f"{s}/ffn/linear_1")
+        ln(f"{d}.final_layer_norm", f"{s}/ffn/layer_norm")
+
     e = "model.encoder"
     lin(f"{e}.conv1", "encoder/conv1")
     lin(f"{e}.conv2", "encoder/conv2")
     sd[f"{e}.embed_positions.weight"] = t("encoder/position_encodings/encodings")
     for i in range(n_enc):
         s, d = f"encoder/layer_{i}", f"{e}.layers.{i}"
-        fused([f"{d}.self_attn.q_proj", f"{d}.self_attn.k_proj", f"{d}.self_attn.v_proj"],
-              f"{s}/self_attention/linear_0", 3)
-        lin(f"{d}.self_attn.out_proj", f"{s}/self_attention/linear_1")
-        ln(f"{d}.self_attn_layer_norm", f"{s}/self_attention/layer_norm")
-        lin(f"{d}.fc1", f"{s}/ffn/linear_0")
-        lin(f"{d}.fc2", f"{s}/ffn/linear_1")
-        ln(f"{d}.final_layer_norm", f"{s}/ffn/layer_norm")
+        self_attention(d, s)
+        feed_forward(d, s)
     ln(f"{e}.layer_norm", "encoder/layer_norm")
 
     dd = "model.decoder"
@@ -176,17 +182,12 @@ def ct2_to_hf_state_dict(m) -> tuple[dict, dict]:
     sd[f"{dd}.embed_positions.weight"] = t("decoder/position_encodings/encodings")
     for i in range(n_dec):
         s, d = f"decoder/layer_{i}", f"{dd}.layers.{i}"
-        fused([f"{d}.self_attn.q_proj", f"{d}.self_attn.k_proj", f"{d}.self_attn.v_proj"],
-              f"{s}/self_attention/linear_0", 3)
-        lin(f"{d}.self_attn.out_proj", f"{s}/self_attention/linear_1")
-        ln(f"{d}.self_attn_layer_norm", f"{s}/self_attention/layer_norm")
+        self_attention(d, s)
         lin(f"{d}.encoder_attn.q_proj", f"{s}/attention/linear_0")
         fused([f"{d}.encoder_attn.k_proj", f"{d}.encoder_attn.v_proj"], f"{s}/attention/linear_1", 2)
         lin(f"{d}.encoder_attn.out_proj", f"{s}/attention/linear_2")
         ln(f"{d}.encoder_attn_layer_norm", f"{s}/attention/layer_norm")
-        lin(f"{d}.fc1", f"{s}/ffn/linear_0")
-        lin(f"{d}.fc2", f"{s}/ffn/linear_1")
-        ln(f"{d}.final_layer_norm", f"{s}/ffn/layer_norm")
+        feed_forward(d, s)
     ln(f"{dd}.layer_norm", "decoder/layer_norm")
     return sd, dims
 

@@ -268,6 +268,18 @@ def test_danger_the_asr_wrote_with_other_characters_is_heard(heard, kind, meant)
     assert hits[kind].kind == "sound" and len(hits[kind].text) == len(meant) and hits[kind].text != meant
 
 
+def test_danger_is_not_heard_by_sound_in_written_tickets():
+    """Sound matching is for what the ASR misheard: on the 1,314 written labelled tickets every
+    danger kind is found as written, none only by sound."""
+    from analysis.danger import find_danger
+    from analysis.dataset import load_labelled
+    from analysis.text import normalize
+
+    heard = {record.id: [hit.evidence.text for hit in find_danger(normalize(record.text)) if hit.evidence.kind == "sound"]
+             for record in load_labelled()}
+    assert len(heard) > 1000 and not {key: value for key, value in heard.items() if value}
+
+
 @pytest.mark.parametrize("text", [
     "大家都绕着走，这个坑得补一下",        # 打架
     "我家宝宝要打第二针",                  # 家暴
@@ -345,5 +357,5 @@ def test_asr_transcripts_train_the_heads_and_the_duplicate_model(analyzer):
     augmented = Trainer(analyzer.config, analyzer.embedder, TrainOptions(asr_augment=True, asr_pairs=True)).train(stream)
     assert plain.summary["examples"] == len(stream)
     assert augmented.summary["examples"] == len(stream) + with_asr
-    if plain.pairs is not None:  # the heard copy of the stream adds its own pairs
-        assert augmented.pairs.summary["pairs"] > plain.pairs.summary["pairs"]
+    assert plain.pairs is not None  # the heard copy of the stream adds its own pairs
+    assert augmented.pairs.summary["pairs"] > plain.pairs.summary["pairs"]

@@ -20,6 +20,7 @@ Audio that arrives in pieces (StreamingRecognize) is decoded by
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -267,6 +268,37 @@ def header_duration_s(container, stream) -> float:
     return 0.0
 
 
+class PacketErrors:
+    """Packets that did not decode, and frames the resampler refused: skipped, counted."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def frames_of(container, stream, max_channels: int, errors: PacketErrors) -> Iterator[av.AudioFrame]:
+    """The audio frames of ``stream`` (whole files and streams alike), each checked (_check_frame).
+    A packet that does not decode is skipped; where the demuxer cannot go on (truncated or garbled
+    container) the frames end, keeping what decoded so far. Both count in ``errors``."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.FFmpegError:
+            errors.count += 1
+            return
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            errors.count += 1
+            continue
+        for frame in frames:
+            if frame.sample_rate > 0 and frame.samples > 0:
+                _check_frame(frame, max_channels)
+                yield frame
+
+
 def _check_header(container, stream, *, max_duration_s: float | None, max_channels: int, keep_channels: bool) -> None:
     """Refuse from the header alone what decoding would refuse later, before a sample is decoded.
 
@@ -364,39 +396,21 @@ def load_audio(
         source_channels = 0
         source_duration_s = 0.0
         decoded_frames = 0
-        corrupt = 0
-        packets = container.demux(stream)
-        while True:
+        errors = PacketErrors()
+        for frame in frames_of(container, stream, max_channels, errors):
+            if not source_rate:
+                source_rate = frame.sample_rate
+                source_channels = frame.layout.nb_channels
+                _check_channels(source_channels, keep_channels)
+            source_duration_s += frame.samples / frame.sample_rate
+            _check_duration(source_duration_s, max_duration_s)
             try:
-                packet = next(packets)
-            except StopIteration:
-                break
-            except av.FFmpegError:
-                # The demuxer cannot go on (truncated or garbled container): keep
-                # what decoded so far.
-                corrupt += 1
-                break
-            try:
-                frames = packet.decode()
-            except av.FFmpegError:
-                corrupt += 1
+                resampler.push(frame)
+            except (av.FFmpegError, ValueError):
+                errors.count += 1
                 continue
-            for frame in frames:
-                if frame.sample_rate <= 0 or frame.samples <= 0:
-                    continue
-                _check_frame(frame, max_channels)
-                if not source_rate:
-                    source_rate = frame.sample_rate
-                    source_channels = frame.layout.nb_channels
-                    _check_channels(source_channels, keep_channels)
-                source_duration_s += frame.samples / frame.sample_rate
-                _check_duration(source_duration_s, max_duration_s)
-                try:
-                    resampler.push(frame)
-                except (av.FFmpegError, ValueError):
-                    corrupt += 1
-                    continue
-                decoded_frames += 1
+            decoded_frames += 1
+        corrupt = errors.count
         try:
             samples = resampler.finish()
         except (av.FFmpegError, ValueError) as exc:

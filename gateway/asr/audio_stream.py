@@ -20,14 +20,15 @@ from gateway.asr.audio import (
     RESAMPLE_FORMAT,
     SAMPLE_RATE,
     AudioDecodeError,
+    PacketErrors,
     _bound_amplitude,
     _check_finite,
-    _check_frame,
     _check_header,
     _check_sample_rate,
     _frame_channels,
     _open_error,
     _pcm_dtype,
+    frames_of,
 )
 
 
@@ -195,13 +196,17 @@ class ContainerStream:
         self.source_sample_rate = 0
         self.source_channels = 0
         self.source_duration_s = 0.0
-        self.corrupt_packets = 0
+        self._errors = PacketErrors()  # corrupt packets skipped (corrupt_packets)
         self._pipe = _BytePipe(max_buffered_bytes)
         self._out: list[np.ndarray] = []
         self._lock = threading.Lock()
         self._error: AudioDecodeError | None = None
         self._thread = threading.Thread(target=self._run, name="audio-stream-decoder", daemon=True)
         self._thread.start()
+
+    @property
+    def corrupt_packets(self) -> int:
+        return self._errors.count
 
     def feed(self, data: bytes) -> np.ndarray:
         self._raise_error()
@@ -261,32 +266,15 @@ class ContainerStream:
                         container, stream, max_duration_s=None, max_channels=MAX_CONTAINER_CHANNELS, keep_channels=False
                     )
                 resampler = _StreamResampler(self.target_sample_rate)
-                packets = container.demux(stream)
-                while True:
+                for frame in frames_of(container, stream, MAX_CONTAINER_CHANNELS, self._errors):
+                    if not self.source_sample_rate:
+                        self.source_sample_rate = frame.sample_rate
+                        self.source_channels = frame.layout.nb_channels
+                    self.source_duration_s += frame.samples / frame.sample_rate
                     try:
-                        packet = next(packets)
-                    except StopIteration:
-                        break
-                    except av.FFmpegError:
-                        self.corrupt_packets += 1
-                        break
-                    try:
-                        frames = packet.decode()
-                    except av.FFmpegError:
-                        self.corrupt_packets += 1
-                        continue
-                    for frame in frames:
-                        if frame.sample_rate <= 0 or frame.samples <= 0:
-                            continue
-                        _check_frame(frame, MAX_CONTAINER_CHANNELS)
-                        if not self.source_sample_rate:
-                            self.source_sample_rate = frame.sample_rate
-                            self.source_channels = frame.layout.nb_channels
-                        self.source_duration_s += frame.samples / frame.sample_rate
-                        try:
-                            self._emit(resampler.push(frame))
-                        except (av.FFmpegError, ValueError):
-                            self.corrupt_packets += 1
+                        self._emit(resampler.push(frame))
+                    except (av.FFmpegError, ValueError):
+                        self._errors.count += 1
                 self._emit(resampler.push(None))
         except AudioDecodeError as error:
             self._error = error

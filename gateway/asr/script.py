@@ -22,6 +22,10 @@ def to_simplified(text: str) -> str:
     return zhconv.convert(text, SIMPLIFIED_LOCALE) if text else text
 
 
+def _simplified_words(words):
+    return [replace(word, text=to_simplified(word.text)) for word in words]
+
+
 def simplify_transcript(transcript: Transcript) -> Transcript:
     """``transcript`` with simplified text (segments and words); unchanged for other languages."""
     if transcript.language not in SIMPLIFIED_LANGUAGES:
@@ -29,7 +33,7 @@ def simplify_transcript(transcript: Transcript) -> Transcript:
     segments = []
     for segment in transcript.segments:
         simplified = to_simplified(segment.text)
-        words = [replace(w, text=to_simplified(w.text)) for w in segment.words]
+        words = _simplified_words(segment.words)
         model_text = segment.text if simplified != segment.text else ""
         segments.append(replace(segment, text=simplified, words=words, model_text=model_text))
     text = to_simplified(transcript.text)
@@ -42,5 +46,5 @@ def simplify_stream_result(result: StreamResult) -> StreamResult:
     if result.language not in SIMPLIFIED_LANGUAGES or not result.text:
         return result
     text = to_simplified(result.text)
-    words = [replace(w, text=to_simplified(w.text)) for w in result.words]
+    words = _simplified_words(result.words)
     return replace(result, text=text, words=words, model_text=result.text if text != result.text else "")

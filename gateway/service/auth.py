@@ -223,6 +223,15 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, method, identity, refusal)
 
 
+def _finish(record: RequestRecord, context, error: BaseException | None, counted: bool) -> None:
+    """The request's end: out of the in-flight gauge (if it got in), its log line and metrics."""
+    if counted:
+        IN_FLIGHT.labels(record.rpc).dec()
+    if not record.request_id:
+        record.request_id = request_id_of(None)
+    record.finish(*status_of(context, error))
+
+
 def _wrap(handler, method: str, identity: Identity | None, refusal):
     """The handler with parsing, the refusal (if any), metrics and the request log line around it."""
     deserialize = handler.request_deserializer
@@ -262,11 +271,7 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
                 error = raised
                 raise
             finally:
-                if counted:
-                    IN_FLIGHT.labels(rpc).dec()
-                if not record.request_id:
-                    record.request_id = request_id_of(None)
-                record.finish(*status_of(context, error))
+                _finish(record, context, error, counted)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
 
@@ -299,11 +304,7 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
                 error = raised
                 raise
             finally:
-                if counted:
-                    IN_FLIGHT.labels(rpc).dec()
-                if not record.request_id:
-                    record.request_id = request_id_of(None)
-                record.finish(*status_of(context, error))
+                _finish(record, context, error, counted)
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, None, handler.response_serializer)
 

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import signal
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from gateway.asr.triton_client import (
     TritonInferenceError,
     TritonReplicas,
     TritonUnavailableError,
-    tag_request,
 )
 from gateway.asr.vad import DEFAULT_MODEL_PATH, SileroVad, VadModelError
 from gateway.protocol import asr_pb2, asr_pb2_grpc
@@ -132,15 +130,6 @@ class GatewayConfig:
 STREAM_QUEUE_SIZE = 256  # responses buffered for a slow reader before the stream waits
 
 
-def tag_rpc(client_request_id: str) -> str:
-    """Name the RPC this task serves for Triton's request ids (gateway.asr.triton_client): the id
-    the request log line carries when the interceptor has set it, else the client's, else a new one."""
-    tag = CURRENT_REQUEST.get()
-    if tag is None or not tag.request_id:
-        tag = tag_request(client_request_id or uuid.uuid4().hex[:16])
-    return tag.request_id
-
-
 class AsrService(asr_pb2_grpc.AsrServicer):
     def __init__(
         self,
@@ -225,7 +214,6 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             self._transcribes -= 1
 
     async def _transcribe(self, request, context, started: float):
-        tag_rpc(request.request_id)
         try:
             if request.analyze:
                 require_role("analyze")
@@ -293,7 +281,8 @@ class AsrService(asr_pb2_grpc.AsrServicer):
                 return
             if first.WhichOneof("request") != "config":
                 raise RequestError("the first message of a stream must be a config")
-            request_id = tag_rpc(first.config.request_id)
+            tag = CURRENT_REQUEST.get()  # named by the interceptor (auth.GatewayInterceptor): the request log's id
+            request_id = tag.request_id if tag is not None else ""
             # hotwords and ITN are checked (and the scorer built) once, before any audio
             scorer = await asyncio.to_thread(request_options.hotword_scorer, self.hotwords, first.config)
             itn_options = request_options.itn_options(self.hotwords, first.config)
