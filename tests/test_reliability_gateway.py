@@ -215,6 +215,32 @@ def test_transcribe_over_the_limit_is_refused(stub):
     assert set(outcomes) == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
 
 
+def test_refused_call_is_never_read(stub, hostile_gateway):
+    """Admission comes before the message is read (gateway/service/admission.py): while the one
+    Transcribe slot is taken, a 60 MB request is refused without its bytes entering the gateway."""
+    from tests.test_reliability_suite import PeakMemory, gateway_memory_mb
+
+    payload = asr_pb2.TranscribeRequest(audio_content=bytes(60 * 1024 * 1024), language="zh")
+    options = [("grpc.max_send_message_length", 128 * 1024 * 1024)]
+    with ThreadPoolExecutor(1) as pool, grpc.insecure_channel(hostile_gateway.address, options=options) as channel:
+        holder = pool.submit(stub.Transcribe, asr_pb2.TranscribeRequest(audio_content=_speech_wav(30.0), language="zh"), timeout=300)
+        call = channel.unary_unary("/asr.v1.Asr/Transcribe", request_serializer=asr_pb2.TranscribeRequest.SerializeToString,
+                                   response_deserializer=asr_pb2.TranscribeResponse.FromString)
+        refused = None
+        for _ in range(100):  # until the holder is admitted (before that the zeros are read: INVALID_ARGUMENT)
+            before = gateway_memory_mb(hostile_gateway.process.pid)
+            with PeakMemory(hostile_gateway.process.pid) as memory:
+                error = _status(lambda: call(payload, timeout=60))
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                refused = error
+                break
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert not holder.done(), "the holding call ended before a refusal was seen"
+        assert refused is not None and "at most 1 Transcribe calls" in refused.details()
+        assert memory.peak - before < 30, f"gateway grew {memory.peak - before:.0f} MB for a refused 60 MB request"
+        assert holder.result(timeout=300).text
+
+
 def _speech_wav(seconds: float) -> bytes:
     """The demo calls one after another until `seconds` of 16 kHz mono speech, as a WAV."""
     import io

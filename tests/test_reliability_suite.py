@@ -244,8 +244,9 @@ def test_largest_request(gateway):
 @pytest.mark.skipif(not FULL, reason="make reliability only: 16 x 64 MB requests, about a minute")
 def test_overload_of_largest_requests(triton, model_dir, tmp_path):
     """16 concurrent largest requests at the default limits: one is transcribed, the rest are turned
-    away (decoded audio in flight, --max-audio-in-flight-s), and the gateway should stay under
-    MAX_GATEWAY_MB while it happens."""
+    away (request bytes and decoded audio in flight), and the gateway stays under MAX_GATEWAY_MB
+    while it happens: a message is read only once its call is admitted, two at a time
+    (gateway/service/admission.py)."""
     data = largest_wav(MAX_AUDIO_BYTES, MAX_AUDIO_DURATION_S)
     outcomes: list[str] = []
     with gateway_running(model_dir, triton.grpc_url, tmp_path, []) as process:
@@ -270,10 +271,7 @@ def test_overload_of_largest_requests(triton, model_dir, tmp_path):
     counts = {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}
     ROWS.append(("overload: 16 x 64 MB WAV of 1 h at once", str(counts), f"peak {memory.peak:.0f} MB"))
     assert outcomes.count("RESOURCE_EXHAUSTED") >= 14
-    if memory.peak >= MAX_GATEWAY_MB:  # known gap, reported in the table and as xfail until it is closed
-        pytest.xfail(f"issue 12, open: peak {memory.peak:.0f} MB. A Transcribe's message is received whole before "
-                     "admission: 16 calls of 64 MB hold about 1 GB of request bytes (and copies) at once; it needs "
-                     "admission before the message is read (chunked upload for large files)")
+    assert memory.peak < MAX_GATEWAY_MB
 
 
 # ---------------------------------------------------------------------- fuzzing

@@ -66,7 +66,7 @@ FAILURE_COLUMNS = ("file", "audio_sha256", "stage", "reason", "failed_at")
 RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
-RETRY_AFTER_KEY = "retry-after-ms"  # the gateway's hint (gateway/service/errors.py)
+RETRY_AFTER_KEY = "retry-after-ms"  # the gateway's hint (gateway/service/admission.py)
 RESULT_VERSION = 1
 
 

@@ -4,6 +4,8 @@ Every RPC except grpc.health.v1 goes through :class:`GatewayInterceptor`:
 
 - requests are parsed here, not by gRPC: bytes that are not a valid message (a string field
   that is not UTF-8) get INVALID_ARGUMENT instead of UNKNOWN "Unexpected DecodeError";
+- unary methods are served as stream-unary, so that authentication and admission
+  (gateway/service/admission.py) come before the message is read;
 - with an API-key file (``--api-keys config/api_keys.yaml``), a call needs
   ``authorization: Bearer <key>`` (or ``x-api-key: <key>``) metadata; no or an unknown key ->
   UNAUTHENTICATED, a key without the RPC's role -> PERMISSION_DENIED. Roles: transcribe
@@ -61,8 +63,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gateway.asr.triton_client import RequestTag, tag_request
+from gateway.service.admission import Admission, abort_refused
 from gateway.service.metrics import IN_FLIGHT, RequestRecord, request_id_of, status_of
-from gateway.service.options import MissingRoleError, RequestError
+from gateway.service.options import AdmissionError, MissingRoleError, RequestError
 
 ROLES = ("transcribe", "analyze", "correct", "delegate", "admin")
 ADMIN = "admin"
@@ -206,8 +209,9 @@ def require_role(role: str) -> None:
 
 
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: ApiKeys | None) -> None:
+    def __init__(self, keys: ApiKeys | None, admission: Admission) -> None:
         self.keys = keys
+        self.admission = admission
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -220,7 +224,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             metadata = handler_call_details.invocation_metadata
             role = METHOD_ROLES.get(method, ADMIN)  # reflection and anything new: admin only
             identity, refusal = _authorize(self.keys.identify(_presented_key(metadata)), role, metadata)
-        return _wrap(handler, method, identity, refusal)
+        return _wrap(handler, method, identity, refusal, self.admission)
 
 
 def _finish(record: RequestRecord, context, error: BaseException | None, counted: bool) -> None:
@@ -232,8 +236,10 @@ def _finish(record: RequestRecord, context, error: BaseException | None, counted
     record.finish(*status_of(context, error))
 
 
-def _wrap(handler, method: str, identity: Identity | None, refusal):
-    """The handler with parsing, the refusal (if any), metrics and the request log line around it."""
+def _wrap(handler, method: str, identity: Identity | None, refusal, admission: Admission):
+    """The handler with parsing, the refusal (if any), admission, metrics and the request log line
+    around it. Unary methods are served as stream-unary so that a call is refused (or admitted)
+    before its message is read (gateway/service/admission.py)."""
     deserialize = handler.request_deserializer
     rpc = method.rsplit("/", 1)[-1]
     name = identity.name if identity else None
@@ -248,7 +254,7 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
 
     if handler.unary_unary is not None:
 
-        async def unary_unary(raw, context):
+        async def unary(raw_iterator, context):
             record = RequestRecord(rpc, name, context.peer())
             error = None
             counted = False
@@ -256,24 +262,33 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
                 if refusal:
                     await context.abort(*refusal)
                 current_identity.set(identity)
-                try:
-                    request = parse(raw)
-                except _BadMessage:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, BAD_MESSAGE)
-                record.request_id = request_id_of(request)
-                tag_request(record.request_id)  # Triton's request ids carry the id of this log line
-                IN_FLIGHT.labels(rpc).inc()
-                counted = True
-                response = await handler.unary_unary(request, context)
+                with admission.call(rpc):
+                    async with admission.receiving():
+                        raw = await context.read()
+                    if raw is grpc.aio.EOF:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NO_MESSAGE)
+                    with admission.holding_request(len(raw)):
+                        try:
+                            request = parse(raw)
+                        except _BadMessage:
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, BAD_MESSAGE)
+                        del raw
+                        record.request_id = request_id_of(request)
+                        tag_request(record.request_id)  # Triton's request ids carry the id of this log line
+                        IN_FLIGHT.labels(rpc).inc()
+                        counted = True
+                        response = await handler.unary_unary(request, context)
                 record.audio_s = float(getattr(response, "audio_duration_s", 0.0) or 0.0)
                 return response
+            except AdmissionError as refused:  # its abort ends the call: the record reads the context's status
+                await abort_refused(context, refused)
             except BaseException as raised:
                 error = raised
                 raise
             finally:
                 _finish(record, context, error, counted)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(unary, None, handler.response_serializer)
 
     if handler.stream_stream is not None:
 
@@ -293,13 +308,16 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
                     await context.abort(*refusal)
                 current_identity.set(identity)
                 tag = tag_request("")  # named by the stream's first message (requests above)
-                IN_FLIGHT.labels(rpc).inc()
-                counted = True
-                async for response in handler.stream_stream(requests(raw_iterator, record, tag), context):
-                    result = getattr(response, "result", None)
-                    if result is not None and result.is_final:
-                        record.audio_s = max(record.audio_s, float(result.end_s))
-                    yield response
+                with admission.call(rpc):
+                    IN_FLIGHT.labels(rpc).inc()
+                    counted = True
+                    async for response in handler.stream_stream(requests(raw_iterator, record, tag), context):
+                        result = getattr(response, "result", None)
+                        if result is not None and result.is_final:
+                            record.audio_s = max(record.audio_s, float(result.end_s))
+                        yield response
+            except AdmissionError as refused:  # its abort ends the call: the record reads the context's status
+                await abort_refused(context, refused)
             except BaseException as raised:
                 error = raised
                 raise
@@ -317,6 +335,7 @@ def _wrap(handler, method: str, identity: Identity | None, refusal):
 
 
 BAD_MESSAGE = "the request is not a valid message (text fields must be UTF-8)"
+NO_MESSAGE = "the call carried no request message"
 
 
 class _BadMessage(RequestError):

@@ -17,6 +17,7 @@ from gateway.asr.streaming import StreamConfigError
 from gateway.asr.tokenizer import UnknownLanguageError
 from gateway.asr.transcriber import ModelMismatchError, VadUnavailableError
 from gateway.asr.triton_client import TritonInferenceError, TritonUnavailableError
+from gateway.service.admission import RETRY_AFTER_KEY, abort_refused
 from gateway.service.options import AdmissionError, MissingRoleError, RequestError, StreamIdleError, quote
 from gateway.service.ticket_service import TicketExists, TicketNotFound, TicketServiceError
 
@@ -25,7 +26,6 @@ log = logging.getLogger("gateway")
 # Status messages stay well under 1 KB whatever the client sent: a client value is quoted
 # shortened (options.quote), and every message is cut to this many UTF-8 bytes.
 MAX_STATUS_BYTES = 900
-RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED and UNAVAILABLE
 
 
 def bounded(message: str, limit: int = MAX_STATUS_BYTES) -> str:
@@ -43,9 +43,7 @@ INVALID_ARGUMENT_ERRORS = (
 async def abort_for(context, error: BaseException, where: str) -> None:
     """Abort the RPC with the status that fits ``error`` (never a traceback to the client)."""
     if isinstance(error, AdmissionError):
-        await context.abort(
-            error.code, bounded(str(error)), trailing_metadata=((RETRY_AFTER_KEY, str(int(error.retry_after_s * 1000))),)
-        )
+        await abort_refused(context, error)
     if isinstance(error, MissingRoleError):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, bounded(str(error)))
     if isinstance(error, StreamIdleError):

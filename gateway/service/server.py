@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -46,10 +45,11 @@ from gateway.asr.vad import DEFAULT_MODEL_PATH, SileroVad, VadModelError
 from gateway.protocol import asr_pb2, asr_pb2_grpc
 from gateway.service import options as request_options
 from gateway.service import metrics, remote_tickets, responses
+from gateway.service.admission import Admission, AdmissionLimits
 from gateway.service.auth import ApiKeys, GatewayInterceptor, current_identity, require_role
 from gateway.service.decode_pool import DecodeJob, DecodePool, run_job
 from gateway.service.errors import abort_for
-from gateway.service.options import MIB, AdmissionError, RequestError, StreamIdleError
+from gateway.service.options import MIB, RequestError, StreamIdleError
 from gateway.service.ticket_service import TicketService
 
 log = logging.getLogger("gateway")
@@ -101,6 +101,12 @@ class GatewayConfig:
     # one call alone is always admitted. None: max_audio_duration_s (one largest call at a time).
     max_audio_in_flight_s: float | None = None
     max_streams: int = 8  # concurrent StreamingRecognize calls
+    # Request messages are read only once a call is admitted (gateway/service/admission.py):
+    # this many at once, each waiting at most receive_wait_s for its turn; the bytes of the
+    # requests in flight are bounded too (None: max_audio_bytes, one largest request at a time)
+    max_receiving: int = 2
+    receive_wait_s: float = 10.0
+    max_request_bytes_in_flight: int | None = None
     retry_after_s: float = 2.0  # the hint sent with RESOURCE_EXHAUSTED
     stream_idle_timeout_s: float = 30.0  # a stream with no message for this long is closed
     max_stream_decodes: int = 4  # stream decodes in flight over all streams (finals first)
@@ -119,12 +125,22 @@ class GatewayConfig:
         stream_limit = self.max_audio_duration_s if self.max_stream_duration_s is None else self.max_stream_duration_s
         if min(self.max_audio_bytes, self.max_audio_duration_s, stream_limit) <= 0:
             raise ValueError("max_audio_bytes, max_audio_duration_s and max_stream_duration_s must be positive")
-        if min(self.max_transcribes, self.max_streams, self.max_audio_channels) < 1 or self.decode_workers < 0:
-            raise ValueError("max_transcribes, max_streams, max_audio_channels must be >= 1, decode_workers >= 0")
-        if self.max_audio_in_flight_s is not None and self.max_audio_in_flight_s <= 0:
-            raise ValueError("max_audio_in_flight_s must be positive")
-        if self.stream_idle_timeout_s <= 0 or self.retry_after_s <= 0:
-            raise ValueError("stream_idle_timeout_s and retry_after_s must be positive")
+        if self.max_audio_channels < 1 or self.decode_workers < 0:
+            raise ValueError("max_audio_channels must be >= 1, decode_workers >= 0")
+        if self.stream_idle_timeout_s <= 0:
+            raise ValueError("stream_idle_timeout_s must be positive")
+        self.admission_limits()  # validates the rest
+
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(
+            max_transcribes=self.max_transcribes,
+            max_streams=self.max_streams,
+            max_receiving=self.max_receiving,
+            receive_wait_s=self.receive_wait_s,
+            max_request_bytes_in_flight=self.max_request_bytes_in_flight or self.max_audio_bytes,
+            max_audio_in_flight_s=self.max_audio_in_flight_s or self.max_audio_duration_s,
+            retry_after_s=self.retry_after_s,
+        )
 
 
 STREAM_QUEUE_SIZE = 256  # responses buffered for a slow reader before the stream waits
@@ -137,6 +153,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         transcriber: Transcriber,
         vad: SileroVad | None = None,
         *,
+        admission: Admission,
         hotwords: HotwordRegistry | None = None,
         tickets: TicketService | None = None,
         decode_pool: DecodePool | None = None,
@@ -147,13 +164,12 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         self.hotwords = hotwords  # None: the model family has no hotword vocabulary
         self.tickets = tickets or TicketService(config.history_db)
         self.decode_pool = decode_pool  # None: decode in a thread of this process
-        self.triton_ready = False  # kept in step with Triton by watch_triton (its first poll is at start)
-        self._streams = 0
-        self._transcribes = 0
-        self._audio_in_flight_s = 0.0  # decoded audio held by Transcribe calls (channel-seconds)
+        self.admission = admission  # calls are admitted by the interceptor; decoded audio here
         self._stream_gate = DecodeGate(config.max_stream_decodes)
 
     def _decode_job(self, request, keep_channels: bool = False) -> DecodeJob:
+        """The request's audio as a decode job; the request gives its copy of the bytes up (the
+        job holds them now: two copies of a 64 MB request would double its memory)."""
         kind = request.WhichOneof("audio")
         if kind is None:
             raise RequestError("request has no audio: set audio_content or raw_audio")
@@ -162,58 +178,25 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         if kind == "audio_content":
             data = request.audio_content
             request_options.audio_size(len(data), self.config.max_audio_bytes)
-            return DecodeJob(data, max_channels=self.config.max_audio_channels, **limits)
-        raw = request.raw_audio
-        data = raw.pcm
-        request_options.audio_size(len(data), self.config.max_audio_bytes)
-        encoding = request_options.pcm_format("raw_audio", raw.encoding, raw.sample_rate_hz, raw.channels)
-        return DecodeJob(
-            data, pcm_sample_rate=raw.sample_rate_hz, pcm_encoding=encoding, pcm_channels=raw.channels or 1, **limits
-        )
+            job = DecodeJob(data, max_channels=self.config.max_audio_channels, **limits)
+        else:
+            raw = request.raw_audio
+            data = raw.pcm
+            request_options.audio_size(len(data), self.config.max_audio_bytes)
+            encoding = request_options.pcm_format("raw_audio", raw.encoding, raw.sample_rate_hz, raw.channels)
+            job = DecodeJob(
+                data, pcm_sample_rate=raw.sample_rate_hz, pcm_encoding=encoding, pcm_channels=raw.channels or 1, **limits
+            )
+        request.ClearField("audio")
+        return job
 
     async def _decode(self, job: DecodeJob) -> np.ndarray:
         if self.decode_pool is not None:
             return await self.decode_pool.decode(job)
         return await asyncio.to_thread(run_job, job)
 
-    def _admit(self, what: str, running: int, limit: int) -> None:
-        """Refuse at once what would only queue: Triton down, or the gateway at its limit."""
-        if not self.triton_ready:
-            raise AdmissionError("the inference server is not ready", grpc.StatusCode.UNAVAILABLE, self.config.retry_after_s)
-        if running >= limit:
-            raise AdmissionError(
-                f"this gateway serves at most {limit} {what} at once", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                self.config.retry_after_s,
-            )
-
-    @contextlib.contextmanager
-    def _holding_audio(self, seconds: float):
-        """Count `seconds` of decoded audio against max_audio_in_flight_s while the call holds it."""
-        held, limit = self._audio_in_flight_s, self.config.max_audio_in_flight_s or self.config.max_audio_duration_s
-        if held > 0 and held + seconds > limit:
-            raise AdmissionError(
-                f"this gateway holds {held:.0f} s of decoded audio for calls in flight and at most {limit:.0f} s at once",
-                grpc.StatusCode.RESOURCE_EXHAUSTED, self.config.retry_after_s,
-            )
-        self._audio_in_flight_s += seconds
-        try:
-            yield
-        finally:
-            self._audio_in_flight_s -= seconds
-
     async def Transcribe(self, request, context):
         started = time.perf_counter()
-        try:
-            self._admit("Transcribe calls", self._transcribes, self.config.max_transcribes)
-        except AdmissionError as error:
-            await abort_for(context, error, f"request {request.request_id[:64]}")
-        self._transcribes += 1
-        try:
-            return await self._transcribe(request, context, started)
-        finally:
-            self._transcribes -= 1
-
-    async def _transcribe(self, request, context, started: float):
         try:
             if request.analyze:
                 require_role("analyze")
@@ -224,7 +207,7 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             self.transcriber.validate_language(options.language)
             audio = await self._decode(self._decode_job(request, separate))
             labels = request_options.channel_labels(request, audio.shape[0]) if separate else None
-            with self._holding_audio(audio.size / SAMPLE_RATE):
+            with self.admission.holding_audio(audio.size / SAMPLE_RATE):
                 transcript = await self.transcriber.transcribe(audio, options, channel_labels=labels)
             del audio
             if not request.keep_model_script:
@@ -266,11 +249,6 @@ class AsrService(asr_pb2_grpc.AsrServicer):
     async def StreamingRecognize(self, request_iterator, context):
         if self.vad is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "streaming needs the Silero VAD model, which this gateway lacks")
-        try:
-            self._admit("streams", self._streams, self.config.max_streams)
-        except AdmissionError as error:
-            await abort_for(context, error, "stream")
-        self._streams += 1
         stream = None
         pump = None
         request_id = ""
@@ -323,7 +301,6 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         except Exception as error:  # noqa: BLE001 - mapped to a status, never a traceback
             await abort_for(context, error, f"stream {request_id}")
         finally:
-            self._streams -= 1
             # shielded: a second cancellation must not stop the decoder sequences being ended
             await asyncio.shield(self._close_stream(pump, stream))
 
@@ -380,9 +357,9 @@ def load_vad(path: Path | None) -> SileroVad | None:
 
 
 async def watch_triton(
-    client: TritonReplicas, transcriber: Transcriber, health: HealthServicer, interval_s: float, service: AsrService | None = None
+    client: TritonReplicas, transcriber: Transcriber, health: HealthServicer, interval_s: float, admission: Admission | None = None
 ) -> None:
-    """Keep the health status (and ``service.triton_ready``) in step with Triton; recovers by itself when Triton returns."""
+    """Keep the health status (and ``admission.triton_ready``) in step with Triton; recovers by itself when Triton returns."""
     serving = None
     while True:
         polled = time.perf_counter()
@@ -398,8 +375,8 @@ async def watch_triton(
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", SERVICE_NAME):
                 await health.set(name, status)
-            if service is not None:
-                service.triton_ready = bool(ready)
+            if admission is not None:
+                admission.triton_ready = bool(ready)
             metrics.TRITON_READY.set(1 if ready else 0)
             log.info("triton %s: %s", client.url, "ready, SERVING" if ready else "not ready, NOT_SERVING")
             serving = ready
@@ -411,8 +388,9 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     vad = load_vad(config.vad_model)
     transcriber = Transcriber(client, config.model_dir, max_concurrent_windows=config.max_concurrent_windows, vad=vad)
     keys = ApiKeys.load(config.api_keys) if config.api_keys else None
+    admission = Admission(config.admission_limits())
     server = grpc.aio.server(
-        interceptors=[GatewayInterceptor(keys)],
+        interceptors=[GatewayInterceptor(keys, admission)],
         options=[
             ("grpc.max_receive_message_length", config.max_audio_bytes + MIB),
             ("grpc.max_send_message_length", 64 * MIB),
@@ -428,7 +406,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     tickets = remote_tickets.open_ticket_service(config.history_db, config.ticket_service, config.ticket_forwarders)
     await asyncio.to_thread(itn.load)  # FSTs load once (about 0.5 s), before the first request
     await asyncio.to_thread(tickets.warm_up)
-    service = AsrService(config, transcriber, vad, hotwords=hotwords, tickets=tickets, decode_pool=decode_pool)
+    service = AsrService(config, transcriber, vad, admission=admission, hotwords=hotwords, tickets=tickets, decode_pool=decode_pool)
     asr_pb2_grpc.add_AsrServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -447,7 +425,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     )
     if keys is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without authentication: anyone who reaches it can use every RPC", config.host)
-    watcher = asyncio.create_task(watch_triton(client, transcriber, health, config.health_poll_interval_s, service))
+    watcher = asyncio.create_task(watch_triton(client, transcriber, health, config.health_poll_interval_s, admission))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -478,6 +456,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-audio-in-flight-s", type=float, default=None,
                         help="decoded audio held by Transcribe calls at once (default: --max-audio-duration-s); more: RESOURCE_EXHAUSTED")
     parser.add_argument("--max-streams", type=int, default=8, help="concurrent streams; more: RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-receiving", type=int, default=2, help="request messages read at once (admitted calls only)")
+    parser.add_argument("--receive-wait-s", type=float, default=10.0, help="longest wait for a turn to be read; then RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-request-mb-in-flight", type=float, default=None,
+                        help="request bytes held by calls at once (default: --max-audio-mb); more: RESOURCE_EXHAUSTED")
     parser.add_argument("--retry-after-s", type=float, default=2.0, help="retry hint sent with RESOURCE_EXHAUSTED")
     parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0)
     parser.add_argument("--decode-workers", type=int, default=2, help="audio decoder processes (0: in the gateway process)")
@@ -521,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
         max_transcribes=args.max_transcribes,
         max_audio_in_flight_s=args.max_audio_in_flight_s,
         max_streams=args.max_streams,
+        max_receiving=args.max_receiving,
+        receive_wait_s=args.receive_wait_s,
+        max_request_bytes_in_flight=int(args.max_request_mb_in_flight * MIB) if args.max_request_mb_in_flight else None,
         retry_after_s=args.retry_after_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
         decode_workers=args.decode_workers,
