@@ -45,6 +45,8 @@ LOW_CONFIDENCE = 0.4
 REVIEW_CATEGORY_PROBABILITY = 0.6
 # P(high) at or above this share of the high threshold, but below it: "close to high", review.
 REVIEW_HIGH_SHARE = 0.5
+# Metadata key saying where the text comes from: "asr" (a transcript) or "written".
+TEXT_SOURCE_KEY = "text_source"
 # Where the trained model lives: $HOTLINE_ANALYSIS_MODEL, else build/analysis/ticket_model.joblib.
 MODEL_PATH_ENV = "HOTLINE_ANALYSIS_MODEL"
 
@@ -146,7 +148,7 @@ class TicketAnalyzer:
     def embedding_model(self) -> str | None:
         return getattr(self.embedder, "name", None)
 
-    def _pair_duplicate(self, ticket_id, received_at, normalized, embedding, place, prediction, history) -> DuplicateDecision | None:
+    def _pair_duplicate(self, ticket_id, received_at, normalized, embedding, place, prediction, history, heard) -> DuplicateDecision | None:
         pairs = self.model.pairs
         if len(history.ticket_ids) == 0 or history.vectors.shape[1] != embedding.shape[0]:
             return None
@@ -156,7 +158,7 @@ class TicketAnalyzer:
         if not eligible:
             return None
         new = PairSide(ticket_id, received_at, embedding, normalized, prediction.category, place.district,
-                       place.address_key, place.place_keys, prediction.category_probabilities)
+                       place.address_key, place.place_keys, prediction.category_probabilities, heard=heard)
         light = [PairSide(history.ticket_ids[i], history.received_at[i], history.vectors[i], "", history.categories[i],
                           None, history.address_keys[i], tuple(history.place_keys[i])) for i in eligible]
         chosen = [eligible[i] for i in prefilter(new, light, history.vectors[eligible])]
@@ -186,6 +188,8 @@ class TicketAnalyzer:
         store=None,
         record: bool = True,
     ) -> Ticket:
+        segments = list(segments) if segments is not None else None
+        heard = text_is_heard(metadata, segments)
         transcript = self._normalise(text, segments)
         normalized = transcript.text
         received_at = parse_time(metadata["received_at"]) if metadata.get("received_at") else now()
@@ -269,7 +273,7 @@ class TicketAnalyzer:
                 self.embedding_model, received_before=received_at, window_days=self.config.defaults.duplicates.window_days
             )
             if self.model is not None and self.model.pairs is not None and prediction is not None:
-                duplicate = self._pair_duplicate(ticket_id, received_at, normalized, embedding, place, prediction, history)
+                duplicate = self._pair_duplicate(ticket_id, received_at, normalized, embedding, place, prediction, history, heard)
             else:
                 duplicate = self.duplicates.find(
                     embedding,
@@ -280,6 +284,11 @@ class TicketAnalyzer:
                     history=history,
                     exclude_ids=(ticket_id,),
                 )
+
+        if duplicate is not None and urgency_level == "low":
+            # RUBRIC.md: a problem already reported before without result is at least medium.
+            urgency_level = "medium"
+            urgency_reasons.append(f"重复来电（同 {duplicate.ticket_id}）：低 -> 中")
 
         place_label = place.address or place.compound or place.landmark or place.community or place.street or place.road
         if place.district and place_label and place.district not in place_label:
@@ -326,6 +335,15 @@ class TicketAnalyzer:
         if store is not None and record:
             store.add(ticket, embedding)
         return ticket
+
+
+def text_is_heard(metadata: Mapping[str, Any], segments) -> bool:
+    """The call's text is an ASR transcript: metadata `text_source` "asr" or "written" says so;
+    without it, a transcript given as timed segments (the gateway's Transcribe, the batch) is."""
+    source = str(metadata.get(TEXT_SOURCE_KEY) or "").strip().lower()
+    if source in ("asr", "written"):
+        return source == "asr"
+    return bool(segments)
 
 
 @dataclass(frozen=True)
@@ -410,7 +428,8 @@ def analyze_ticket(
 ) -> Ticket:
     """Analyse one call. `text` or `segments` ({start_s, end_s, text} as the gateway returns them).
 
-    metadata: optional received_at (ISO 8601; default now), ticket_id, and anything else
+    metadata: optional received_at (ISO 8601; default now), ticket_id, text_source ("asr" or
+    "written"; default: "asr" when segments are given, see text_is_heard), and anything else
     (file, caller, audio_sha256), kept in ticket.metadata. With a HistoryStore, the ticket
     is checked for duplicates against it and, when `record`, saved in it.
     """

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from analysis.analyzer import AnalysisConfig, TicketAnalyzer
+from analysis.analyzer import TEXT_SOURCE_KEY, AnalysisConfig, TicketAnalyzer
 from analysis.dataset import LabelledTicket, by_stream, chain_roots, load_labelled
 from analysis.model import URGENCY_ORDER
 from analysis.splits import SPLIT_FILE, SplitError, check_split, load_split, make_split
@@ -40,8 +40,9 @@ def replay(records: Sequence[LabelledTicket], analyzer: TicketAnalyzer, config: 
         for stream, items in by_stream(records).items():
             with HistoryStore(Path(scratch) / f"{stream}.sqlite", categories=config.taxonomy.names) as store:
                 for record in items:
-                    text = record.asr_text if use_asr and record.asr_text is not None else record.text
-                    tickets[record.id] = analyzer.analyze(text, {"ticket_id": record.id, "received_at": record.received_at}, store=store)
+                    heard = use_asr and record.asr_text is not None
+                    metadata = {"ticket_id": record.id, "received_at": record.received_at, TEXT_SOURCE_KEY: "asr" if heard else "written"}
+                    tickets[record.id] = analyzer.analyze(record.asr_text if heard else record.text, metadata, store=store)
     return tickets
 
 

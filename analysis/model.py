@@ -33,7 +33,7 @@ from analysis.features import TextViews, sound_tokens
 
 log = logging.getLogger("analysis.model")
 
-MODEL_FORMAT = 3
+MODEL_FORMAT = 4
 MODEL_DIR = PROJECT_ROOT / "build" / "analysis"
 CURRENT_MODEL = MODEL_DIR / "ticket_model.joblib"
 TRAIN_COMMAND = "python -m analysis train"
@@ -69,8 +69,7 @@ class TrainOptions:
     max_iter: int = 300
     linear: str = "logistic"           # logistic (LogisticRegression) | svm (LinearSVC); both temperature-calibrated
     tune_medium_ratio: bool = False     # choose decide_urgency's medium/low ratio on the out-of-fold predictions
-    asr_augment: bool = True           # also train the heads on the ASR transcript of each ticket that has one
-    asr_pairs: bool = False            # with asr_augment: the duplicate model also learns from the streams as heard
+    asr_augment: bool = True           # also train the heads, and the duplicate model, on the ASR transcripts of the tickets
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.high_recall_target <= 1.0:
@@ -244,8 +243,8 @@ class TicketModel:
     def predict(self, views: Sequence[TextViews]) -> list[Prediction]:
         blocks = self.featurizer.blocks(views)
         featurizer = getattr(self.pairs, "featurizer", None)
-        if featurizer is not None and featurizer.char is self.featurizer.char:  # the duplicate search reuses these rows
-            featurizer.remember_char_rows([view.text for view in views], blocks[2])
+        if featurizer is not None and featurizer.char is self.featurizer.char and featurizer.sound is self.featurizer.sound:
+            featurizer.remember_rows([view.text for view in views], blocks[2], blocks[3])  # the duplicate search reuses these rows
         category_probs = self.category.proba(Featurizer.combine(blocks, self.options.category_blocks))
         urgency_probs = self.urgency.proba(Featurizer.combine(blocks, self.options.urgency_blocks))
         return [self._decide(c, u) for c, u in zip(category_probs, urgency_probs)]

@@ -7,11 +7,17 @@ described by features and scored by a logistic regression:
   embedding cosine, its gap to the best candidate's, character TF-IDF cosine, same
   address, same place (exact or by sound), same / different district, hours between the
   calls, P(new ticket is of the earlier ticket's category), same predicted category,
-  shared taxonomy keywords, shared numbers (house, building numbers)
+  shared taxonomy keywords, shared numbers (house, building numbers), and what survives the
+  ASR's homophones: the cosine of the toneless-syllable TF-IDF rows, the taxonomy keywords
+  found by sound (景盖 is 井盖), a place name of one call heard in the other (文妙心聪 is
+  文庙新村: all syllables alike, one may differ in names of four or more), and whether the new
+  call's text is an ASR transcript (the evidence of a pair weighs differently when heard)
 
 No rule requires the same category: a gas smell reported once as 供水供电供气 and once as
 住房物业 can be linked. The best candidate is linked when its probability reaches the
 threshold chosen on out-of-fold pair predictions (folds = writer streams) for the best F1.
+With TrainOptions.asr_augment the pairs of each stream as the ASR heard it are training pairs
+too (docs/analysis.md, fourth pass): ASR text is what the system receives.
 Each link carries its evidence (the features that speak for it).
 """
 
@@ -27,6 +33,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from analysis.features import sound_string
+from analysis.phonetic import syllables
 
 PREFILTER_TOP_K = 15
 # A stream "A~asr" holds the calls of stream "A" as the ASR heard them: the two are one group
@@ -43,7 +50,9 @@ FEATURE_NAMES = (
     "cosine", "cosine_gap_to_best", "char_cosine", "same_address", "same_place", "same_place_by_sound",
     "same_district", "different_district", "log_hours_apart", "p_new_in_old_category", "same_category",
     "shared_keywords", "different_keywords", "shared_numbers", "both_have_numbers",
+    "sound_cosine", "shared_keywords_by_sound", "place_heard_in_other", "new_text_heard",
 )
+_HAN_WORD = re.compile(r"^[\u4e00-\u9fa5]{2,}$")
 # RUBRIC.md: another problem at the same place is not a duplicate. The labelled data has
 # too few such pairs at one address for the model to learn it, so a pair whose problem
 # keywords differ (路灯 vs 井盖) and whose wording is not close is not linked.
@@ -63,6 +72,7 @@ class PairSide:
     address_key: str | None = None
     place_keys: tuple[str, ...] = ()
     category_probabilities: Mapping[str, float] = field(default_factory=dict)  # new ticket only
+    heard: bool = False                        # new ticket only: its text is an ASR transcript
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,19 @@ def _place_sound(name: str) -> str:
 def _keywords_in(text: str, keywords: Sequence[str]) -> frozenset[str]:
     lowered = text.lower()
     return frozenset(word for word in keywords if word in lowered)
+
+
+@functools.lru_cache(maxsize=4096)
+def _heard_pattern(name: str) -> re.Pattern | None:
+    """The place name's syllables in a sound_string; names of four or more syllables may differ
+    in one of them (as analysis/phonetic.py allows). None for a name of fewer than two."""
+    sounds = syllables(name) or []
+    if len(sounds) < 2 or "_" in sounds:
+        return None
+    variants = [" ".join(sounds)]
+    if len(sounds) >= 4:
+        variants += [" ".join(sounds[:i] + ["[a-z]+"] + sounds[i + 1:]) for i in range(len(sounds))]
+    return re.compile(" (?:" + "|".join(variants) + ") ")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -125,9 +148,12 @@ def prefilter(new: PairSide, candidates: Sequence[PairSide], vectors: np.ndarray
 
 
 class PairFeaturizer:
-    def __init__(self, char_vectorizer, keywords: Sequence[str]) -> None:
+    def __init__(self, char_vectorizer, keywords: Sequence[str], sound_vectorizer) -> None:
+        """The vectorizers: the ticket model's character and sound TF-IDF (fitted on its texts)."""
         self.char = char_vectorizer
+        self.sound = sound_vectorizer
         self.keywords = tuple(dict.fromkeys(word.lower() for word in keywords))
+        self.keyword_sounds = tuple((word, sound_string(word).rstrip() + " ") for word in self.keywords if _HAN_WORD.match(word))
 
     def features(self, new: PairSide, candidates: Sequence[PairSide]) -> np.ndarray:
         """(len(candidates), len(FEATURE_NAMES)) for the pairs (new, candidate)."""
@@ -136,15 +162,21 @@ class PairFeaturizer:
         vectors = np.stack([other.embedding for other in candidates])
         cosines = vectors @ new.embedding
         best = float(cosines.max())
-        texts = self._char_rows([new.text, *(other.text for other in candidates)])
+        all_texts = [new.text, *(other.text for other in candidates)]
+        texts = self._rows("char", all_texts)
         char_cosines = (texts[1:] @ texts[0].T).toarray().ravel()
+        sounds = self._rows("sound", all_texts)
+        sound_cosines = (sounds[1:] @ sounds[0].T).toarray().ravel()
         new_keywords = self._keywords(new.text)
+        new_heard = self._keywords_by_sound(new.text)
         new_numbers = _numbers_in(new.text)
         new_places = set(new.place_keys)
         new_sounds = {_place_sound(name) for name in new.place_keys}
         rows = []
         for index, other in enumerate(candidates):
             other_keywords = self._keywords(other.text)
+            other_heard = self._keywords_by_sound(other.text)
+            heard_union = new_heard | other_heard
             other_numbers = _numbers_in(other.text)
             union = new_keywords | other_keywords
             number_union = new_numbers | other_numbers
@@ -168,12 +200,16 @@ class PairFeaturizer:
                 1.0 if new_keywords and other_keywords and not new_keywords & other_keywords else 0.0,
                 len(new_numbers & other_numbers) / len(number_union) if number_union else 0.0,
                 1.0 if new_numbers and other_numbers else 0.0,
+                sound_cosines[index],
+                len(new_heard & other_heard) / len(heard_union) if heard_union else 0.0,
+                1.0 if self._place_heard(new.place_keys, other.text) or self._place_heard(other.place_keys, new.text) else 0.0,
+                1.0 if new.heard else 0.0,
             ])
         return np.asarray(rows, dtype=np.float32)
 
-    # The same earlier tickets are candidates of many new ones: their character TF-IDF rows
-    # and keywords are cached by text (not pickled with the model).
-    _CACHE_SIZE = 4096
+    # The same earlier tickets are candidates of many new ones: their TF-IDF rows, keywords and
+    # sounds are cached by text (not pickled with the model).
+    _CACHE_SIZE = 10240   # entries: five per text (TF-IDF rows, sounds, keywords)
 
     def _cache(self) -> dict:
         cache = self.__dict__.get("_text_cache")
@@ -181,23 +217,49 @@ class PairFeaturizer:
             cache = self.__dict__["_text_cache"] = {}
         return cache
 
-    def _char_rows(self, texts: Sequence[str]):
+    def _rows(self, kind: str, texts: Sequence[str]):
+        """The "char" or "sound" TF-IDF rows of normalised texts."""
         from scipy import sparse
 
         cache = self._cache()
-        missing = [text for text in dict.fromkeys(texts) if ("char", text) not in cache]
+        missing = [text for text in dict.fromkeys(texts) if (kind, text) not in cache]
         if missing:
             from analysis.model import tfidf_rows
 
-            for text, row in zip(missing, tfidf_rows(self.char, missing)):
-                cache[("char", text)] = row
-        return sparse.vstack([cache[("char", text)] for text in texts], format="csr")
+            inputs = missing if kind == "char" else [self._sounds(text) for text in missing]
+            for text, row in zip(missing, tfidf_rows(self.char if kind == "char" else self.sound, inputs)):
+                cache[(kind, text)] = row
+        return sparse.vstack([cache[(kind, text)] for text in texts], format="csr")
 
-    def remember_char_rows(self, texts: Sequence[str], rows) -> None:
-        """Character TF-IDF rows computed elsewhere with this featurizer's vectorizer."""
+    def remember_rows(self, texts: Sequence[str], char_rows, sound_rows) -> None:
+        """TF-IDF rows of these texts computed elsewhere with this featurizer's vectorizers."""
         cache = self._cache()
-        for text, row in zip(texts, rows):
-            cache[("char", text)] = row
+        for text, char_row, sound_row in zip(texts, char_rows, sound_rows):
+            cache[("char", text)] = char_row
+            cache[("sound", text)] = sound_row
+
+    def _sounds(self, text: str) -> str:
+        cache = self._cache()
+        found = cache.get(("sounds", text))
+        if found is None:
+            found = cache[("sounds", text)] = sound_string(text)
+        return found
+
+    def _keywords_by_sound(self, text: str) -> frozenset[str]:
+        """The keywords written, and those whose every syllable sounds alike (景盖 -> 井盖)."""
+        cache = self._cache()
+        found = cache.get(("heard", text))
+        if found is None:
+            sounds = self._sounds(text)
+            found = cache[("heard", text)] = self._keywords(text) | {word for word, key in self.keyword_sounds if key in sounds}
+        return found
+
+    def _place_heard(self, names: Sequence[str], text: str) -> bool:
+        """One of the place names (of one call) sounds in the other call's text."""
+        if not names:
+            return False
+        sounds = self._sounds(text)
+        return any(pattern.search(sounds) for pattern in map(_heard_pattern, names) if pattern is not None)
 
     def _keywords(self, text: str) -> frozenset[str]:
         cache = self._cache()
@@ -219,7 +281,7 @@ class PairFeaturizer:
             notes.append("同一地址")
         elif values["same_place"]:
             notes.append("同一地点")
-        elif values["same_place_by_sound"]:
+        elif values["same_place_by_sound"] or values["place_heard_in_other"]:
             notes.append("地点读音相同")
         if values["same_district"]:
             notes.append("同一区县")
@@ -229,6 +291,8 @@ class PairFeaturizer:
         notes.append("类型一致" if values["same_category"] else f"类型不同（新工单属该类型概率 {values['p_new_in_old_category']:.2f}）")
         if values["shared_keywords"]:
             notes.append(f"共同关键词比例 {values['shared_keywords']:.2f}")
+        elif values["shared_keywords_by_sound"]:
+            notes.append(f"读音相同的关键词比例 {values['shared_keywords_by_sound']:.2f}")
         if values["different_keywords"]:
             notes.append("关键词不同")
         if values["shared_numbers"]:

@@ -92,6 +92,7 @@ class Trainer:
         asr_view = {}  # record index -> index of the view of its ASR transcript
         if self.options.asr_augment:
             asr_view = {index: len(records) + k for k, index in enumerate(i for i, record in enumerate(records) if record.asr_text)}
+        heard_views = set(asr_view.values())
 
         def pair_training(oof_by_index: dict, model: TicketModel):
             streams: dict[str, list[PairSide]] = {}
@@ -102,16 +103,16 @@ class Trainer:
                 category_probs = dict(zip(model.category.classes, map(float, probabilities))) if probabilities is not None else {}
                 predicted = max(category_probs, key=category_probs.get) if category_probs else record.category
                 return PairSide(record.id, parse_time(record.received_at), views[view_index].embedding, views[view_index].text, predicted,
-                                place.district, place.address_key, place.place_keys, category_probs)
+                                place.district, place.address_key, place.place_keys, category_probs, heard=view_index in heard_views)
 
             for index, record in enumerate(records):
                 streams.setdefault(record.stream, []).append(side(record, index))
-            if self.options.asr_pairs and asr_view:
+            if asr_view:
                 # The same streams as heard: each ticket by its ASR transcript where it has one, so
                 # the link threshold also fits what the ASR makes of two reports of one problem.
                 for index, record in enumerate(records):
                     streams.setdefault(f"{record.stream}{HEARD_STREAM_SUFFIX}", []).append(side(record, asr_view.get(index, index)))
-            return train_pair_model(streams, roots, PairFeaturizer(model.featurizer.char, keywords))
+            return train_pair_model(streams, roots, PairFeaturizer(model.featurizer.char, keywords, model.featurizer.sound))
 
         model = train_model(
             examples, views,
