@@ -8,8 +8,9 @@ For each model (``encoder``, ``decoder``) it fills the ``${NAME}`` placeholders 
 ``model_repository/<model>/config.pbtxt.in`` into ``<out>/<model>/config.pbtxt``, copies
 ``<model>/1/model.py`` and the engine package (``engine/`` -> ``<out>/<model>/1/engine/``),
 and hard-links (copy when linking is impossible) the ONNX graphs of the chosen precision from
-``<model-dir>/onnx/<precision>/`` into ``<out>/<model>/1/``. The graphs and extra parameters
-of a family come from its step runner (``engine/runners/``).
+``<model-dir>/onnx/<precision>/`` into ``<out>/<model>/1/``; decoder_step.onnx is written
+with one K/V input per layer instead when ``split_layer_inputs`` is on (engine/layers.py).
+The graphs and extra parameters of a family come from its step runner (``engine/runners/``).
 Family, model name and dimensions come from ``<model-dir>/model_info.json`` (falling back to
 the static shapes of the ONNX graphs). Rerunning with the same inputs changes nothing.
 
@@ -74,6 +75,12 @@ DEFAULT_TUNABLES: dict[str, object] = {
     # off, they go back after each run (bench/results/latest.json: with both arenas off and
     # buffer_pool_mb 256, peak memory 5.09 -> 3.66 GB at the same RTFx)
     "encoder_cpu_mem_arena": False,
+    # windows per ONNX Runtime run within one batch (None: 1 on CPU, encoder_max_batch_size on a
+    # GPU provider). Its attention activations grow with the batch: int8 peaks +69 MB at 1 window,
+    # +256 MB at 2, +808 MB at 8 (fp32: +138 MB / +380 MB / +1.9 GB), and a CPU is no faster per
+    # window in batches (0.63 s at 1, 0.74 s at 8, 2 cores): Triton still batches the requests,
+    # the stub runs them one window at a time
+    "encoder_run_batch_size": None,
     # decoder (sequence batching, oldest strategy)
     "decoder_max_batch_size": 16,
     "decoder_preferred_batch_sizes": None,  # default: [decoder_max_batch_size]
@@ -88,9 +95,16 @@ DEFAULT_TUNABLES: dict[str, object] = {
     # K/V (37 MB per sequence) and ten STARTs in a row took long enough under load for the first
     # sequences to reach a 6 s idle timeout (tests/test_triton_models.py)
     "decoder_cpu_mem_arena": True,
+    # ... but not for decoder_init: its output (the cross K/V, 37 MB per sequence) is copied into
+    # the cross store at once, and an arena would keep the largest START batch's worth for good
+    # (+350 MB after 4 STARTs at once); a fresh allocation costs 4-16 ms per START
+    "decoder_init_cpu_mem_arena": False,
     "default_top_k": 5,
-    "buffer_pool_mb": 256,                  # reusable KV-cache buffers kept per decoder instance
-    "split_layer_inputs": True,             # feed K/V per layer (rewrites decoder_step at load; needs onnx)
+    # reusable KV-cache buffers kept per decoder instance: 64 holds two generations of the slabs
+    # of 2-3 sequences (the usual decoder batch); 256 kept 190 MB more at 8 concurrent windows and
+    # was no faster (an engine replay of 24 sequences, 2 cores: the C heap reuses freed slabs too)
+    "buffer_pool_mb": 64,
+    "split_layer_inputs": True,             # feed K/V per layer (decoder_step rewritten here, else at load; onnx)
     "max_runs": 2,                          # decoder_step calls per (K, T) group before copying cross K/V
     "max_dummy_fraction": 0.25,             # ... or one call padded with dummy rows for missing sequences
 }
@@ -263,6 +277,9 @@ def resolve_tunables(tunables: dict) -> dict:
     values["pylib_dir"] = str(Path(values["pylib_dir"]).resolve())
     if values["sequence_idle_timeout_s"] is None:
         values["sequence_idle_timeout_s"] = int(values["max_sequence_idle_microseconds"]) / 1e6
+    if values["encoder_run_batch_size"] is None:
+        cpu_only = str(values["execution_provider"]).strip() in ("", "CPUExecutionProvider")
+        values["encoder_run_batch_size"] = 1 if cpu_only else int(values["encoder_max_batch_size"])
     for m in ("encoder", "decoder"):
         if values[f"{m}_preferred_batch_sizes"] is None:
             values[f"{m}_preferred_batch_sizes"] = [int(values[f"{m}_max_batch_size"])]
@@ -341,6 +358,7 @@ def _per_model_placeholders(values: dict) -> dict[str, dict[str, object]]:
             "INSTANCE_COUNT": int(values["encoder_instance_count"]),
             "INTRA_OP_THREADS": int(values["encoder_intra_op_threads"]),
             "CPU_MEM_ARENA": _fmt_bool(values["encoder_cpu_mem_arena"]),
+            "RUN_BATCH_SIZE": int(values["encoder_run_batch_size"]),
         },
         "decoder": {
             "MAX_BATCH_SIZE": int(values["decoder_max_batch_size"]),
@@ -353,6 +371,7 @@ def _per_model_placeholders(values: dict) -> dict[str, dict[str, object]]:
             "INSTANCE_COUNT": int(values["decoder_instance_count"]),
             "INTRA_OP_THREADS": int(values["decoder_intra_op_threads"]),
             "CPU_MEM_ARENA": _fmt_bool(values["decoder_cpu_mem_arena"]),
+            "INIT_CPU_MEM_ARENA": _fmt_bool(values["decoder_init_cpu_mem_arena"]),
             "DEFAULT_TOP_K": int(values["default_top_k"]),
             "BUFFER_POOL_MB": int(values["buffer_pool_mb"]),
             "SPLIT_LAYER_INPUTS": _fmt_bool(values["split_layer_inputs"]),
@@ -361,8 +380,8 @@ def _per_model_placeholders(values: dict) -> dict[str, dict[str, object]]:
         },
     }
     for name, vals in per_model.items():
-        for key in ("MAX_BATCH_SIZE", "INSTANCE_COUNT"):
-            if int(vals[key]) < 1:
+        for key in ("MAX_BATCH_SIZE", "INSTANCE_COUNT", "RUN_BATCH_SIZE"):
+            if key in vals and int(vals[key]) < 1:
                 raise RenderError(f"{name}: {key.lower()} must be >= 1")
     if int(values["max_candidate_sequences"]) < 1 or int(values["max_sequences"]) < 1:
         raise RenderError("max_candidate_sequences and max_sequences must be >= 1")
@@ -392,7 +411,43 @@ def _deploy_graph(src: Path, version: Path, say) -> set[str]:
     return set(files)
 
 
-def _write_model(model_out: Path, name: str, text: str, graphs: list[Path], say) -> None:
+STEP_GRAPH = "decoder_step.onnx"  # the decoder graph whose stacked K/V inputs are split per layer
+
+
+def _deploy_layer_split(src: Path, version: Path, say) -> set[str] | None:
+    """The step graph with one K/V input per layer (engine/layers.py), written into the version
+    folder, so the backend stub loads it from a file: splitting it there instead (onnx.load and a
+    session from the serialized bytes) costs the decoder stub about 100 MB (int8) to 200 MB (fp32)
+    for good, and twice the graph at load. A stamp names the source it was made from (a rerun
+    with the same source writes nothing). None when it cannot be done here (no onnx package,
+    external data, no stacked per-layer Gathers): the graph is linked and the stub splits it."""
+    if _external_data_files(src):
+        return None
+    dst, stamp = version / src.name, version / (src.name + ".split.json")
+    st = src.stat()
+    source = json.dumps({"source": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    if dst.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == source and not _same_file(src, dst):
+        say(f"[render] {dst}: unchanged (per-layer K/V inputs)")
+        return {src.name, stamp.name}
+    try:
+        import onnx
+
+        from .engine.layers import split_layer_inputs
+    except ImportError:
+        return None
+    model = onnx.load(str(src))
+    split = split_layer_inputs(model)
+    if not split:
+        return None
+    tmp = dst.with_name(dst.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, dst)
+    _write_if_changed(stamp, source)
+    say(f"[render] {dst}: written from {src} with per-layer inputs for {', '.join(sorted(split))}")
+    return {src.name, stamp.name}
+
+
+def _write_model(model_out: Path, name: str, text: str, graphs: list[Path], say, split_step: bool = False) -> None:
     """One model folder: config.pbtxt, 1/model.py, 1/engine/ and the graphs; nothing else."""
     version = model_out / "1"
     version.mkdir(parents=True, exist_ok=True)
@@ -404,7 +459,8 @@ def _write_model(model_out: Path, name: str, text: str, graphs: list[Path], say)
     say(f"[render] {version / ENGINE_DIR}: {', '.join(copied) + ' copied' if copied else 'unchanged'}")
     expected = {"model.py", ENGINE_DIR}
     for src in graphs:
-        expected |= _deploy_graph(src, version, say)
+        written = _deploy_layer_split(src, version, say) if split_step and src.name == STEP_GRAPH else None
+        expected |= written if written is not None else _deploy_graph(src, version, say)
     for stale in version.iterdir():
         if stale.name not in expected and stale.name != "__pycache__":
             say(f"[render] removing stale {stale}")
@@ -439,7 +495,8 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
     extra_parameters = family_parameters(family, info)
     for name, graphs in models.items():
         text = _config_text(name, {**common, **per_model[name]}, extra_parameters.get(name, {}))
-        _write_model(out_dir / name, name, text, [sources[g] for g in graphs], say)
+        _write_model(out_dir / name, name, text, [sources[g] for g in graphs], say,
+                     split_step=name == "decoder" and _fmt_bool(values["split_layer_inputs"]) == "1")
     return out_dir
 
 

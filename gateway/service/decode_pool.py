@@ -25,69 +25,22 @@ import logging
 import mmap
 import multiprocessing
 import os
-import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from gateway.asr.audio import MAX_CONTAINER_CHANNELS, AudioDecodeError, decode_audio, pcm_to_float
+from gateway.asr.audio import AudioDecodeError
+from gateway.service.decode_worker import _SHM_DIR, CRASH_MARKER_ENV, DecodeJob, run_job  # noqa: F401 - re-exported
+from gateway.service.decode_worker import worker_decode as _worker_decode
 from gateway.service.metrics import DECODER_CRASHES
 
 log = logging.getLogger("gateway")
 
-CRASH_MARKER_ENV = "ASR_DECODE_CRASH_MARKER"
-_SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-
 
 class DecoderCrashError(AudioDecodeError):
     """The input killed the decoder process twice (maps to INVALID_ARGUMENT)."""
-
-
-@dataclass(frozen=True)
-class DecodeJob:
-    """What one request asks decoded: container bytes, or raw PCM with its declared format."""
-
-    data: bytes
-    keep_channels: bool
-    max_duration_s: float
-    max_channels: int = MAX_CONTAINER_CHANNELS
-    pcm_sample_rate: int = 0  # > 0: raw PCM
-    pcm_encoding: str = "s16le"
-    pcm_channels: int = 1
-
-
-def run_job(job: DecodeJob) -> np.ndarray:
-    """The decode itself (in the worker, or in-process when the pool is off)."""
-    if job.pcm_sample_rate:
-        return pcm_to_float(
-            job.data, job.pcm_sample_rate, encoding=job.pcm_encoding, channels=job.pcm_channels,
-            max_duration_s=job.max_duration_s, keep_channels=job.keep_channels,
-        )
-    return decode_audio(
-        job.data, max_duration_s=job.max_duration_s, keep_channels=job.keep_channels, max_channels=job.max_channels
-    )
-
-
-def _worker_decode(job: DecodeJob) -> tuple[str, tuple[int, ...]] | AudioDecodeError:
-    marker = os.environ.get(CRASH_MARKER_ENV)
-    if marker and marker.encode() in job.data:
-        os.abort()  # test hook: dies as a native crash would
-    try:
-        samples = np.ascontiguousarray(run_job(job), dtype=np.float32)
-    except AudioDecodeError as error:
-        return error  # a plain ValueError subclass: pickles back as the client's message
-    fd, path = tempfile.mkstemp(prefix="asr-audio-", dir=_SHM_DIR)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(memoryview(samples).cast("B"))
-    except BaseException:
-        os.unlink(path)
-        raise
-    return path, samples.shape
 
 
 def _map_samples(path: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -133,7 +86,7 @@ class DecodePool:
         self.workers = workers
         self.crashes = 0  # worker deaths seen (metrics, tests)
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["gateway.asr.audio", "gateway.service.decode_pool"])
+        self._context.set_forkserver_preload(["gateway.service.decode_worker"])  # numpy and PyAV, not asyncio
         self._lock = threading.Lock()
         self._executor = self._new_executor()
         self._generation = 0

@@ -188,11 +188,14 @@ class RemoteTicketService:
         return await self._call("CorrectTicket", request, by or None)
 
 
-def open_ticket_service(history_db: Path | None, remote: RemoteTicketConfig | None, forwarders: Iterable[str] = ()):
-    """The gateway's ticket service: the remote owner's (``--ticket-service``) or a local history."""
+def open_ticket_service(
+    history_db: Path | None, remote: RemoteTicketConfig | None, forwarders: Iterable[str] = (), *, preload_analyzer: bool = True
+):
+    """The gateway's ticket service: the remote owner's (``--ticket-service``) or a local history
+    (its analyzer loaded by warm_up when ``preload_analyzer``, else at the first analysis)."""
     if remote is not None:
         return RemoteTicketService(remote)
-    return TicketService(history_db, forwarders=forwarders)
+    return TicketService(history_db, forwarders=forwarders, preload_analyzer=preload_analyzer)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -113,6 +113,11 @@ class GatewayConfig:
     decode_workers: int = 2  # audio decoder processes (0: decode in the gateway process)
     hotword_dir: Path | None = None  # None: $ASR_HOTWORD_DIR or config/hotwords
     history_db: Path | None = None  # ticket history; None: store.path of analysis/config/defaults.yaml
+    # Load the ticket analyzer (its embedding model: about 220 MB of the gateway's memory, 4 s)
+    # at start; False: at the first Transcribe(analyze) / AnalyzeTicket (CorrectTicket and
+    # transcription never need it; the batch job analyses in its own process). On for a gateway
+    # that keeps the history and serves analyses (the workbench's: docker-compose, k8s records)
+    preload_analysis: bool = False
     tls: TlsConfig | None = None  # None: plaintext (loopback use)
     api_keys: Path | None = None  # None: no authentication (local default; see gateway/service/auth.py)
     audit_log: Path | None = None  # corrections, one JSON line each; None: the gateway log
@@ -403,7 +408,9 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     vocabulary = transcriber.family.hotword_vocabulary()
     if vocabulary is not None:
         hotwords = HotwordRegistry(config.hotword_dir or default_hotword_dir(), vocabulary)
-    tickets = remote_tickets.open_ticket_service(config.history_db, config.ticket_service, config.ticket_forwarders)
+    tickets = remote_tickets.open_ticket_service(
+        config.history_db, config.ticket_service, config.ticket_forwarders, preload_analyzer=config.preload_analysis
+    )
     await asyncio.to_thread(itn.load)  # FSTs load once (about 0.5 s), before the first request
     await asyncio.to_thread(tickets.warm_up)
     service = AsrService(config, transcriber, vad, admission=admission, hotwords=hotwords, tickets=tickets, decode_pool=decode_pool)
@@ -471,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-stream-decodes", type=int, default=4, help="stream decodes in flight (finals first)")
     parser.add_argument("--hotword-dir", type=Path, default=None, help="server-side hotword lists (default config/hotwords)")
     parser.add_argument("--history-db", type=Path, default=None, help="SQLite ticket history (default from analysis config)")
+    parser.add_argument("--preload-analysis", action="store_true",
+                        help="load the ticket analyzer (about 220 MB) at start, not at the first analysis")
     remote_tickets.add_arguments(parser)  # --ticket-service ... (replicas), --ticket-forwarders (the history's owner)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line")
@@ -515,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         max_stream_decodes=args.max_stream_decodes,
         hotword_dir=args.hotword_dir,
         history_db=args.history_db,
+        preload_analysis=args.preload_analysis,
         ticket_service=remote_tickets.config_from_args(args, parser),
         ticket_forwarders=remote_tickets.forwarders_from_args(args),
     )

@@ -132,33 +132,56 @@ class TicketService:
     """Lazily opened analyzer + history store, shared by all requests of one gateway.
 
     ``forwarders``: API-key names of gateways that forward tickets here (``--ticket-forwarders``).
+    ``preload_analyzer``: warm_up loads the analyzer too (its embedding model: about 220 MB and
+    4 s); otherwise the first analysis loads it (CorrectTicket needs only the history).
     """
 
-    def __init__(self, history_db: Path | None = None, config_dir: Path | None = None, forwarders: Iterable[str] = ()) -> None:
+    def __init__(
+        self, history_db: Path | None = None, config_dir: Path | None = None, forwarders: Iterable[str] = (),
+        preload_analyzer: bool = True,
+    ) -> None:
         self._history_db = history_db
         self._config_dir = config_dir
         self._forwarders = frozenset(forwarders)
+        self.preload_analyzer = preload_analyzer
         self._lock = threading.Lock()
+        self._config = None
         self._analyzer = None
         self._store = None
         self._record_lock = threading.Lock()
 
-    def _open(self):
+    def _open_store(self):
         with self._lock:
-            if self._analyzer is None:
-                from analysis.analyzer import TicketAnalyzer, load_config
+            if self._store is None:
+                from analysis.analyzer import load_config
                 from analysis.store import HistoryStore
 
                 config = load_config(self._config_dir)
-                analyzer = TicketAnalyzer(config)
                 path = self._history_db or Path(config.defaults.store_path)
                 self._store = HistoryStore(path, categories=config.taxonomy.names)
-                self._analyzer = analyzer
-        return self._analyzer, self._store
+                self._config = config
+        return self._store
+
+    def _open(self):
+        store = self._open_store()
+        with self._lock:
+            if self._analyzer is None:
+                from analysis.analyzer import TicketAnalyzer
+
+                self._analyzer = TicketAnalyzer(self._config)
+        return self._analyzer, store
+
+    @property
+    def analyzer_loaded(self) -> bool:
+        return self._analyzer is not None
 
     def warm_up(self) -> None:
-        """Load the taxonomy, embedding model and history now rather than on the first request."""
-        self._open()
+        """Open the taxonomy and history now rather than on the first request, and load the
+        embedding model too when ``preload_analyzer``."""
+        if self.preload_analyzer:
+            self._open()
+        else:
+            self._open_store()
 
     def analyze_sync(self, text: str, metadata: Mapping[str, Any], *, segments: Iterable[Mapping] | None = None, record: bool = False):
         from analysis.errors import AnalysisError, HistoryStoreError
@@ -195,7 +218,7 @@ class TicketService:
     ) -> asr_pb2.CorrectTicketResponse:
         from analysis.errors import CorrectionError, TicketNotFoundError
 
-        _, store = self._open()
+        store = self._open_store()
         # An unknown id and an id the caller may not see get the same answer, checked before
         # the field and value, so the status never tells which ids exist.
         if not ticket_id or len(ticket_id) > MAX_TICKET_ID_CHARS or ticket_id not in store:

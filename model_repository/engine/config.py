@@ -34,7 +34,7 @@ class DecoderSettings:
     default_top_k: int = 5
     vocab: Optional[int] = None           # None: taken from the step graph or the first logits
     max_positions: Optional[int] = None   # max_target_positions; None: unchecked
-    buffer_pool_bytes: int = 1024 << 20
+    buffer_pool_bytes: int = 64 << 20
     # a batch whose sequences' cross rows form at most this many runs of consecutive rows runs
     # as that many decoder_step calls on views; more fragmented batches copy their rows together
     max_runs: int = 2
@@ -53,7 +53,7 @@ class DecoderSettings:
             default_top_k=int(param(config, "default_top_k", "5")),
             vocab=vocab if vocab > 0 else None,
             max_positions=max_pos if max_pos > 0 else None,
-            buffer_pool_bytes=int(float(param(config, "buffer_pool_mb", "1024")) * (1 << 20)),
+            buffer_pool_bytes=int(float(param(config, "buffer_pool_mb", "64")) * (1 << 20)),
             max_runs=max(1, int(param(config, "max_runs", "2"))),
             max_dummy_fraction=float(param(config, "max_dummy_fraction", "0.25")),
             warmup=enabled(config, "warmup"),

@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import DecoderSettings, param
 from .errors import INTERNAL, RequestError
+from .heap import release_free_heap
 from .kv_cache import gather, release
 from .planner import plan
 from .profile import profiler
@@ -54,6 +55,7 @@ class DecoderEngine:
             f"per-layer inputs={sorted(self.runner.split) or 'none'}")
         if s.warmup:
             self.runner.warmup()
+        release_free_heap()  # the warm-up's activations and cross K/V
 
     # ------------------------------------------------------------------ steps in, outputs out
     def parse(self, step, inputs: dict) -> None:

@@ -6,6 +6,9 @@ cross-attention K/V that is all of it: about 37 MB per sequence per step for Whi
 more than half of a batched step). With one input per layer the slices of the stored
 [L, N, ...] cache (contiguous views) are fed without any copy.
 """
+import os
+import tempfile
+
 from .config import enabled
 from .session import make_session
 
@@ -90,25 +93,50 @@ def split_layer_inputs(model) -> dict:
     return done
 
 
+def per_layer_inputs(session) -> dict:
+    """{input: L} for the stacked K/V inputs a graph already takes per layer ("cross_k.3")."""
+    names = {i.name for i in session.get_inputs()}
+    found = {}
+    for name in LAYER_STACKED:
+        n = 0
+        while f"{name}.{n}" in names:
+            n += 1
+        if n:
+            found[name] = n
+    return found
+
+
 def load_step_session(path: str, config: dict, logger):
     """(decoder_step session, {input: L} split per layer) — per-layer K/V inputs when the graph
-    allows and the `split_layer_inputs` parameter is on, else the graph as is."""
-    if enabled(config, "split_layer_inputs"):
-        try:
-            import onnx
+    allows and the `split_layer_inputs` parameter is on, else the graph as is.
 
-            model = onnx.load(path)
-            split = split_layer_inputs(model)
-            if split:
-                session = make_session(model.SerializeToString(), config, logger,
+    render.py deploys the graph already split; a stacked graph is split here, at load, when the
+    parameter asks for it. Either way the session is made from a file: one made from the
+    serialized bytes keeps about 100 MB (int8) to 200 MB (fp32) more for good."""
+    session = make_session(path, config, logger)
+    split = per_layer_inputs(session)
+    if split or not enabled(config, "split_layer_inputs"):
+        return session, split
+    session = None  # a stacked graph: split it here (one session at a time)
+    try:
+        import onnx
+
+        model = onnx.load(path)
+        split = split_layer_inputs(model)
+        if split:
+            with tempfile.TemporaryDirectory(prefix="decoder-step-") as tmp:
+                split_path = os.path.join(tmp, os.path.basename(path))
+                onnx.save(model, split_path)
+                del model
+                session = make_session(split_path, config, logger,
                                        label=f"{path} (per-layer inputs for {', '.join(sorted(split))})")
-                return session, split
-            logger.log_warn(f"{path}: stacked K/V inputs are not plain per-layer Gathers; using the graph as is")
-        except ImportError:
-            logger.log_warn("the onnx package is missing from pylib_dir: running decoder_step with "
-                            "layer-stacked K/V inputs (slower: a copy of the caches per step)")
-        except Exception as error:  # noqa: BLE001 - fall back to the unmodified graph
-            logger.log_warn(f"could not split the K/V inputs of {path} per layer ({error!r}); using the graph as is")
+            return session, split
+        logger.log_warn(f"{path}: stacked K/V inputs are not plain per-layer Gathers; using the graph as is")
+    except ImportError:
+        logger.log_warn("the onnx package is missing from pylib_dir: running decoder_step with "
+                        "layer-stacked K/V inputs (slower: a copy of the caches per step)")
+    except Exception as error:  # noqa: BLE001 - fall back to the unmodified graph
+        logger.log_warn(f"could not split the K/V inputs of {path} per layer ({error!r}); using the graph as is")
     return make_session(path, config, logger), {}
 
 

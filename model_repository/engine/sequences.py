@@ -5,6 +5,7 @@ import numpy as np
 
 from .cross_store import CrossStore
 from .errors import NOT_FOUND, UNAVAILABLE, RequestError
+from .heap import release_free_heap
 from .kv_cache import release
 from .state import Sequence
 
@@ -87,6 +88,7 @@ class SequenceTable:
         if not self.seqs and now - self.last_active > timeout and (self.cross.k is not None or self.pool.free):
             self.cross.clear()
             self.pool.clear()
+            release_free_heap()  # the smaller buffers went to the C heap, not to the system
 
 
 def _check_parents(step, seq) -> None:

@@ -3,11 +3,15 @@
 Execution provider, intra-op threads, spin-waiting and the CPU memory arena come from the model's
 config parameters (`execution_provider`, `intra_op_threads`, `allow_spinning`, `cpu_mem_arena`); a provider this onnxruntime lacks
 falls back to CPU with a warning instead of failing the model.
+
+Loading a graph leaves freed parse buffers in the C heap (about 50 MB for the decoder_step graph):
+they go back to the system once the session exists (heap.release_free_heap).
 """
 import numpy as np
 import onnxruntime as ort
 
 from .config import param
+from .heap import release_free_heap
 
 CPU = "CPUExecutionProvider"
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -31,8 +35,11 @@ def resolve_providers(requested: str, logger) -> list:
     return list(dict.fromkeys(chosen))
 
 
-def make_session(path_or_bytes, config: dict, logger, label: str = "") -> "ort.InferenceSession":
-    """A session for a graph file (or serialized graph) with the model's provider and threads."""
+def make_session(path_or_bytes, config: dict, logger, label: str = "",
+                 cpu_mem_arena: bool = None) -> "ort.InferenceSession":
+    """A session for a graph file (or serialized graph) with the model's provider and threads.
+
+    cpu_mem_arena: overrides the model's `cpu_mem_arena` parameter for this session."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -45,7 +52,9 @@ def make_session(path_or_bytes, config: dict, logger, label: str = "") -> "ort.I
     # the CPU arena keeps the largest activations of any run (encoder batches: hundreds of MB) for
     # good; without it (and without memory patterns, which preallocate through it) the memory goes
     # back after each run
-    if param(config, "cpu_mem_arena", "1") in ("0", "false", "False"):
+    if cpu_mem_arena is None:
+        cpu_mem_arena = param(config, "cpu_mem_arena", "1") not in ("0", "false", "False")
+    if not cpu_mem_arena:
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
     providers = resolve_providers(param(config, "execution_provider", CPU), logger)
@@ -53,6 +62,7 @@ def make_session(path_or_bytes, config: dict, logger, label: str = "") -> "ort.I
         providers = [("TensorrtExecutionProvider", {"trt_fp16_enable": True}) if p == "TensorrtExecutionProvider"
                      else p for p in providers]
     session = ort.InferenceSession(path_or_bytes, options, providers=providers)
+    release_free_heap()
     logger.log_info(f"loaded {label or path_or_bytes} with providers {session.get_providers()} "
                     f"(intra_op_threads={threads or 'auto'}, spinning={int(spinning)}, "
                     f"cpu_mem_arena={int(options.enable_cpu_mem_arena)})")

@@ -30,6 +30,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from engine.config import enabled, param  # noqa: E402
+from engine.heap import release_free_heap  # noqa: E402
 from engine.profile import profiler  # noqa: E402
 from engine.session import make_session  # noqa: E402
 
@@ -61,6 +62,9 @@ class TritonPythonModel:
         graph_outputs = [o.name for o in self.session.get_outputs()]
         self.graph_output = self.output_name if self.output_name in graph_outputs else graph_outputs[0]
         self.max_batch = int(self.config.get("max_batch_size", 0)) or None
+        # windows per ONNX Runtime run (0: the whole batch at once): the attention activations
+        # grow with it, the time per window does not shrink on a CPU (render.py)
+        self.run_batch = max(0, int(param(self.config, "run_batch_size", "0") or 0))
         self.profile = profiler("encoder")  # None unless ASR_ENGINE_PROFILE_DIR is set
         if enabled(self.config, "warmup") and all(self.feature_dims):
             started = time.perf_counter()
@@ -69,6 +73,7 @@ class TritonPythonModel:
                 self.logger.log_info(f"encoder warm-up {1e3 * (time.perf_counter() - started):.0f} ms")
             except Exception as error:  # noqa: BLE001 - only a warm-up
                 self.logger.log_warn(f"encoder warm-up failed: {error!r}")
+            release_free_heap()  # the warm-up's activations (about 70 MB)
 
     def _features(self, request) -> np.ndarray:
         tensor = pb_utils.get_input_tensor_by_name(request, "input_features")
@@ -89,6 +94,19 @@ class TritonPythonModel:
         return x
 
     def _run(self, x: np.ndarray) -> np.ndarray:
+        """encoder_output of the batch x, run in slices of at most run_batch windows."""
+        step = self.run_batch or x.shape[0]
+        if x.shape[0] <= step:
+            return self._run_slice(x)
+        first = self._run_slice(x[:step])
+        out = np.empty((x.shape[0],) + first.shape[1:], first.dtype)
+        out[:step] = first
+        del first
+        for i in range(step, x.shape[0], step):
+            out[i:i + step] = self._run_slice(x[i:i + step])
+        return out
+
+    def _run_slice(self, x: np.ndarray) -> np.ndarray:
         if self.profile is None:
             return self.session.run([self.graph_output], {self.input_name: x})[0]
         started = time.perf_counter()
@@ -134,6 +152,8 @@ class TritonPythonModel:
                         responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, out)])
                     except Exception as error:  # noqa: BLE001
                         responses[i] = error_response(f"encoder: inference failed: {error}")
+        # the run's activations (arena off) go back to the system, not to an idle heap
+        release_free_heap()
         if self.profile is not None:
             self.profile.add("execute", time.perf_counter() - started)
             self.profile.count("requests", len(requests))

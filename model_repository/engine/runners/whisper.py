@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from ..config import input_dims, param
+from ..config import enabled, input_dims, param
 from ..errors import RequestError
 from ..kv_cache import CAP_STEP, Slab
 from ..session import make_session
@@ -17,8 +17,13 @@ class WhisperRunner(StepRunner):
     has_cross = True
 
     def __init__(self, version_dir: str, config: dict, logger):
+        # decoder_init without the CPU arena (`init_cpu_mem_arena` 0): its output, 37 MB of cross
+        # K/V per sequence, is copied into the CrossStore at once; an arena would keep the largest
+        # START batch's worth for good (4 STARTs: +350 MB), where a fresh allocation costs a few ms
+        arena = enabled(config, "cpu_mem_arena") and enabled(config, "init_cpu_mem_arena", "0")
         self.init_session = make_session(
-            os.path.join(version_dir, param(config, "init_onnx_file", "decoder_init.onnx")), config, logger)
+            os.path.join(version_dir, param(config, "init_onnx_file", "decoder_init.onnx")), config, logger,
+            cpu_mem_arena=arena)
         init_inputs = [i.name for i in self.init_session.get_inputs()]
         self.init_input = "encoder_output" if "encoder_output" in init_inputs else init_inputs[0]
         super().__init__(version_dir, config, logger)

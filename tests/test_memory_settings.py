@@ -1,0 +1,135 @@
+"""What keeps the stack's memory down (issue 13, README Performance): the settings render.py
+writes, the decoder step graph deployed split per layer and loaded from its file, decoder_init
+without the CPU arena, the gateway's analyzer loaded only when asked, and a decoder worker that
+imports only what a decode needs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WHISPER_DIR = Path(os.environ.get("ASR_MODEL_DIR", ROOT / "build" / "models" / "whisper-base"))
+if not WHISPER_DIR.is_absolute():
+    WHISPER_DIR = ROOT / WHISPER_DIR
+
+
+def _param(config_text: str, key: str) -> str:
+    marker = f'key: "{key}" value {{ string_value: "'
+    start = config_text.index(marker) + len(marker)
+    return config_text[start:config_text.index('"', start)]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    if not (WHISPER_DIR / "onnx" / "fp32" / "decoder_step.onnx").is_file():
+        pytest.skip("no exported whisper model (make export)")
+    pytest.importorskip("onnx")
+    from model_repository.render import render_repository
+
+    return render_repository(WHISPER_DIR, tmp_path_factory.mktemp("repository"), "fp32")
+
+
+def test_render_writes_the_memory_settings(rendered, tmp_path):
+    from model_repository.render import render_repository
+
+    encoder = (rendered / "encoder" / "config.pbtxt").read_text(encoding="utf-8")
+    decoder = (rendered / "decoder" / "config.pbtxt").read_text(encoding="utf-8")
+    assert _param(encoder, "run_batch_size") == "1"  # CPU: one window per ONNX Runtime run
+    assert "max_batch_size: 8" in encoder  # ... while Triton still batches the requests
+    assert _param(decoder, "init_cpu_mem_arena") == "0"
+    assert _param(decoder, "cpu_mem_arena") == "1"
+    assert _param(decoder, "buffer_pool_mb") == "64"
+    gpu = render_repository(WHISPER_DIR, tmp_path / "trt", "fp32", execution_provider="TensorrtExecutionProvider",
+                            split_layer_inputs=False)
+    assert _param((gpu / "encoder" / "config.pbtxt").read_text(encoding="utf-8"), "run_batch_size") == "8"
+
+
+def test_the_step_graph_is_deployed_split_per_layer_and_rerendering_keeps_it(rendered, tmp_path):
+    import onnx
+
+    from model_repository.render import render_repository
+
+    source = WHISPER_DIR / "onnx" / "fp32" / "decoder_step.onnx"
+    deployed = rendered / "decoder" / "1" / "decoder_step.onnx"
+    assert not os.path.samefile(source, deployed)  # a file of its own, never written through a link
+    inputs = {i.name for i in onnx.load(str(deployed), load_external_data=False).graph.input}
+    assert {"cross_k.0", "cross_v.0", "past_k.0", "past_v.0"} <= inputs and "cross_k" not in inputs
+    assert (rendered / "decoder" / "1" / "decoder_step.onnx.split.json").is_file()
+    before = deployed.stat().st_mtime_ns
+    render_repository(WHISPER_DIR, rendered, "fp32")
+    assert deployed.stat().st_mtime_ns == before  # same source: nothing written
+    plain = render_repository(WHISPER_DIR, tmp_path / "plain", "fp32", split_layer_inputs=False)
+    assert os.path.samefile(source, plain / "decoder" / "1" / "decoder_step.onnx")  # linked as before
+    assert not (plain / "decoder" / "1" / "decoder_step.onnx.split.json").exists()
+
+
+def test_the_engine_loads_the_split_graph_from_its_file_and_init_without_arena(rendered):
+    pytest.importorskip("onnxruntime")
+    from model_repository.engine.decoder import DecoderEngine
+    from tests.test_decoder_engine import Log
+
+    text = (rendered / "decoder" / "config.pbtxt").read_text(encoding="utf-8")
+    params = {k: _param(text, k) for k in ("family", "cpu_mem_arena", "init_cpu_mem_arena", "buffer_pool_mb",
+                                          "split_layer_inputs")}
+    config = {"parameters": {k: {"string_value": v} for k, v in {**params, "warmup": "0"}.items()}}
+    log = Log()
+    engine = DecoderEngine(str(rendered / "decoder" / "1"), config, log)
+    try:
+        runner = engine.runner
+        assert set(runner.split) == {"past_k", "past_v", "cross_k", "cross_v"} and len(set(runner.split.values())) == 1
+        assert runner.cross_views
+        assert runner.step_session.get_session_options().enable_cpu_mem_arena
+        assert not runner.init_session.get_session_options().enable_cpu_mem_arena
+        assert engine.pool.max_bytes == 64 << 20
+        assert not any("stacked" in message or "missing" in message for _, message in log.lines)
+    finally:
+        engine.close()
+
+
+class _FakeAnalyzer:
+    loaded = 0
+
+    def __init__(self, config) -> None:
+        type(self).loaded += 1
+
+
+def test_the_gateway_loads_the_analyzer_only_when_asked(tmp_path, monkeypatch):
+    pytest.importorskip("analysis.analyzer")
+    import analysis.analyzer
+
+    from gateway.service.ticket_service import TicketNotFound, TicketService
+
+    monkeypatch.setattr(analysis.analyzer, "TicketAnalyzer", _FakeAnalyzer)
+    lazy = TicketService(tmp_path / "lazy.sqlite", preload_analyzer=False)
+    lazy.warm_up()
+    assert not lazy.analyzer_loaded and (tmp_path / "lazy.sqlite").exists()  # the history opens at start
+    with pytest.raises(TicketNotFound):
+        lazy.correct_sync("HL-none", "category", "其他", "tester")  # corrections need no analyzer
+    assert not lazy.analyzer_loaded and _FakeAnalyzer.loaded == 0
+    lazy._open()  # the first analysis
+    assert lazy.analyzer_loaded and _FakeAnalyzer.loaded == 1
+    eager = TicketService(tmp_path / "eager.sqlite", preload_analyzer=True)
+    eager.warm_up()
+    assert eager.analyzer_loaded and _FakeAnalyzer.loaded == 2
+
+
+def test_the_gateway_preloads_the_analyzer_only_when_told():
+    if not (WHISPER_DIR / "model_info.json").is_file():
+        pytest.skip("no exported whisper model (make export)")
+    from gateway.service.server import GatewayConfig
+
+    assert GatewayConfig(model_dir=WHISPER_DIR).preload_analysis is False
+    assert GatewayConfig(model_dir=WHISPER_DIR, preload_analysis=True).preload_analysis
+
+
+def test_decoder_workers_import_neither_asyncio_nor_the_metrics():
+    code = ("import sys; import gateway.service.decode_worker; "
+            "print(sorted(m for m in ('asyncio', 'prometheus_client', 'grpc') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.stdout.strip() == "[]"
