@@ -77,6 +77,23 @@ def syllables(text: str) -> list[str] | None:
     return result if len(result) == len(text) else None  # alignment lost: do not guess
 
 
+# Initials after _fuzzy (zh/ch/sh merged into z/c/s, n into l); the rest of a syllable is its final.
+_INITIALS = frozenset("bpmfdtlgkhjqxzcsryw")
+
+
+def rhymes(a: str, b: str) -> bool:
+    """Two fuzzy syllables with the same final (湖 hu / 无 wu / 骨 gu, 开 kai / 台 tai): what the
+    ASR makes of a syllable whose initial it half hears. A shared initial is not enough
+    (滨海区 is not 滨湖区)."""
+    if _NOT_HAN in (a, b) or not a or not b:
+        return False
+    return _final(a) == _final(b)
+
+
+def _final(syllable: str) -> str:
+    return syllable[1:] if syllable[0] in _INITIALS else syllable
+
+
 @dataclass(frozen=True)
 class SoundMatch:
     name: str       # the gazetteer name

@@ -15,7 +15,7 @@ from pathlib import Path
 from analysis.config import read_yaml, string_list
 from analysis.errors import ConfigError
 from analysis.evidence import Evidence
-from analysis.phonetic import PhoneticIndex
+from analysis.phonetic import PhoneticIndex, rhymes, syllables
 
 _HAN = "\u4e00-\u9fa5"
 # Words ending in 区 that are not districts (小区, 社区, 园区, 景区, ...).
@@ -162,6 +162,26 @@ class PlaceExtractor:
             return stem + "区", match.start()
         return None, -1
 
+    def _half_heard_district(self, stated: str) -> str | None:
+        """The one district of the city that a stated but unknown XY区 half sounds like: every
+        syllable but one alike, that one rhyming (兵无区 -> 滨湖区, 冰骨区 -> 滨湖区). Only the
+        city's own districts: the 190 of other cities would make too many near neighbours.
+        A district of another city (gazetteer `elsewhere`) is what it says."""
+        if stated in self.gazetteer.elsewhere:
+            return None
+        heard = syllables(stated)
+        if not heard:
+            return None
+        candidates = set()
+        for alias, name in self._district_names:
+            target = syllables(alias)
+            if not target or len(target) != len(heard) or alias[-1] != stated[-1]:
+                continue
+            alike = sum(a == b for a, b in zip(heard, target))
+            if alike == len(heard) - 1 and all(a == b or rhymes(a, b) for a, b in zip(heard, target)):
+                candidates.add(name)
+        return candidates.pop() if len(candidates) == 1 else None
+
     def repair_by_sound(self, text: str) -> tuple[str, tuple[str, ...]]:
         """The text with sound-alike place names replaced by the gazetteer's (same length)."""
         protected = set()
@@ -211,7 +231,12 @@ class PlaceExtractor:
         unknown = None
         if district is None:
             unknown, unknown_offset = self._unknown_district(text)
-            if unknown:
+            half_heard = self._half_heard_district(unknown) if unknown else None
+            if half_heard:  # 兵无区 -> 滨湖区: stated, half heard
+                heard_as = (*heard_as, f"{unknown}->{half_heard}")
+                district, district_source, unknown = half_heard, "stated", None
+                evidence.append(Evidence(half_heard, "place", unknown_offset))
+            elif unknown:
                 evidence.append(Evidence(unknown, "place", unknown_offset))
             else:
                 candidates = set.intersection(*owners) if owners else set()

@@ -212,6 +212,26 @@ def test_a_district_of_another_city_heard_with_other_characters(analyzer, text, 
     assert ticket.place["district"] is None and ticket.place["district_unknown"] == said
 
 
+@pytest.mark.parametrize(("text", "district"), [
+    ("我是兵无区的，小区门口的路灯坏了", "滨湖区"),   # one syllable half heard: wu rhymes with hu
+    ("孩子在冰骨区一中上学，晚自习太晚了", "滨湖区"),
+    ("我在新党区上班，公司拖欠工资", "新港区"),      # dang rhymes with gang
+])
+def test_a_half_heard_district_is_the_one_it_rhymes_with(analyzer, text, district):
+    ticket = analyse(analyzer, text)
+    assert ticket.place["district"] == district and ticket.place["district_source"] == "stated"
+    assert any(f"->{district}" in heard for heard in ticket.place["heard_as"])
+
+
+@pytest.mark.parametrize("text", [
+    "我是滨海区的，老板欠了我们四个月工资",   # another city's 滨海区 only shares an initial with 滨湖区
+    "我在海滨区这边，路灯坏了",               # two syllables differ
+])
+def test_a_district_that_only_half_matches_stays_unknown(analyzer, text):
+    ticket = analyse(analyzer, text)
+    assert ticket.place["district"] is None and ticket.place["district_unknown"] in text
+
+
 # -- duplicates -------------------------------------------------------------------------------
 
 
