@@ -6,8 +6,10 @@ The model directory comes from `make export` (ASR_MODEL_DIR, default build/model
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
+import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,3 +148,14 @@ def load_clip_audio(path: Path) -> np.ndarray:
     from gateway.asr.audio import decode_audio
 
     return decode_audio(path.read_bytes())
+
+
+def wav16(audio: np.ndarray, rate: int = 16000, channels: int = 1) -> bytes:
+    """Float samples in [-1, 1] (interleaved when channels > 1) as a 16-bit PCM WAV."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()

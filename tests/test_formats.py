@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import struct
-import wave
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
@@ -21,7 +20,7 @@ import pytest
 
 from gateway.asr.audio import SAMPLE_RATE, AudioDecodeError, decode_audio, load_audio, load_pcm
 from gateway.protocol import asr_pb2, asr_pb2_grpc
-from tests.conftest import asr_client, load_clip_audio, running_gateway, sample_clips
+from tests.conftest import asr_client, load_clip_audio, running_gateway, sample_clips, wav16
 
 CLIPS = {c.name: c for c in sample_clips()}
 SR = SAMPLE_RATE
@@ -163,16 +162,6 @@ def test_stereo_channels_kept_apart():
 
 
 # --------------------------------------------------------------------------- through the gateway
-def wav16(audio: np.ndarray, rate: int = SR, channels: int = 1) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(channels)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
-
-
 def test_stereo_call_per_channel(asr_stub):
     """Agent on the left channel at 1 s, caller on the right at 6 s."""
     agent = load_clip_audio(CLIPS["en/hello_world"].path)

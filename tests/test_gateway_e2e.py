@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
-import wave
 
 import grpc
 import numpy as np
@@ -15,22 +13,11 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.protocol import asr_pb2
-from tests.conftest import PROJECT_ROOT, cer, load_clip_audio, sample_clips
+from tests.conftest import PROJECT_ROOT, cer, load_clip_audio, sample_clips, wav16
 
 CLIPS = sample_clips()
 CLIP_IDS = [clip.name for clip in CLIPS]
 EOT_AND_ABOVE = 50257  # whisper: ids >= <|endoftext|> are special tokens
-
-
-def wav_bytes(audio: np.ndarray, sample_rate: int = 16000) -> bytes:
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate)
-        wav.writeframes(pcm.tobytes())
-    return buffer.getvalue()
 
 
 def reference_generate(reference_model, audio: np.ndarray, language: str, num_beams: int) -> list[int]:
@@ -78,7 +65,7 @@ def test_language_detected_when_not_given(asr_stub, clip):
 
 
 def test_empty_audio(asr_stub):
-    response = asr_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=wav_bytes(np.zeros(0, np.float32))), timeout=30)
+    response = asr_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=wav16(np.zeros(0, np.float32))), timeout=30)
     assert response.text == "" and len(response.segments) == 0 and response.audio_duration_s == 0.0
 
 
@@ -143,7 +130,7 @@ def test_long_audio_is_segmented_by_vad(asr_stub):
     audio = np.concatenate([audio, np.zeros(16000 * 65 - len(audio), np.float32)]) if len(audio) < 16000 * 65 else audio
     placed = [10.0, 10.0 + len(en) / 16000 + 29, 10.0 + 2 * len(en) / 16000 + 49]
     response = asr_stub.Transcribe(
-        asr_pb2.TranscribeRequest(audio_content=wav_bytes(audio), language="en", beam_size=1, word_timestamps=True), timeout=300
+        asr_pb2.TranscribeRequest(audio_content=wav16(audio), language="en", beam_size=1, word_timestamps=True), timeout=300
     )
     assert response.audio_duration_s == pytest.approx(len(audio) / 16000, abs=1e-3)
     assert len(response.segments) == 3, [(s.start_s, s.text) for s in response.segments]
@@ -151,7 +138,7 @@ def test_long_audio_is_segmented_by_vad(asr_stub):
         assert "hello" in segment.text.lower(), [s.text for s in response.segments]
         assert abs(segment.start_s - start) < 0.5 and segment.end_s <= start + len(en) / 16000 + 0.5
     # without word timestamps the same audio is one chunk (silence left out), one segment
-    plain = asr_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=wav_bytes(audio), language="en", beam_size=1), timeout=300)
+    plain = asr_stub.Transcribe(asr_pb2.TranscribeRequest(audio_content=wav16(audio), language="en", beam_size=1), timeout=300)
     assert plain.text.lower().count("hello") == 3
     assert plain.segments[0].start_s == pytest.approx(10.0, abs=0.5) and plain.segments[-1].end_s < 64.5
 

@@ -13,9 +13,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WHISPER_DIR = Path(os.environ.get("ASR_MODEL_DIR", ROOT / "build" / "models" / "whisper-base"))
-if not WHISPER_DIR.is_absolute():
-    WHISPER_DIR = ROOT / WHISPER_DIR
 
 
 def _param(config_text: str, key: str) -> str:
@@ -25,16 +22,13 @@ def _param(config_text: str, key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
-    if not (WHISPER_DIR / "onnx" / "fp32" / "decoder_step.onnx").is_file():
-        pytest.skip("no exported whisper model (make export)")
-    pytest.importorskip("onnx")
+def rendered(model_dir, tmp_path_factory):
     from model_repository.render import render_repository
 
-    return render_repository(WHISPER_DIR, tmp_path_factory.mktemp("repository"), "fp32")
+    return render_repository(model_dir, tmp_path_factory.mktemp("repository"), "fp32")
 
 
-def test_render_writes_the_memory_settings(rendered, tmp_path):
+def test_render_writes_the_memory_settings(rendered, model_dir, tmp_path):
     from model_repository.render import render_repository
 
     encoder = (rendered / "encoder" / "config.pbtxt").read_text(encoding="utf-8")
@@ -44,32 +38,31 @@ def test_render_writes_the_memory_settings(rendered, tmp_path):
     assert _param(decoder, "init_cpu_mem_arena") == "0"
     assert _param(decoder, "cpu_mem_arena") == "1"
     assert _param(decoder, "buffer_pool_mb") == "64"
-    gpu = render_repository(WHISPER_DIR, tmp_path / "trt", "fp32", execution_provider="TensorrtExecutionProvider",
+    gpu = render_repository(model_dir, tmp_path / "trt", "fp32", execution_provider="TensorrtExecutionProvider",
                             split_layer_inputs=False)
     assert _param((gpu / "encoder" / "config.pbtxt").read_text(encoding="utf-8"), "run_batch_size") == "8"
 
 
-def test_the_step_graph_is_deployed_split_per_layer_and_rerendering_keeps_it(rendered, tmp_path):
+def test_the_step_graph_is_deployed_split_per_layer_and_rerendering_keeps_it(rendered, model_dir, tmp_path):
     import onnx
 
     from model_repository.render import render_repository
 
-    source = WHISPER_DIR / "onnx" / "fp32" / "decoder_step.onnx"
+    source = model_dir / "onnx" / "fp32" / "decoder_step.onnx"
     deployed = rendered / "decoder" / "1" / "decoder_step.onnx"
     assert not os.path.samefile(source, deployed)  # a file of its own, never written through a link
     inputs = {i.name for i in onnx.load(str(deployed), load_external_data=False).graph.input}
     assert {"cross_k.0", "cross_v.0", "past_k.0", "past_v.0"} <= inputs and "cross_k" not in inputs
     assert (rendered / "decoder" / "1" / "decoder_step.onnx.split.json").is_file()
     before = deployed.stat().st_mtime_ns
-    render_repository(WHISPER_DIR, rendered, "fp32")
+    render_repository(model_dir, rendered, "fp32")
     assert deployed.stat().st_mtime_ns == before  # same source: nothing written
-    plain = render_repository(WHISPER_DIR, tmp_path / "plain", "fp32", split_layer_inputs=False)
+    plain = render_repository(model_dir, tmp_path / "plain", "fp32", split_layer_inputs=False)
     assert os.path.samefile(source, plain / "decoder" / "1" / "decoder_step.onnx")  # linked as before
     assert not (plain / "decoder" / "1" / "decoder_step.onnx.split.json").exists()
 
 
 def test_the_engine_loads_the_split_graph_from_its_file_and_init_without_arena(rendered):
-    pytest.importorskip("onnxruntime")
     from model_repository.engine.decoder import DecoderEngine
     from tests.test_decoder_engine import Log
 
@@ -99,7 +92,6 @@ class _FakeAnalyzer:
 
 
 def test_the_gateway_loads_the_analyzer_only_when_asked(tmp_path, monkeypatch):
-    pytest.importorskip("analysis.analyzer")
     import analysis.analyzer
 
     from gateway.service.ticket_service import TicketNotFound, TicketService
@@ -118,13 +110,11 @@ def test_the_gateway_loads_the_analyzer_only_when_asked(tmp_path, monkeypatch):
     assert eager.analyzer_loaded and _FakeAnalyzer.loaded == 2
 
 
-def test_the_gateway_preloads_the_analyzer_only_when_told():
-    if not (WHISPER_DIR / "model_info.json").is_file():
-        pytest.skip("no exported whisper model (make export)")
+def test_the_gateway_loads_the_analyzer_lazily_by_default(model_dir):
+    """README: the analyzer loads at the first analysis unless --preload-analysis."""
     from gateway.service.server import GatewayConfig
 
-    assert GatewayConfig(model_dir=WHISPER_DIR).preload_analysis is False
-    assert GatewayConfig(model_dir=WHISPER_DIR, preload_analysis=True).preload_analysis
+    assert GatewayConfig(model_dir=model_dir).preload_analysis is False
 
 
 def test_decoder_workers_import_neither_asyncio_nor_the_metrics():

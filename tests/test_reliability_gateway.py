@@ -17,7 +17,7 @@ import pytest
 
 from gateway.protocol import asr_pb2
 from gateway.service.decode_pool import CRASH_MARKER_ENV
-from tests.conftest import asr_client, sample_clips
+from tests.conftest import asr_client, sample_clips, wav16
 from tests.test_reliability_audio import MAX_STATUS_BYTES, flac_claiming, pcm_wav
 
 CRASH_MARKER = "CRASH-THE-DECODER"
@@ -243,9 +243,6 @@ def test_refused_call_is_never_read(stub, hostile_gateway):
 
 def _speech_wav(seconds: float) -> bytes:
     """The demo calls one after another until `seconds` of 16 kHz mono speech, as a WAV."""
-    import io
-    import wave
-
     from tests.conftest import PROJECT_ROOT, load_clip_audio
 
     calls = sorted((PROJECT_ROOT / "data" / "calls").glob("call_*.flac"))
@@ -254,14 +251,7 @@ def _speech_wav(seconds: float) -> bytes:
         audio = load_clip_audio(calls[len(pieces) % len(calls)])
         pieces.append(audio)
         total += len(audio)
-    samples = (np.clip(np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)], -1, 1) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE)
-        out.writeframes(samples.tobytes())
-    return buffer.getvalue()
+    return wav16(np.concatenate(pieces)[: int(seconds * SAMPLE_RATE)], SAMPLE_RATE)
 
 
 def test_decoded_audio_in_flight_is_bounded(triton, model_dir, tmp_path):
