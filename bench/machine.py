@@ -41,19 +41,37 @@ class MemorySampler:
             return "faster-whisper"
         return f"{Path(cmd[0]).name if cmd else '?'}:{proc.pid}"
 
-    def sample(self) -> None:
-        procs = []
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each kind of process in the trees (the
+        decode workers, ``python:<pid>``, summed as ``python``); diff two of these for a workload."""
+        out: dict[str, float] = {}
+        for p in self._processes():
+            try:
+                times = p.cpu_times()
+            except self._psutil.Error:
+                continue
+            label = self._label(p)
+            label = "python" if label.startswith("python:") else label
+            out[label] = out.get(label, 0.0) + times.user + times.system
+        return out
+
+    def _processes(self) -> list:
+        procs, seen = [], set()
         for pid in self.roots:
             try:
                 root = self._psutil.Process(pid)
-                procs += [root] + root.children(recursive=True)
+                tree = [root] + root.children(recursive=True)
             except self._psutil.Error:
                 continue
-        seen, total, now = set(), 0, {}
-        for p in procs:
-            if p.pid in seen:
-                continue
-            seen.add(p.pid)
+            for p in tree:
+                if p.pid not in seen:
+                    seen.add(p.pid)
+                    procs.append(p)
+        return procs
+
+    def sample(self) -> None:
+        total, now = 0, {}
+        for p in self._processes():
             try:
                 rss = p.memory_info().rss
             except self._psutil.Error:

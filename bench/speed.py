@@ -262,25 +262,33 @@ def _diff_stats(after: dict, before: dict) -> dict:
 
 
 def profile_table(stats: dict, prof: dict) -> dict:
-    """Milliseconds per encoder window and per decoder step (one request: one step of one window,
-    all its beams) from the Triton statistics and the opt-in timers."""
+    """Milliseconds per encoder window and per decoder step (one step of one window, all its
+    beams) from the Triton statistics and the opt-in timers. Steps run either in the `decoder`
+    model (stepwise search in the gateway: one Triton request per step) or inside the `search`
+    model (whole windows; its rounds are the decoder calls)."""
     ms = lambda s, n: round(1e3 * s / n, 2) if n else None  # noqa: E731
-    enc, dec = stats.get("encoder", {}), stats.get("decoder", {})
-    pe, pd, pg = prof.get("encoder", {}), prof.get("decoder", {}), prof.get("gateway", {})
+    enc, dec, srch = stats.get("encoder", {}), stats.get("decoder", {}), stats.get("search", {})
+    pe, pg = prof.get("encoder", {}), prof.get("gateway", {})
+    in_server = prof.get("search", {}).get("counts", {}).get("requests", 0) > 0
+    pd = prof.get("search" if in_server else "decoder", {})
     es, ec = pe.get("seconds", {}), pe.get("counts", {})
     ds, dc = pd.get("seconds", {}), pd.get("counts", {})
     gs, gc = pg.get("seconds", {}), pg.get("counts", {})
     windows = ec.get("windows", 0) or enc.get("requests", 0)
-    steps = dec.get("requests", 0) or dc.get("requests", 0)
+    if in_server:
+        steps, executions = dc.get("requests", 0), dc.get("execute", 0)
+    else:
+        steps, executions = dec.get("requests", 0) or dc.get("requests", 0), dec.get("executions", 0)
     table = {
+        "search": "in Triton (search model)" if in_server else "gateway (decoder model, one request per step)",
         "windows": windows,
         "encoder_batch": round(enc.get("requests", 0) / enc["executions"], 2) if enc.get("executions") else None,
         "window_encoder_ort_ms": ms(es.get("ort", 0), windows),
         "window_triton_queue_ms": ms(enc.get("queue_s", 0), enc.get("requests", 0)),
         "window_client_round_trip_ms": ms(gs.get("encoder", 0), gc.get("encoder", 0)),
         "decoder_steps": steps,
-        "decoder_executions": dec.get("executions", 0),
-        "decoder_batch": round(steps / dec["executions"], 2) if dec.get("executions") else None,
+        "decoder_executions": executions,
+        "decoder_batch": round(steps / executions, 2) if executions else None,
         "decoder_rows_per_ort_call": round(dc.get("rows", 0) / dc["ort"], 2) if dc.get("ort") else None,
     }
     # per step: the server's execution time shared among the steps it ran
@@ -293,6 +301,18 @@ def profile_table(stats: dict, prof: dict) -> dict:
         "step_kv_cache_ms": ms(kv_s, steps),
         "step_engine_python_ms": ms(python_s, steps),
         "step_score_topk_ms": ms(ds.get("score", 0), steps),
+    })
+    if in_server:
+        table.update({
+            "step_search_python_ms": ms(ds.get("search_python", 0), steps),
+            "window_search_round_trip_ms": ms(gs.get("search", 0), gc.get("search", 0)),
+            # steps of all windows per decoder round a window's steps ran in (1: alone)
+            "window_mean_round_steps": round(gs["search_round_steps"] / gc["search_round_steps"], 2)
+            if gc.get("search_round_steps") else None,
+            "window_search_queue_ms": ms(srch.get("queue_s", 0), srch.get("requests", 0)),
+        })
+        return table
+    table.update({
         "step_triton_execute_ms": ms(dec.get("execution_compute_s", 0), steps),
         "step_triton_queue_ms": ms(dec.get("queue_s", 0), steps),
     })
@@ -306,6 +326,14 @@ def profile_table(stats: dict, prof: dict) -> dict:
         table["step_client_round_trip_ms"] = round(1e3 * rtt, 2)
         table["step_grpc_and_gateway_ms"] = round(1e3 * max(0.0, rtt - server), 2)
     return table
+
+
+def cpu_used(after: dict, before: dict, wall_s: float) -> dict:
+    """CPU seconds each kind of process used during a workload, their total, and the cores that
+    total kept busy on average (2.0 = both cores of this machine all the time)."""
+    used = {k: round(v - before.get(k, 0.0), 2) for k, v in sorted(after.items())}
+    total = sum(used.values())
+    return {"by_process": used, "total": round(total, 2), "cores_busy": round(total / wall_s, 2) if wall_s else None}
 
 
 # --------------------------------------------------------------------------- ours
@@ -337,6 +365,7 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     name, precision, tunables = parse_spec(spec)
     windows = int(tunables.pop("windows", args.windows))  # the gateway's --max-concurrent-windows
     only = tunables.pop("workloads", None)  # e.g. workloads=long: this configuration runs (a) only
+    stepwise = bool(tunables.pop("stepwise", False))  # the gateway's --stepwise-only (no search model use)
     if only:
         long_meta = long_meta if "long" in str(only) else None
         calls_meta = calls_meta if "calls" in str(only) else None
@@ -345,13 +374,15 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     prof_dir.mkdir(parents=True, exist_ok=True)
     render_repository(args.model_dir, repo, precision=precision, **tunables)
     result = {"engine": name, "precision": precision, "tunables": tunables, "gateway_windows": windows,
+              "search": "gateway, one Triton step per token" if stepwise else "in Triton (model search)",
               "load_start": load()}
     os.environ["ASR_ENGINE_PROFILE_DIR"] = str(prof_dir)  # the gateway child inherits it
     try:
         with TritonProcess(repo, log_path=work / f"triton-{name}.log", startup_timeout_s=600,
                            env={"ASR_ENGINE_PROFILE_DIR": str(prof_dir)}) as triton, \
                 _started(GatewayProcess(args.model_dir, triton.grpc_url, log_path=work / f"gateway-{name}.log",
-                                        extra_args=["--max-concurrent-windows", str(windows)])) as gateway, \
+                                        extra_args=["--max-concurrent-windows", str(windows)]
+                                        + (["--stepwise-only"] if stepwise else []))) as gateway, \
                 MemorySampler([triton.pid, gateway.process.pid]) as memory:
             with grpc.insecure_channel(gateway.address, options=[("grpc.max_send_message_length", 1 << 30),
                                                                  ("grpc.max_receive_message_length", 1 << 30)]) as channel:
@@ -361,21 +392,25 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
                                                           beam_size=args.beam_size), timeout=600)
                 if long_meta:
                     before = (_triton_stats(triton.grpc_url), _read_profiles(prof_dir))
+                    cpu_before = memory.cpu_seconds()
                     data = Path(long_meta["path"]).read_bytes()
                     t0 = time.perf_counter()
                     response = stub.Transcribe(asr_pb2.TranscribeRequest(
                         audio_content=data, language=args.language, beam_size=args.beam_size), timeout=7200)
                     wall = time.perf_counter() - t0
+                    cpu = cpu_used(memory.cpu_seconds(), cpu_before, wall)
                     time.sleep(2 * 0.5 + 0.2)  # let the profile files catch up
                     after = (_triton_stats(triton.grpc_url), _read_profiles(prof_dir))
                     raw = response.model_text or response.text
                     result["long"] = _scores(long_meta["seconds"], wall, [raw], [" ".join(long_meta["references"])])
                     result["long"]["profile"] = profile_table(_diff_stats(after[0], before[0]),
                                                               _diff_profiles(after[1], before[1]))
+                    result["long"]["cpu_s"] = cpu
                     result["long"]["text_head"] = response.text[:200]
                     print(f"  {name} long: RTFx {result['long']['rtfx']}", flush=True)
             if calls_meta:
                 before = (_triton_stats(triton.grpc_url), _read_profiles(prof_dir))
+                cpu_before = memory.cpu_seconds()
                 out = work / f"batch-{name}"
                 cmd = [sys.executable, "-m", "gateway.clients.cli", "batch", calls_meta["folder"], "--out", str(out),
                        "--server", gateway.address, "--concurrency", str(args.concurrency), "--language", args.language,
@@ -384,6 +419,7 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
                 proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True,
                                       env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
                 job_wall = time.perf_counter() - t0
+                cpu = cpu_used(memory.cpu_seconds(), cpu_before, job_wall)
                 time.sleep(1.2)
                 after = (_triton_stats(triton.grpc_url), _read_profiles(prof_dir))
                 summary_path = out / "batch_summary.json"
@@ -400,7 +436,7 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
                 wall = float(summary.get("wall_seconds") or job_wall)
                 result["calls"] = _scores(calls_meta["seconds"], wall, hyps, refs)
                 result["calls"].update({"batch_job_wall_s": round(job_wall, 2), "failed": summary.get("failed"),
-                                        "concurrency": args.concurrency})
+                                        "concurrency": args.concurrency, "cpu_s": cpu})
                 result["calls"]["profile"] = profile_table(_diff_stats(after[0], before[0]),
                                                            _diff_profiles(after[1], before[1]))
                 print(f"  {name} calls: RTFx {result['calls']['rtfx']}", flush=True)
@@ -509,7 +545,7 @@ def print_tables(report: dict) -> None:
             print(f"| {r['engine']} | {w['rtfx']} | {w['cer_raw']} | {w['cer_norm']} | {r['memory'].get('peak_total_mb')} |")
     profiled = [(r["engine"], w, r[w]["profile"]) for r in runs for w in ("long", "calls") if "profile" in r.get(w, {})]
     if profiled:
-        keys = list(profiled[0][2])
+        keys = list(dict.fromkeys(k for _, _, p in profiled for k in p))
         print("\nprofile (ms per encoder window / per decoder step)")
         print("| metric | " + " | ".join(f"{e} {w}" for e, w, _ in profiled) + " |")
         print("|---|" + "---|" * len(profiled))

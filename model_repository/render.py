@@ -38,6 +38,9 @@ PYLIB_ENV = "ASR_TRITON_PYLIB"
 ENGINE = HERE / "engine"
 ENGINE_DIR = "engine"
 ENGINE_FILES = "*.py"
+# The search model runs the gateway's beam search itself: deployed as engine/beam_search.py
+BEAM_SEARCH = PROJECT_ROOT / "gateway" / "asr" / "decoding.py"
+SEARCH_EXTRAS = {Path("beam_search.py"): BEAM_SEARCH}
 
 
 def family_runner(family: str) -> type:
@@ -107,6 +110,11 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "split_layer_inputs": True,             # feed K/V per layer (decoder_step rewritten here, else at load; onnx)
     "max_runs": 2,                          # decoder_step calls per (K, T) group before copying cross K/V
     "max_dummy_fraction": 0.25,             # ... or one call padded with dummy rows for missing sequences
+    # search (whole-window beam search in the server, engine/search.py): a second decoder engine
+    # whose windows share every decoder call; the gateway uses it for windows without hotwords
+    "search_model": True,
+    "search_max_windows": 16,               # windows searching at once (more wait, in order)
+    "search_max_waiting": 256,              # windows waiting at most (beyond: UNAVAILABLE)
 }
 # shorthands accepted by render_repository / --set
 ALIASES = {
@@ -238,14 +246,17 @@ def _copy_if_changed(src: Path, dst: Path) -> bool:
     return True
 
 
-def _sync_tree(src: Path, dst: Path, pattern: str) -> list[str]:
-    """Make dst hold exactly the files of src matching pattern (recursively, same layout);
-    returns the files copied. Unchanged files are left alone, stale ones removed."""
-    wanted = {p.relative_to(src) for p in src.rglob(pattern) if "__pycache__" not in p.parts}
+def _sync_tree(src: Path, dst: Path, pattern: str, extras: dict[Path, Path] | None = None) -> list[str]:
+    """Make dst hold exactly the files of src matching pattern (recursively, same layout) plus
+    ``extras`` ({path in dst: source file}); returns the files copied. Unchanged files are left
+    alone, stale ones removed."""
+    sources = {p.relative_to(src): p for p in src.rglob(pattern) if "__pycache__" not in p.parts}
+    sources.update(extras or {})
+    wanted = set(sources)
     copied = []
     for rel in sorted(wanted):
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        if _copy_if_changed(src / rel, dst / rel):
+        if _copy_if_changed(sources[rel], dst / rel):
             copied.append(str(rel))
     if dst.is_dir():
         for stale in sorted(dst.rglob(pattern)):
@@ -280,6 +291,8 @@ def resolve_tunables(tunables: dict) -> dict:
     if values["encoder_run_batch_size"] is None:
         cpu_only = str(values["execution_provider"]).strip() in ("", "CPUExecutionProvider")
         values["encoder_run_batch_size"] = 1 if cpu_only else int(values["encoder_max_batch_size"])
+    if int(values["search_max_windows"]) < 1 or int(values["search_max_waiting"]) < 0:
+        raise RenderError("search_max_windows must be >= 1 and search_max_waiting >= 0")
     for m in ("encoder", "decoder"):
         if values[f"{m}_preferred_batch_sizes"] is None:
             values[f"{m}_preferred_batch_sizes"] = [int(values[f"{m}_max_batch_size"])]
@@ -455,7 +468,7 @@ def _write_model(model_out: Path, name: str, text: str, graphs: list[Path], say,
     say(f"[render] {model_out / 'config.pbtxt'}: {'written' if changed else 'unchanged'}")
     changed = _copy_if_changed(HERE / name / "1" / "model.py", version / "model.py")
     say(f"[render] {version / 'model.py'}: {'copied' if changed else 'unchanged'}")
-    copied = _sync_tree(ENGINE, version / ENGINE_DIR, ENGINE_FILES)
+    copied = _sync_tree(ENGINE, version / ENGINE_DIR, ENGINE_FILES, SEARCH_EXTRAS if name == "search" else None)
     say(f"[render] {version / ENGINE_DIR}: {', '.join(copied) + ' copied' if copied else 'unchanged'}")
     expected = {"model.py", ENGINE_DIR}
     for src in graphs:
@@ -493,10 +506,21 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
     per_model = _per_model_placeholders(values)
     out_dir.mkdir(parents=True, exist_ok=True)
     extra_parameters = family_parameters(family, info)
+    split = _fmt_bool(values["split_layer_inputs"]) == "1"
     for name, graphs in models.items():
         text = _config_text(name, {**common, **per_model[name]}, extra_parameters.get(name, {}))
         _write_model(out_dir / name, name, text, [sources[g] for g in graphs], say,
-                     split_step=name == "decoder" and _fmt_bool(values["split_layer_inputs"]) == "1")
+                     split_step=name == "decoder" and split)
+    search_dir = out_dir / "search"
+    if _fmt_bool(values["search_model"]) == "1":
+        # the decoder's graphs and parameters, plus the search's own
+        placeholders = {**common, **per_model["decoder"], "SEARCH_MAX_WINDOWS": int(values["search_max_windows"]),
+                        "SEARCH_MAX_WAITING": int(values["search_max_waiting"])}
+        text = _config_text("search", placeholders, extra_parameters.get("decoder", {}))
+        _write_model(search_dir, "search", text, [sources[g] for g in models["decoder"]], say, split_step=split)
+    elif search_dir.is_dir():
+        say(f"[render] removing {search_dir} (search_model off)")
+        shutil.rmtree(search_dir)
     return out_dir
 
 

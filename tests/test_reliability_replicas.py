@@ -73,7 +73,7 @@ def test_both_replicas_get_work_and_transcripts_equal_one_replica(
     assert texts == single_replica_texts
     for url in (triton.grpc_url, replica_b.grpc_url):
         after = _model_counts(url)
-        for model in ("encoder", "decoder"):
+        for model in ("encoder", "search"):
             assert after[model] > before[url][model], f"{url} got no {model} work"
 
 
@@ -83,17 +83,17 @@ def test_a_replica_killed_mid_run_costs_no_request(
     requests = _requests()
     with asr_client(two_replica_gateway.address) as stub, ThreadPoolExecutor(4) as pool:
         with triton_grpc.InferenceServerClient(replica_b.grpc_url) as client:
-            before = decoder_requests(client)
+            before = decoder_requests(client, "encoder")
             calls = [pool.submit(stub.Transcribe, request, timeout=600) for request in requests]
-            wait_for_decoding(client, before)  # replica B is decoding windows of the run
+            wait_for_decoding(client, before, model="encoder")  # replica B is decoding windows of the run
         replica_b.kill()
         texts = [call.result().text for call in calls]
         assert texts == single_replica_texts
         assert _health(two_replica_gateway.address) == health_pb2.HealthCheckResponse.SERVING
         # new work after the kill all goes to replica A
-        before_a = _model_counts(triton.grpc_url)["decoder"]
+        before_a = _model_counts(triton.grpc_url)["search"]
         assert stub.Transcribe(requests[0], timeout=600).text == single_replica_texts[0]
-        assert _model_counts(triton.grpc_url)["decoder"] > before_a
+        assert _model_counts(triton.grpc_url)["search"] > before_a
     log = two_replica_gateway.log_path.read_text(errors="replace")
     assert any(f"triton {replica_b.grpc_url}:" in line and "not ready, skipped" in line for line in log.splitlines())
     assert two_replica_gateway.process.poll() is None

@@ -49,7 +49,8 @@ def sequence_triton(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sequence_gateway(sequence_triton, model_dir, tmp_path_factory):
     with gateway_running(model_dir, sequence_triton.grpc_url, tmp_path_factory.mktemp("gateway"),
-                         ["--max-concurrent-windows", str(MAX_SEQUENCES), "--log-format", "json"]) as process:
+                         ["--max-concurrent-windows", str(MAX_SEQUENCES), "--log-format", "json",
+                          "--stepwise-only"]) as process:  # the decoder model's sequences are the subject
         yield process
 
 
@@ -72,16 +73,18 @@ def live_sequences(triton) -> int | None:
     return int(counts[-1]) if counts else None
 
 
-def decoder_requests(client: triton_grpc.InferenceServerClient) -> int:
-    stats = client.get_inference_statistics("decoder", as_json=True)["model_stats"][0]["inference_stats"]
+def decoder_requests(client: triton_grpc.InferenceServerClient, model: str = "decoder") -> int:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
     return sum(int(stats.get(kind, {}).get("count", 0)) for kind in ("success", "fail"))
 
 
-def wait_for_decoding(client: triton_grpc.InferenceServerClient, before: int, timeout_s: float = 120.0) -> None:
-    """Until Triton has answered a decoder step more than ``before``: the call's sequences are in flight."""
+def wait_for_decoding(client: triton_grpc.InferenceServerClient, before: int, timeout_s: float = 120.0,
+                      model: str = "decoder") -> None:
+    """Until Triton has answered more than ``before`` requests of ``model`` (a decoder step: the
+    call's sequences are in flight; an encoder window: its search follows at once)."""
     deadline = time.monotonic() + timeout_s
-    while decoder_requests(client) <= before:
-        assert time.monotonic() < deadline, "no decoder step reached Triton"
+    while decoder_requests(client, model) <= before:
+        assert time.monotonic() < deadline, f"no {model} request reached Triton"
         time.sleep(0.02)
 
 

@@ -146,9 +146,11 @@ class Transcriber:
         max_concurrent_windows: int = 4,
         vad: SileroVad | None = None,
         window_decoder: WindowDecoder | None = None,
+        server_search: bool = True,
     ) -> None:
         """``client``: a TritonAsrClient for the stepwise path, unused when ``window_decoder``
-        (another backend behind the WindowDecoder seam) is given."""
+        (another backend behind the WindowDecoder seam) is given. ``server_search``: windows
+        without hotwords are searched inside Triton when it serves the `search` model."""
         self.client = client
         self.model_dir = Path(model_dir)
         # The family (whisper, glm_asr) supplies prompt, EOS ids, suppress lists, detokenizer:
@@ -163,7 +165,8 @@ class Transcriber:
             self.timestamp_begin: int = int(self.model_info["timestamp_begin"])
             self.time_precision: float = float(self.model_info.get("time_precision", 0.02))
         self.vad = vad
-        self.window_decoder: WindowDecoder = window_decoder or StepwiseTritonDecoder(client, self.family)
+        self.window_decoder: WindowDecoder = window_decoder or StepwiseTritonDecoder(
+            client, self.family, server_search=server_search)
         self._window_slots = asyncio.Semaphore(max_concurrent_windows)
 
     async def check_deployment(self) -> None:

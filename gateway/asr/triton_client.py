@@ -31,13 +31,17 @@ import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from gateway.asr.decoding import StepOutput
+from gateway.asr.decoding import DecodingResult, StepOutput
 from gateway.asr.profiling import client_profile
 
 log = logging.getLogger("gateway.triton")
 
 ENCODER_MODEL = "encoder"
 DECODER_MODEL = "decoder"
+SEARCH_MODEL = "search"  # whole-window beam search in the server (model_repository/search/)
+# a window's search waits for other windows' steps too: its deadline is this many step deadlines
+SEARCH_TIMEOUT_STEPS = 10
+_RESULT_FIELDS = set(DecodingResult.__dataclass_fields__)  # the search model's answer may say more
 # gRPC status codes that mean "Triton is not there right now" rather than "bad request".
 _UNAVAILABLE_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
 # ... and messages that say so with another code: a stopping Triton unloads its models and
@@ -124,6 +128,8 @@ class TritonAsrClient:
         self._client = triton_grpc.InferenceServerClient(url)
         self.ready = True  # last health poll answered, and no request found it unreachable since
         self.in_flight = 0  # encodes and decoder sessions open on this server
+        self.search_model = SEARCH_MODEL
+        self._has_search: bool | None = None  # None: not asked yet
 
     def _failed(self, error: InferenceServerException, what: str) -> Exception:
         translated = _translate(error, what)
@@ -216,6 +222,55 @@ class TritonAsrClient:
         if profile is not None:
             profile.add("decoder_end" if end else "decoder", time.perf_counter() - started)
         return result
+
+    async def has_search(self) -> bool:
+        """True when this server serves the `search` model (asked once it has answered)."""
+        if self._has_search is None:
+            try:
+                self._has_search = bool(await self._client.is_model_ready(self.search_model, client_timeout=2.0))
+            except InferenceServerException:
+                return False  # not answering now: asked again next time
+        return self._has_search
+
+    async def search(self, encoder_output: np.ndarray, options: dict, *, request_id: str = "") -> DecodingResult:
+        """One window's whole beam search in the server: encoder output [S, d] and the search
+        options (``prompt``, ``beam_size``, ``eot_ids``, ``max_length``, ``max_new_tokens``,
+        ``suppress_ids``, ``begin_suppress_ids``, ``timestamp_rules``, ...) -> the best hypothesis.
+        The model is decoupled: one gRPC stream per window, one response on it."""
+        inputs = [
+            _tensor("encoder_output", np.ascontiguousarray(encoder_output, dtype=np.float32)[np.newaxis], "FP32"),
+            _tensor("options", np.array([[json.dumps(options).encode("utf-8")]], dtype=np.object_), "BYTES"),
+        ]
+        answered = asyncio.Event()
+
+        async def request():
+            yield {"model_name": self.search_model, "inputs": inputs, "request_id": request_id,
+                   "outputs": [triton_grpc.InferRequestedOutput("result")]}
+            await answered.wait()  # the stream stays open until the answer is in
+
+        profile, started = client_profile(), time.perf_counter()
+        self.in_flight += 1
+        try:
+            responses = self._client.stream_infer(request(), stream_timeout=SEARCH_TIMEOUT_STEPS * self.request_timeout_s)
+            async for result, error in responses:
+                answered.set()
+                if error is not None:
+                    raise self._failed(error, "search")
+                raw = result.as_numpy("result").reshape(-1)[0]
+                break
+            else:
+                raise TritonUnavailableError("Triton search: the stream ended without an answer")
+        except InferenceServerException as error:
+            raise self._failed(error, "search") from error
+        finally:
+            answered.set()
+            self.in_flight -= 1
+        if profile is not None:
+            profile.add("search", time.perf_counter() - started)
+        fields = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        if profile is not None:
+            profile.add("search_round_steps", float(fields.get("mean_round_steps", 1.0)))
+        return DecodingResult(**{k: v for k, v in fields.items() if k in _RESULT_FIELDS})
 
     async def inference_statistics(self) -> dict:
         stats = await self._client.get_inference_statistics(as_json=True)
@@ -387,6 +442,13 @@ class TritonReplicas:
     def decoder_session(self, encoder_output: np.ndarray, **options) -> TritonDecoderSession:
         """A session on one replica: all its steps and its END go there."""
         return self.pick().decoder_session(encoder_output, **options)
+
+    async def has_search(self) -> bool:
+        """Every replica serves the `search` model (a window may go to any of them)."""
+        return all(await asyncio.gather(*(replica.has_search() for replica in self.replicas)))
+
+    async def search(self, encoder_output: np.ndarray, options: dict, *, request_id: str = "") -> DecodingResult:
+        return await self.pick().search(encoder_output, options, request_id=request_id)
 
     async def inference_statistics(self) -> dict:
         return {replica.url: await replica.inference_statistics() for replica in self.replicas}

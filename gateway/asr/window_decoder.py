@@ -3,9 +3,10 @@
 The transcriber plans windows (VAD), turns tokens into segments, words and times, and never
 talks to the inference server itself. A backend implements :class:`WindowDecoder`:
 
-- :class:`StepwiseTritonDecoder` (today's path): log-mel features here, the Triton encoder,
-  then beam search in the gateway with one Triton decoder step per token (hotword biasing
-  happens between steps, so it needs this path);
+- :class:`StepwiseTritonDecoder`: log-mel features here, the Triton encoder, then the beam
+  search: inside Triton (model ``search``, one request per window; windows in flight share
+  every decoder call) when the server serves it and the window has no hotwords, else in the
+  gateway with one Triton decoder step per token (hotword biasing happens between steps);
 - a backend whose search runs inside the server (a TensorRT-LLM style ``generate`` model)
   would implement the same two methods and be handed to ``Transcriber(window_decoder=...)``.
 """
@@ -81,9 +82,11 @@ class WindowDecoder(Protocol):
 class StepwiseTritonDecoder:
     """Features -> Triton encoder -> beam search over Triton decoder steps (KV cache in Triton)."""
 
-    def __init__(self, client, family: ModelFamily) -> None:
+    def __init__(self, client, family: ModelFamily, *, server_search: bool = True) -> None:
         self.client = client  # gateway.asr.triton_client.TritonAsrClient (or a wrapper of it)
         self.family = family
+        # windows without hotwords searched inside Triton when it serves the `search` model
+        self.server_search = server_search and hasattr(client, "search")
         info = family.model_info
         if family.supports_timestamps:
             self._timestamp_rules = (
@@ -140,6 +143,15 @@ class StepwiseTritonDecoder:
         )
 
         async def search(scorer: TokenScorer | None, name: str) -> DecodingResult:
+            if scorer is None and self.server_search and await self.client.has_search():
+                options = {"prompt": [int(t) for t in prompt], "beam_size": decoding.beam_size,
+                           "patience": decoding.patience, "length_penalty": decoding.length_penalty,
+                           "max_new_tokens": decoding.max_new_tokens, "max_length": family.max_length,
+                           "eot_ids": [int(t) for t in family.eos_ids],
+                           "suppress_ids": [int(t) for t in family.suppress_ids],
+                           "begin_suppress_ids": [int(t) for t in family.begin_suppress_ids],
+                           "timestamp_rules": None if rules is None else list(rules)}
+                return await self.client.search(decoder_audio, options, **ids(name or "search"))
             session = self.client.decoder_session(
                 decoder_audio,
                 suppress_ids=list(family.suppress_ids),

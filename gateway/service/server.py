@@ -88,6 +88,8 @@ class GatewayConfig:
     max_audio_channels: int = MAX_CONTAINER_CHANNELS  # refused from the header, before decoding
     health_poll_interval_s: float = 1.0
     max_concurrent_windows: int = 8
+    # windows without hotwords: beam search inside Triton (model `search`) when it serves it
+    server_search: bool = True
     vad_model: Path | None = None  # None: build/vad/silero_vad.onnx when it exists
     # Admission: calls past these get RESOURCE_EXHAUSTED at once with a retry hint, instead of
     # queueing past their deadlines. Sized on the 2-core CPU test machine (README, Reliability).
@@ -391,7 +393,8 @@ async def watch_triton(
 async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     client = TritonReplicas(config.triton_url)
     vad = load_vad(config.vad_model)
-    transcriber = Transcriber(client, config.model_dir, max_concurrent_windows=config.max_concurrent_windows, vad=vad)
+    transcriber = Transcriber(client, config.model_dir, max_concurrent_windows=config.max_concurrent_windows, vad=vad,
+                              server_search=config.server_search)
     keys = ApiKeys.load(config.api_keys) if config.api_keys else None
     admission = Admission(config.admission_limits())
     server = grpc.aio.server(
@@ -458,6 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-stream-duration-s", type=float, default=None, help="longest stream (default: --max-audio-duration-s)")
     parser.add_argument("--vad-model", type=Path, default=None, help=f"Silero VAD ONNX model (default {DEFAULT_MODEL_PATH})")
     parser.add_argument("--max-concurrent-windows", type=int, default=8, help="chunks of Transcribe requests decoded at once")
+    parser.add_argument("--stepwise-only", action="store_true",
+                        help="every window searched here, one Triton decoder step per token (default: windows "
+                             "without hotwords searched inside Triton when it serves the `search` model)")
     parser.add_argument("--max-audio-channels", type=int, default=MAX_CONTAINER_CHANNELS)
     parser.add_argument("--max-transcribes", type=int, default=16, help="concurrent Transcribe calls; more: RESOURCE_EXHAUSTED")
     parser.add_argument("--max-audio-in-flight-s", type=float, default=None,
@@ -508,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
         max_stream_duration_s=args.max_stream_duration_s,
         vad_model=args.vad_model,
         max_concurrent_windows=args.max_concurrent_windows,
+        server_search=not args.stepwise_only,
         max_audio_channels=args.max_audio_channels,
         max_transcribes=args.max_transcribes,
         max_audio_in_flight_s=args.max_audio_in_flight_s,

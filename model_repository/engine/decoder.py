@@ -34,7 +34,8 @@ JANITOR_PERIOD_S = (1.0, 30.0)  # bounds of the janitor's period (half the idle 
 
 
 class DecoderEngine:
-    def __init__(self, version_dir: str, config: dict, logger, settings: DecoderSettings = None):
+    def __init__(self, version_dir: str, config: dict, logger, settings: DecoderSettings = None,
+                 role: str = "decoder"):
         self.logger = logger
         self.settings = settings or DecoderSettings.from_config(config)
         family = self.settings.family
@@ -46,7 +47,7 @@ class DecoderEngine:
         self.table = SequenceTable(self.settings, self.pool)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.profile = profiler("decoder")  # None unless ASR_ENGINE_PROFILE_DIR is set
+        self.profile = profiler(role)  # None unless ASR_ENGINE_PROFILE_DIR is set
         s = self.settings
         logger.log_info(
             f"decoder ready: family={param(config, 'family', '?')} model={param(config, 'model_name', '?')} "

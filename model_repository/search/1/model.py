@@ -1,0 +1,115 @@
+"""Triton Python-backend model `search`: a whole window's beam search inside the server.
+
+Decoupled: execute() hands each request (one window: encoder_output plus a JSON of search
+options) to engine/search.py's BatchedSearch and returns at once; the window's one response
+(a JSON of the best hypothesis, or an error) is sent from the search loop's thread when it is
+done. Windows that search at the same time share every decoder_step call (continuous
+batching), with no round trip per token. The decoder graphs are the decoder model's; the
+stepwise `decoder` model stays for hotword-biased windows, language detection and streams.
+"""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _root in (_HERE, os.path.dirname(os.path.dirname(_HERE))):  # deployed, source tree
+    if os.path.isfile(os.path.join(_root, "engine", "__init__.py")):
+        if _root not in sys.path:
+            sys.path.insert(0, _root)
+        break
+
+from engine.bootstrap import add_pylib, numpy_warning  # noqa: E402
+
+_PYLIB = add_pylib(os.path.join(os.path.dirname(_HERE), "config.pbtxt"))
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from engine.config import param  # noqa: E402
+from engine.decoder import DecoderEngine  # noqa: E402
+from engine.errors import INVALID_ARG, RequestError  # noqa: E402
+from engine.search import BatchedSearch, WindowJob  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _error_response(message: str, code: str):
+    try:
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
+    except (AttributeError, TypeError):  # older backends: message only
+        error = pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def result_json(result) -> bytes:
+    return json.dumps({
+        "tokens": [int(t) for t in result.tokens], "token_logprobs": [float(x) for x in result.token_logprobs],
+        "sum_logprob": float(result.sum_logprob), "avg_logprob": float(result.avg_logprob),
+        "finished": bool(result.finished), "score": float(result.score),
+        "eot_logprob": None if result.eot_logprob is None else float(result.eot_logprob),
+        "n_steps": int(result.n_steps), "eot_token": None if result.eot_token is None else int(result.eot_token),
+        "mean_round_steps": round(float(getattr(result, "mean_round_steps", 1.0)), 3),
+    }).encode("utf-8")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        config = json.loads(args["model_config"])
+        for note in numpy_warning(_PYLIB):
+            self.logger.log_warn(note)
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        try:
+            self.engine = DecoderEngine(version_dir, config, self.logger, role="search")
+        except Exception as error:  # the graphs do not fit: the model fails to load, saying why
+            raise pb_utils.TritonModelException(f"search: {error}") from error
+        self.engine.start_janitor()
+        self.search = BatchedSearch(self.engine, max_windows=int(param(config, "search_max_windows", "16")),
+                                    max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger)
+        self.logger.log_info(f"search ready: {self.search.max_windows} windows at once, "
+                             f"{self.search.max_waiting} waiting at most")
+
+    def _submit(self, request) -> None:
+        sender = request.get_response_sender()
+
+        def done(result, error):
+            if error is not None:
+                code = error.code if isinstance(error, RequestError) else "INTERNAL"
+                message = str(error) if isinstance(error, RequestError) else f"search failed: {type(error).__name__}: {error}"
+                sender.send(_error_response(f"search: {message}", code), flags=FINAL)
+            else:
+                out = np.array([result_json(result)], dtype=np.object_)
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("result", out)]), flags=FINAL)
+
+        try:
+            enc = pb_utils.get_input_tensor_by_name(request, "encoder_output")
+            spec = pb_utils.get_input_tensor_by_name(request, "options")
+            if enc is None or spec is None:
+                raise RequestError("search requests need encoder_output [1, S, d] and options (JSON)")
+            raw = spec.as_numpy().reshape(-1)
+            if raw.size != 1:
+                raise RequestError("options must hold one JSON document")
+            text = raw[0].decode("utf-8") if isinstance(raw[0], bytes) else str(raw[0])
+            try:
+                options = json.loads(text)
+            except ValueError as error:
+                raise RequestError(f"options is not JSON: {error}") from error
+            if not isinstance(options, dict):
+                raise RequestError("options must be a JSON object")
+            job = WindowJob(enc.as_numpy(), options, done)
+        except RequestError as error:
+            sender.send(_error_response(f"search: {error}", error.code or INVALID_ARG), flags=FINAL)
+            return
+        except Exception as error:  # noqa: BLE001 - reported to that request only
+            sender.send(_error_response(f"search: {type(error).__name__}: {error}", "INTERNAL"), flags=FINAL)
+            return
+        self.search.submit(job)
+
+    def execute(self, requests):
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def finalize(self):
+        self.search.close()
+        self.engine.close()

@@ -1,0 +1,110 @@
+"""The beam search inside Triton (model `search`) behind the real gateway and a real Triton.
+
+Windows without hotwords are searched inside Triton, one request per window (no decoder step
+crosses the wire); the transcripts equal the gateway's own stepwise search; hotword-biased
+windows keep the stepwise path; a bad request to the model gets an error saying what is wrong and
+the model keeps serving.
+"""
+from __future__ import annotations
+
+import json
+import queue
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from gateway.protocol import asr_pb2
+from tests.conftest import asr_client, running_gateway, sample_clips
+
+
+def _counts(url: str) -> dict[str, int]:
+    with triton_grpc.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(as_json=True)["model_stats"]
+    return {m["name"]: int(m.get("inference_count", 0)) for m in stats}
+
+
+def _request(clip, **fields) -> asr_pb2.TranscribeRequest:
+    return asr_pb2.TranscribeRequest(audio_content=clip.path.read_bytes(), language=clip.language, beam_size=5,
+                                     disable_server_hotwords=True, **fields)
+
+
+@pytest.fixture(scope="module")
+def stepwise_gateway(triton, model_dir, tmp_path_factory):
+    with running_gateway(model_dir, triton.grpc_url, tmp_path_factory.mktemp("stepwise"), ["--stepwise-only"]) as gw:
+        yield gw
+
+
+def test_windows_are_searched_inside_triton_without_decoder_steps(asr_stub, triton):
+    clips = sample_clips()
+    before = _counts(triton.grpc_url)
+    with ThreadPoolExecutor(len(clips) * 2) as pool:
+        responses = list(pool.map(lambda c: asr_stub.Transcribe(_request(c), timeout=300), clips * 2))
+    after = _counts(triton.grpc_url)
+    assert all(r.text for r in responses)
+    # the same clip gives the same text whatever windows it shared decoder calls with
+    assert [r.text for r in responses[: len(clips)]] == [r.text for r in responses[len(clips):]]
+    assert after["search"] - before["search"] >= len(clips) * 2  # one request per window
+    assert after["decoder"] == before["decoder"], "no step of these windows went through the decoder model"
+
+
+def test_the_search_inside_triton_equals_the_gateways_stepwise_search(asr_stub, stepwise_gateway, triton):
+    clips = sample_clips()
+    inside = [asr_stub.Transcribe(_request(c), timeout=300) for c in clips]
+    before = _counts(triton.grpc_url)
+    with asr_client(stepwise_gateway.address) as stepwise_stub:
+        stepwise = [stepwise_stub.Transcribe(_request(c), timeout=300) for c in clips]
+    after = _counts(triton.grpc_url)
+    assert after["search"] == before["search"] and after["decoder"] > before["decoder"]  # --stepwise-only
+    assert [r.text for r in inside] == [r.text for r in stepwise]
+    for a, b in zip(inside, stepwise):
+        assert [s.confidence for s in a.segments] == pytest.approx([s.confidence for s in b.segments], abs=1e-4)
+
+
+def test_hotword_biased_windows_keep_the_stepwise_path(asr_stub, triton):
+    clip = sample_clips()[0]
+    before = _counts(triton.grpc_url)
+    response = asr_stub.Transcribe(_request(clip, hotwords=[asr_pb2.Hotword(phrase="市场监督管理局")]), timeout=300)
+    after = _counts(triton.grpc_url)
+    assert response.text
+    assert after["decoder"] > before["decoder"] and after["search"] == before["search"]
+
+
+def _stream_once(url: str, inputs) -> tuple:
+    """One request on a gRPC stream to the decoupled search model: (result, error)."""
+    answers: queue.Queue = queue.Queue()
+    client = triton_grpc.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("search", inputs, outputs=[triton_grpc.InferRequestedOutput("result")])
+        return answers.get(timeout=120)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def _inputs(options: bytes, frames: int = 1500, width: int = 512):
+    enc = triton_grpc.InferInput("encoder_output", [1, frames, width], "FP32")
+    enc.set_data_from_numpy(np.zeros((1, frames, width), np.float32))
+    opts = triton_grpc.InferInput("options", [1, 1], "BYTES")
+    opts.set_data_from_numpy(np.array([[options]], dtype=np.object_))
+    return [enc, opts]
+
+
+def test_a_bad_search_request_gets_an_error_and_the_model_keeps_serving(triton, model_dir):
+    result, error = _stream_once(triton.grpc_url, _inputs(b"not json"))
+    assert result is None and "options is not JSON" in error.message()
+    result, error = _stream_once(triton.grpc_url, _inputs(json.dumps({"prompt": [50258]}).encode()))
+    assert result is None and "lack 'eot_ids'" in error.message()
+    bad_beam = {"prompt": [50258], "eot_ids": [50257], "max_length": 448, "beam_size": 99}
+    result, error = _stream_once(triton.grpc_url, _inputs(json.dumps(bad_beam).encode()))
+    assert result is None and "beam_size" in error.message()
+
+    info = json.loads((model_dir / "model_info.json").read_text())
+    good = {"prompt": [info["sot"], info["lang_to_id"]["en"], info["transcribe"], info["no_timestamps"]],
+            "beam_size": 2, "max_new_tokens": 5, "max_length": info["max_target_positions"], "eot_ids": [info["eot"]]}
+    result, error = _stream_once(triton.grpc_url, _inputs(json.dumps(good).encode()))
+    assert error is None
+    answer = json.loads(result.as_numpy("result").reshape(-1)[0])
+    assert 1 <= answer["n_steps"] <= 5 and len(answer["tokens"]) == len(answer["token_logprobs"])
