@@ -104,7 +104,7 @@ async def record(url: str, model_dir: Path, windows: list[np.ndarray], beam_size
     family = load_family(model_dir)
     client = TritonAsrClient(url)
     recorder = RecordingClient(client)
-    decoder = StepwiseTritonDecoder(recorder, family)
+    decoder = StepwiseTritonDecoder(recorder, family, server_search=False)  # records the decoder steps
     options = WindowOptions(language="zh", task="transcribe", beam_size=beam_size, timestamps=False, scorer=None,
                             max_biased_logprob=0.0)
     encoder_data = []
