@@ -62,6 +62,9 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "execution_provider": "CPUExecutionProvider",
     "pylib_dir": None,                      # default: $ASR_TRITON_PYLIB or build/triton/pylib
     "allow_spinning": False,                # ORT intra-op spin-waiting (burns CPU when idle)
+    # one ORT run at a time across the stubs of a server (engine/compute_lock.py); None: on when
+    # the execution provider is the CPU alone
+    "cpu_compute_lock": None,
     "fp16": False,                          # TensorRT EP: fp16 engines from the fp32 graphs (trt_fp16_enable)
     # encoder (dynamic batching)
     "encoder_max_batch_size": 8,
@@ -288,8 +291,10 @@ def resolve_tunables(tunables: dict) -> dict:
     values["pylib_dir"] = str(Path(values["pylib_dir"]).resolve())
     if values["sequence_idle_timeout_s"] is None:
         values["sequence_idle_timeout_s"] = int(values["max_sequence_idle_microseconds"]) / 1e6
+    cpu_only = str(values["execution_provider"]).strip() in ("", "CPUExecutionProvider")
+    if values["cpu_compute_lock"] is None:
+        values["cpu_compute_lock"] = cpu_only
     if values["encoder_run_batch_size"] is None:
-        cpu_only = str(values["execution_provider"]).strip() in ("", "CPUExecutionProvider")
         values["encoder_run_batch_size"] = 1 if cpu_only else int(values["encoder_max_batch_size"])
     if int(values["search_max_windows"]) < 1 or int(values["search_max_waiting"]) < 0:
         raise RenderError("search_max_windows must be >= 1 and search_max_waiting >= 0")
@@ -500,6 +505,7 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
         "PRECISION": _pbtxt_string(precision_label),
         "EXECUTION_PROVIDER": _pbtxt_string(str(values["execution_provider"])),
         "PYLIB_DIR": _pbtxt_string(values["pylib_dir"]), "ALLOW_SPINNING": _fmt_bool(values["allow_spinning"]),
+        "COMPUTE_LOCK": _fmt_bool(values["cpu_compute_lock"]),
         "FP16": _fmt_bool(values["fp16"]),
         **model_dims(model_dir, onnx_dir, info),
     }

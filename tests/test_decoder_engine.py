@@ -78,8 +78,6 @@ def test_engine_imports_nothing_of_triton_or_the_project():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for name in names:
                 top = name.split(".")[0]
-                if path.name == "search.py" and name == "gateway.asr.decoding":
-                    continue  # the one search, the gateway's: deployed beside the engine as beam_search.py
                 assert top != "triton_python_backend_utils", f"{path} imports {name}"
                 assert top not in ("gateway", "export", "analysis", "model_repository", "tests"), \
                     f"{path} imports {name} (the engine only imports itself relatively)"

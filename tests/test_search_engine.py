@@ -10,12 +10,14 @@ import threading
 import numpy as np
 import pytest
 
+import gateway.asr.decoding as search_module
 from gateway.asr.decoding import DecodingOptions, StepOutput, beam_search
 from gateway.asr.families import load_family
 from gateway.asr.features import log_mel_spectrogram
 from model_repository.engine.decoder import DecoderEngine
 from model_repository.engine.errors import UNAVAILABLE
-from model_repository.engine.search import BatchedSearch, SearchRequestError, WindowJob
+from model_repository.engine.search import BatchedSearch as _BatchedSearch
+from model_repository.engine.search import SearchRequestError, WindowJob
 from model_repository.engine.state import Step
 from tests.conftest import load_clip_audio, model_dir_path, sample_clips
 from tests.test_decoder_engine import Log, config
@@ -53,6 +55,11 @@ def windows(family):
     return out
 
 
+def BatchedSearch(engine, **limits):
+    """The server's search over the gateway's search module (what render.py deploys)."""
+    return _BatchedSearch(engine, search_module, **limits)
+
+
 def spec(family, language: str, **changes) -> dict:
     values = {"prompt": family.prompt_ids(language, "transcribe", 1500, timestamps=False), "beam_size": 5,
               "max_new_tokens": MAX_NEW_TOKENS, "max_length": family.max_length, "eot_ids": list(family.eos_ids),
@@ -74,7 +81,7 @@ def search_all(search: BatchedSearch, jobs: list[tuple[np.ndarray, dict]]) -> li
         return done
 
     for i, (enc, options) in enumerate(jobs):
-        search.submit(WindowJob(enc, options, reply(i)))
+        search.submit(search.job(enc, options, reply(i)))
     assert finished.wait(WAIT_S), "the search did not answer every window"
     return outcomes
 
@@ -156,11 +163,11 @@ def test_the_server_search_equals_the_gateways_search_over_the_same_engine(engin
 def test_a_bad_window_fails_alone(engine, family, windows):
     enc, language = windows[0]
     with pytest.raises(SearchRequestError, match="beam_size"):
-        WindowJob(enc, spec(family, language, beam_size=0), lambda *a: None)
+        WindowJob(enc, spec(family, language, beam_size=0), lambda *a: None, search_module)
     with pytest.raises(SearchRequestError, match="lack 'prompt'"):
-        WindowJob(enc, {"beam_size": 5}, lambda *a: None)
+        WindowJob(enc, {"beam_size": 5}, lambda *a: None, search_module)
     with pytest.raises(SearchRequestError, match=r"\[1, S, d\]"):
-        WindowJob(enc[0], spec(family, language), lambda *a: None)
+        WindowJob(enc[0], spec(family, language), lambda *a: None, search_module)
     search = BatchedSearch(engine)
     try:
         bad_prompt = spec(family, language, prompt=[10 ** 7])  # not a token id: the first step says so

@@ -27,6 +27,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
@@ -262,6 +263,10 @@ class TritonAsrClient:
                 raise TritonUnavailableError("Triton search: the stream ended without an answer")
         except InferenceServerException as error:
             raise self._failed(error, "search") from error
+        except grpc.RpcError as error:  # the stream itself broke (server gone): its status as is
+            status = error.code().name if callable(getattr(error, "code", None)) else ""
+            details = error.details() if callable(getattr(error, "details", None)) else str(error)
+            raise self._failed(InferenceServerException(details, status=f"StatusCode.{status}"), "search") from error
         finally:
             answered.set()
             self.in_flight -= 1

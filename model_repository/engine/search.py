@@ -3,8 +3,9 @@
 The gateway's stepwise path sends one Triton request per token: every step of every window
 pays a gRPC round trip, the gateway's event loop and Triton's queue, and a step batch holds only
 the windows whose requests happen to be there (2-3 of 8 in flight, bench/results/latest.json).
-Here the same search (gateway/asr/decoding.py, deployed by render.py as engine/beam_search.py)
-runs next to the DecoderEngine: each window is a coroutine on one asyncio loop; a window's
+Here the same search runs next to the DecoderEngine: the module given to BatchedSearch (the
+gateway's gateway/asr/decoding.py, which render.py deploys as engine/beam_search.py; this
+package imports nothing of the project): each window is a coroutine on one asyncio loop; a window's
 ``session.step()`` only queues its Step, and when every running window has queued its next
 step the scheduler runs them all as ONE engine.execute (one decoder_step call per (K, T) group).
 A window that arrives joins at the next step; one that finishes leaves at once (continuous
@@ -21,11 +22,6 @@ import numpy as np
 from .errors import INTERNAL, UNAVAILABLE, RequestError
 from .state import Step
 
-try:  # deployed: the gateway's search module, copied next to the engine by render.py
-    from .beam_search import DecodingOptions, StepOutput, beam_search
-except ImportError:  # source tree (tests): the gateway's own module
-    from gateway.asr.decoding import DecodingOptions, StepOutput, beam_search
-
 # ids of server-side sequences: far from the random 63-bit ids clients send the decoder model
 _SEQUENCE_IDS = itertools.count(1 << 62)
 YIELDS_PER_ROUND = 3  # event-loop turns a round waits for windows still between two steps
@@ -41,7 +37,9 @@ class WindowJob:
     __slots__ = ("encoder_output", "prompt", "options", "eot_ids", "max_length", "suppress_ids",
                  "begin_suppress_ids", "timestamp_rules", "done")
 
-    def __init__(self, encoder_output: np.ndarray, spec: dict, done):
+    def __init__(self, encoder_output: np.ndarray, spec: dict, done, search_module):
+        """``search_module``: where DecodingOptions, StepOutput and beam_search come from."""
+        DecodingOptions = search_module.DecodingOptions
         self.encoder_output = encoder_output
         self.done = done  # done(result: DecodingResult | None, error: Exception | None), loop thread
         try:
@@ -101,7 +99,8 @@ class _EngineSession:
         if step.error is not None:
             raise RequestError(step.error, step.code)
         out = step.output
-        return StepOutput(topk_logprobs=out.topk_logprobs[0], topk_ids=out.topk_ids[0].astype(np.int64),
+        return self.search.module.StepOutput(
+            topk_logprobs=out.topk_logprobs[0], topk_ids=out.topk_ids[0].astype(np.int64),
                           extra_logprobs=out.extra_logprobs[0])
 
     async def close(self):
@@ -120,10 +119,10 @@ class BatchedSearch:
     At most ``max_windows`` windows search at once (the others wait, in order), at most
     ``max_waiting`` wait (beyond: refused at once)."""
 
-    def __init__(self, engine, max_windows: int = 16, max_waiting: int = 256, logger=None):
+    def __init__(self, engine, search_module, max_windows: int = 16, max_waiting: int = 256, logger=None):
         if max_windows < 1 or max_waiting < 0:
             raise ValueError("max_windows must be >= 1 and max_waiting >= 0")
-        self.engine, self.logger = engine, logger
+        self.engine, self.module, self.logger = engine, search_module, logger
         self.max_windows, self.max_waiting = max_windows, max_waiting
         self.loop = asyncio.new_event_loop()
         self._pending = []  # (Step, future or None) queued for the next round
@@ -138,6 +137,10 @@ class BatchedSearch:
         self._ready.wait()
 
     # ------------------------------------------------------------------ any thread
+    def job(self, encoder_output: np.ndarray, spec: dict, done) -> WindowJob:
+        """A window for submit(); raises SearchRequestError on bad options."""
+        return WindowJob(encoder_output, spec, done, self.module)
+
     def submit(self, job: WindowJob) -> None:
         self.loop.call_soon_threadsafe(self._admit, job)
 
@@ -176,7 +179,7 @@ class BatchedSearch:
     async def _window(self, job: WindowJob) -> None:
         session = _EngineSession(self, job)
         try:
-            result = await beam_search(session, job.prompt, job.options, eot_id=job.eot_ids,
+            result = await self.module.beam_search(session, job.prompt, job.options, eot_id=job.eot_ids,
                                        max_length=job.max_length)
         except Exception as error:  # noqa: BLE001 - reported to that window only
             outcome = (None, error)

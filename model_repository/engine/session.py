@@ -10,6 +10,7 @@ they go back to the system once the session exists (heap.release_free_heap).
 import numpy as np
 import onnxruntime as ort
 
+from .compute_lock import LockedSession, compute_lock
 from .config import param
 from .heap import release_free_heap
 
@@ -63,10 +64,12 @@ def make_session(path_or_bytes, config: dict, logger, label: str = "",
                      else p for p in providers]
     session = ort.InferenceSession(path_or_bytes, options, providers=providers)
     release_free_heap()
+    lock = compute_lock(config) if session.get_providers() == [CPU] else None
     logger.log_info(f"loaded {label or path_or_bytes} with providers {session.get_providers()} "
                     f"(intra_op_threads={threads or 'auto'}, spinning={int(spinning)}, "
-                    f"cpu_mem_arena={int(options.enable_cpu_mem_arena)})")
-    return session
+                    f"cpu_mem_arena={int(options.enable_cpu_mem_arena)}"
+                    f"{f', compute lock {lock.path}' if lock is not None else ''})")
+    return session if lock is None else LockedSession(session, lock)
 
 
 def input_type(session, name: str, default=np.float32):

@@ -28,7 +28,8 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from engine.config import param  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
 from engine.errors import INVALID_ARG, RequestError  # noqa: E402
-from engine.search import BatchedSearch, WindowJob  # noqa: E402
+from engine import beam_search  # noqa: E402  (the gateway's search, deployed here by render.py)
+from engine.search import BatchedSearch  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -64,7 +65,7 @@ class TritonPythonModel:
         except Exception as error:  # the graphs do not fit: the model fails to load, saying why
             raise pb_utils.TritonModelException(f"search: {error}") from error
         self.engine.start_janitor()
-        self.search = BatchedSearch(self.engine, max_windows=int(param(config, "search_max_windows", "16")),
+        self.search = BatchedSearch(self.engine, beam_search, max_windows=int(param(config, "search_max_windows", "16")),
                                     max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger)
         self.logger.log_info(f"search ready: {self.search.max_windows} windows at once, "
                              f"{self.search.max_waiting} waiting at most")
@@ -96,7 +97,7 @@ class TritonPythonModel:
                 raise RequestError(f"options is not JSON: {error}") from error
             if not isinstance(options, dict):
                 raise RequestError("options must be a JSON object")
-            job = WindowJob(enc.as_numpy(), options, done)
+            job = self.search.job(enc.as_numpy(), options, done)
         except RequestError as error:
             sender.send(_error_response(f"search: {error}", error.code or INVALID_ARG), flags=FINAL)
             return
