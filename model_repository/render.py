@@ -64,7 +64,7 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "allow_spinning": False,                # ORT intra-op spin-waiting (burns CPU when idle)
     # one ORT run at a time across the stubs of a server (engine/compute_lock.py); None: on when
     # the execution provider is the CPU alone
-    "cpu_compute_lock": None,
+    "cpu_compute_lock": False,
     "fp16": False,                          # TensorRT EP: fp16 engines from the fp32 graphs (trt_fp16_enable)
     # encoder (dynamic batching)
     "encoder_max_batch_size": 8,
