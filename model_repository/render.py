@@ -63,7 +63,8 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "pylib_dir": None,                      # default: $ASR_TRITON_PYLIB or build/triton/pylib
     "allow_spinning": False,                # ORT intra-op spin-waiting (burns CPU when idle)
     # one ORT run at a time across the stubs of a server (engine/compute_lock.py); None: on when
-    # the execution provider is the CPU alone
+    # the execution provider is the CPU alone. Off: on 2 cores the search's Python then waits for
+    # every encoder run (RTFx 26.0 with it vs 28.1 without, 10-minute recording, int8, one run)
     "cpu_compute_lock": False,
     "fp16": False,                          # TensorRT EP: fp16 engines from the fp32 graphs (trt_fp16_enable)
     # encoder (dynamic batching)

@@ -5,8 +5,10 @@ machine. When both run at once on a small CPU (2 cores) their threads take turns
 an operator split over two threads waits for whichever was descheduled, and an encoder window
 that takes 0.2 s alone took 0.6-0.75 s beside the decoder (bench/results/latest.json). With
 this lock (an exclusive flock on a file of the server: the stubs' parent process) each run has
-the cores to itself; the Python around the runs still overlaps. Off on GPU providers, where
-runs do not compete for the CPU, and by the render tunable `cpu_compute_lock`.
+the cores to itself; the Python around the runs still overlaps. Never on GPU providers, where
+runs do not compete for the CPU; on CPUs only when the render tunable `cpu_compute_lock` asks
+(off by default: on 2 cores an encoder window did drop from 0.58 to 0.37 s, but the whole run
+was slower, RTFx 26.0 vs 28.1, because the search's Python then waited for every encoder run).
 """
 import fcntl
 import os
