@@ -398,6 +398,48 @@ def test_fast_scoring_paths_match_sklearn():
     assert np.allclose(pair_probabilities(pipeline, rows), pipeline.predict_proba(rows)[:, 1], atol=1e-5)
 
 
+def test_the_other_problem_rule_applies_to_written_text_only():
+    # RUBRIC.md: another problem at the same place is not a duplicate; the rule reads the exact
+    # keywords, which an ASR transcript mishears (人气 for 燃气): for heard text the model decides.
+    from datetime import datetime
+
+    import numpy as np
+
+    from analysis.pairs import FEATURE_NAMES, OTHER_PROBLEM_MAX_COSINE, PairModel, PairSide
+
+    class Featurizer:
+        def __init__(self, cosine):
+            self.cosine = cosine
+
+        def features(self, new, candidates):
+            rows = np.zeros((len(candidates), len(FEATURE_NAMES)), np.float32)
+            rows[:, FEATURE_NAMES.index("cosine")] = self.cosine
+            rows[:, FEATURE_NAMES.index("different_keywords")] = 1.0
+            return rows
+
+        @staticmethod
+        def evidence(row):
+            return ("stub",)
+
+    class Confident:
+        def predict_proba(self, rows):
+            return np.tile([0.1, 0.9], (len(rows), 1))
+
+    vector = np.zeros(512, np.float32)
+    vector[0] = 1.0
+    earlier = PairSide("OLD", datetime(2027, 3, 1, 8), vector, "燃气味", "供水供电供气")
+
+    def link(cosine, heard):
+        model = PairModel(Featurizer(cosine), Confident(), threshold=0.5)
+        new = PairSide("NEW", datetime(2027, 3, 1, 9), vector, "人气味", "供水供电供气", heard=heard)
+        return model.best_link(new, [earlier])
+
+    low = OTHER_PROBLEM_MAX_COSINE - 0.1
+    assert link(low, heard=False) is None
+    assert link(low, heard=True) is not None and link(low, heard=True).ticket_id == "OLD"
+    assert link(OTHER_PROBLEM_MAX_COSINE + 0.1, heard=False) is not None
+
+
 def test_direct_tfidf_rows_match_sklearn(small_model):
     import numpy as np
 
