@@ -108,3 +108,28 @@ def test_a_bad_search_request_gets_an_error_and_the_model_keeps_serving(triton, 
     assert error is None
     answer = json.loads(result.as_numpy("result").reshape(-1)[0])
     assert 1 <= answer["n_steps"] <= 5 and len(answer["tokens"]) == len(answer["token_logprobs"])
+
+
+@pytest.fixture(scope="module")
+def triton_without_search(model_dir, tmp_path_factory):
+    """A Triton whose repository was rendered with `search_model` off (an older repository)."""
+    from gateway.launch.triton_process import TritonProcess
+    from model_repository.render import render_repository
+
+    work = tmp_path_factory.mktemp("no-search")
+    repo = render_repository(model_dir, work / "repo", precision="fp32", search_model=False)
+    assert not (repo / "search").exists()
+    with TritonProcess(repo, log_path=work / "triton.log") as server:
+        yield server
+
+
+def test_a_server_without_the_search_model_gets_stepwise_windows(asr_stub, triton_without_search, model_dir,
+                                                                 tmp_path_factory):
+    clip = sample_clips()[0]
+    expected = asr_stub.Transcribe(_request(clip), timeout=300).text
+    logs = tmp_path_factory.mktemp("gateway-no-search")
+    with running_gateway(model_dir, triton_without_search.grpc_url, logs) as gw, asr_client(gw.address) as stub:
+        before = _counts(triton_without_search.grpc_url)
+        assert stub.Transcribe(_request(clip), timeout=300).text == expected
+        after = _counts(triton_without_search.grpc_url)
+    assert "search" not in after and after["decoder"] > before["decoder"]

@@ -42,6 +42,7 @@ DECODER_MODEL = "decoder"
 SEARCH_MODEL = "search"  # whole-window beam search in the server (model_repository/search/)
 # a window's search waits for other windows' steps too: its deadline is this many step deadlines
 SEARCH_TIMEOUT_STEPS = 10
+SEARCH_RECHECK_S = 30.0  # a server without the search model is asked again this often
 _RESULT_FIELDS = set(DecodingResult.__dataclass_fields__)  # the search model's answer may say more
 # gRPC status codes that mean "Triton is not there right now" rather than "bad request".
 _UNAVAILABLE_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
@@ -131,6 +132,7 @@ class TritonAsrClient:
         self.in_flight = 0  # encodes and decoder sessions open on this server
         self.search_model = SEARCH_MODEL
         self._has_search: bool | None = None  # None: not asked yet
+        self._search_asked = 0.0
 
     def _failed(self, error: InferenceServerException, what: str) -> Exception:
         translated = _translate(error, what)
@@ -225,13 +227,17 @@ class TritonAsrClient:
         return result
 
     async def has_search(self) -> bool:
-        """True when this server serves the `search` model (asked once it has answered)."""
-        if self._has_search is None:
+        """True when this server serves the `search` model: a yes is kept, a no is asked again
+        after SEARCH_RECHECK_S (a model still loading, or loaded later)."""
+        now = time.monotonic()
+        if self._has_search is None or (not self._has_search and now - self._search_asked >= SEARCH_RECHECK_S):
+            self._search_asked = now
             try:
                 self._has_search = bool(await self._client.is_model_ready(self.search_model, client_timeout=2.0))
             except InferenceServerException:
-                return False  # not answering now: asked again next time
-        return self._has_search
+                self._has_search = None  # not answering now: asked again next time
+                return False
+        return bool(self._has_search)
 
     async def search(self, encoder_output: np.ndarray, options: dict, *, request_id: str = "") -> DecodingResult:
         """One window's whole beam search in the server: encoder output [S, d] and the search
