@@ -28,6 +28,7 @@ _PYLIB = add_pylib(os.path.join(os.path.dirname(_HERE), "config.pbtxt"))
 import json  # noqa: E402
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from engine.responses import error_response  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
 from engine.state import Step  # noqa: E402
 from engine.step_input import INPUT_NAMES  # noqa: E402
@@ -55,11 +56,7 @@ def _inputs(request) -> dict:
 
 
 def _error_response(message: str, code: str):
-    try:
-        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
-    except (AttributeError, TypeError):  # older backends: message only
-        error = pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+    return error_response(pb_utils, message, code)
 
 
 def _response(step):

@@ -29,18 +29,15 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from engine.responses import error_response  # noqa: E402
 from engine.config import enabled, param  # noqa: E402
 from engine.heap import release_free_heap  # noqa: E402
 from engine.profile import profiler  # noqa: E402
 from engine.session import make_session  # noqa: E402
 
 
-def error_response(message: str, code: str = "INTERNAL"):
-    try:
-        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
-    except (AttributeError, TypeError):  # older backends: message only
-        error = pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+def _error_response(message: str, code: str = "INTERNAL"):
+    return error_response(pb_utils, message, code)
 
 
 class TritonPythonModel:
@@ -119,7 +116,7 @@ class TritonPythonModel:
                 arrays.append(self._features(request))
                 good.append(i)
             except Exception as error:  # noqa: BLE001 - reported to that request only
-                responses[i] = error_response(f"encoder: {error}", "INVALID_ARG")
+                responses[i] = _error_response(f"encoder: {error}", "INVALID_ARG")
         if good:
             shapes = {a.shape[1:] for a in arrays}
             outputs = None
@@ -129,7 +126,7 @@ class TritonPythonModel:
                     outputs = self._run(np.ascontiguousarray(batch))
                 except Exception as error:  # noqa: BLE001
                     if len(arrays) == 1:
-                        responses[good[0]] = error_response(f"encoder: inference failed: {error}")
+                        responses[good[0]] = _error_response(f"encoder: inference failed: {error}")
                         good, arrays = [], []
                     else:
                         self.logger.log_warn(f"encoder batch of {len(arrays)} failed ({error}); retrying one by one")
@@ -146,7 +143,7 @@ class TritonPythonModel:
                         out = self._run(np.ascontiguousarray(a))
                         responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, out)])
                     except Exception as error:  # noqa: BLE001
-                        responses[i] = error_response(f"encoder: inference failed: {error}")
+                        responses[i] = _error_response(f"encoder: inference failed: {error}")
         # the run's activations (arena off) go back to the system, not to an idle heap
         release_free_heap()
         if self.profile is not None:

@@ -25,6 +25,7 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from engine.responses import error_response  # noqa: E402
 from engine.config import param  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
 from engine.errors import INVALID_ARG, RequestError  # noqa: E402
@@ -35,11 +36,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 def _error_response(message: str, code: str):
-    try:
-        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
-    except (AttributeError, TypeError):  # older backends: message only
-        error = pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+    return error_response(pb_utils, message, code)
 
 
 def result_json(result) -> bytes:
