@@ -15,7 +15,7 @@ from gateway.asr.decoding import DecodingOptions, StepOutput, beam_search
 from gateway.asr.families import load_family
 from gateway.asr.features import log_mel_spectrogram
 from model_repository.engine.decoder import DecoderEngine
-from model_repository.engine.errors import UNAVAILABLE
+from model_repository.engine.errors import CANCELLED, UNAVAILABLE
 from model_repository.engine.search import BatchedSearch as _BatchedSearch
 from model_repository.engine.search import SearchRequestError, WindowJob
 from model_repository.engine.state import Step
@@ -196,3 +196,34 @@ def test_windows_beyond_the_limits_wait_in_order_or_are_refused(engine, family, 
         search.close()
     assert first[1] is None
     assert refused[0] is None and getattr(refused[1], "code", None) == UNAVAILABLE
+
+
+def test_a_cancelled_window_stops_at_its_next_step_and_frees_its_cache(engine, family, windows):
+    enc, language = windows[0]
+    asked = []
+
+    def cancelled_after_three_steps() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    search = BatchedSearch(engine)
+    outcomes, finished = [None, None], threading.Event()
+
+    def reply(i):
+        def done(result, error):
+            outcomes[i] = (result, error)
+            if all(o is not None for o in outcomes):
+                finished.set()
+        return done
+
+    try:
+        search.submit(search.job(enc, spec(family, language), reply(0), cancelled=cancelled_after_three_steps))
+        search.submit(search.job(enc, spec(family, language), reply(1)))
+        assert finished.wait(WAIT_S)
+    finally:
+        search.close()
+    (cancelled, cancel_error), (other, other_error) = outcomes
+    assert cancelled is None and getattr(cancel_error, "code", None) == CANCELLED
+    assert len(asked) == 4  # checked before each step: three ran, the fourth was refused
+    assert other_error is None and other.tokens  # the window beside it is unaffected
+    assert len(engine.table) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -133,3 +134,43 @@ def test_a_server_without_the_search_model_gets_stepwise_windows(asr_stub, trito
         assert stub.Transcribe(_request(clip), timeout=300).text == expected
         after = _counts(triton_without_search.grpc_url)
     assert "search" not in after and after["decoder"] > before["decoder"]
+
+
+def test_a_cancelled_search_request_stops_its_window(triton, model_dir):
+    """A client that hangs up (its gRPC stream cancelled) stops its window at the next step; the
+    search model says so in the Triton log. The window could never end by itself: EOT is
+    suppressed and the length limit is the model's."""
+    import asyncio
+    import time
+
+    import tritonclient.grpc.aio as triton_aio
+
+    info = json.loads((model_dir / "model_info.json").read_text())
+    endless = {"prompt": [info["sot"], info["lang_to_id"]["en"], info["transcribe"], info["no_timestamps"]],
+               "beam_size": 5, "max_length": info["max_target_positions"], "eot_ids": [info["eot"]],
+               "suppress_ids": [info["eot"]]}
+    log_path = Path(triton.log_path)
+    before = log_path.read_text(errors="replace").count("window cancelled by its client")
+
+    async def hang_up():
+        client = triton_aio.InferenceServerClient(triton.grpc_url)
+        forever = asyncio.Event()
+
+        async def request():
+            yield {"model_name": "search", "inputs": _inputs(json.dumps(endless).encode()),
+                   "outputs": [triton_aio.InferRequestedOutput("result")]}
+            await forever.wait()
+
+        responses = client.stream_infer(request())
+        reader = asyncio.ensure_future(responses.__anext__())
+        await asyncio.sleep(1.0)  # the window is searching (or waiting for its turn)
+        assert not reader.done(), "an endless window answered"
+        responses.cancel()
+        reader.cancel()
+        await client.close()
+
+    asyncio.run(hang_up())
+    deadline = time.monotonic() + 60
+    while log_path.read_text(errors="replace").count("window cancelled by its client") <= before:
+        assert time.monotonic() < deadline, "the search model never stopped the cancelled window"
+        time.sleep(0.2)

@@ -4,6 +4,7 @@ INVALID_ARG = "INVALID_ARG"   # -> gRPC INVALID_ARGUMENT
 NOT_FOUND = "NOT_FOUND"       # the sequence has no state (never STARTed, ENDed or evicted)
 UNAVAILABLE = "UNAVAILABLE"   # max_sequences are live: retry later
 INTERNAL = "INTERNAL"
+CANCELLED = "CANCELLED"       # the client cancelled the request (the search model stops its window)
 
 
 class RequestError(Exception):

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from .errors import INTERNAL, UNAVAILABLE, RequestError
+from .errors import CANCELLED, INTERNAL, UNAVAILABLE, RequestError
 from .state import Step
 
 # ids of server-side sequences: far from the random 63-bit ids clients send the decoder model
@@ -31,15 +31,25 @@ class SearchRequestError(RequestError):
     """A window request the search cannot run (bad options)."""
 
 
+class WindowCancelledError(RequestError):
+    """The window's request was cancelled (its client hung up) before the search ended."""
+
+
+def _never() -> bool:
+    return False
+
+
 class WindowJob:
     """One window: encoder output [1, S, d] plus the search options (a dict, see ``parse``)."""
 
     __slots__ = ("encoder_output", "prompt", "options", "eot_ids", "max_length", "suppress_ids",
-                 "begin_suppress_ids", "timestamp_rules", "done")
+                 "begin_suppress_ids", "timestamp_rules", "done", "cancelled")
 
-    def __init__(self, encoder_output: np.ndarray, spec: dict, done, search_module):
-        """``search_module``: where DecodingOptions, StepOutput and beam_search come from."""
+    def __init__(self, encoder_output: np.ndarray, spec: dict, done, search_module, cancelled=None):
+        """``search_module``: where DecodingOptions, StepOutput and beam_search come from;
+        ``cancelled()``: True once the request is cancelled (checked before every step)."""
         DecodingOptions = search_module.DecodingOptions
+        self.cancelled = cancelled or _never
         self.encoder_output = encoder_output
         self.done = done  # done(result: DecodingResult | None, error: Exception | None), loop thread
         try:
@@ -71,8 +81,11 @@ class _EngineSession:
         self.cid = next(_SEQUENCE_IDS)
         self.started = False
         self.round_steps = 0  # steps of all windows in the rounds this window's steps ran in
+        self.steps = 0
 
     async def step(self, input_ids, parent_beams, top_k, extra_ids):
+        if self.job.cancelled():  # the client went away: no more steps, the END frees the cache
+            raise WindowCancelledError("search: the request was cancelled", CANCELLED)
         inputs = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)[np.newaxis],
                   "top_k": np.array([[top_k]], dtype=np.int32)}
         start = not self.started
@@ -96,12 +109,13 @@ class _EngineSession:
         self.search.queue_step(step, done)
         step, round_size = await done
         self.round_steps += round_size
+        self.steps += 1
         if step.error is not None:
             raise RequestError(step.error, step.code)
         out = step.output
         return self.search.module.StepOutput(
             topk_logprobs=out.topk_logprobs[0], topk_ids=out.topk_ids[0].astype(np.int64),
-                          extra_logprobs=out.extra_logprobs[0])
+            extra_logprobs=out.extra_logprobs[0])
 
     async def close(self):
         if self.started:  # an END with zero beams frees the sequence with the next round
@@ -137,9 +151,9 @@ class BatchedSearch:
         self._ready.wait()
 
     # ------------------------------------------------------------------ any thread
-    def job(self, encoder_output: np.ndarray, spec: dict, done) -> WindowJob:
+    def job(self, encoder_output: np.ndarray, spec: dict, done, cancelled=None) -> WindowJob:
         """A window for submit(); raises SearchRequestError on bad options."""
-        return WindowJob(encoder_output, spec, done, self.module)
+        return WindowJob(encoder_output, spec, done, self.module, cancelled)
 
     def submit(self, job: WindowJob) -> None:
         self.loop.call_soon_threadsafe(self._admit, job)
@@ -179,8 +193,14 @@ class BatchedSearch:
     async def _window(self, job: WindowJob) -> None:
         session = _EngineSession(self, job)
         try:
+            if job.cancelled():  # cancelled while it waited for a slot: nothing to search
+                raise WindowCancelledError("search: the request was cancelled", CANCELLED)
             result = await self.module.beam_search(session, job.prompt, job.options, eot_id=job.eot_ids,
                                        max_length=job.max_length)
+        except WindowCancelledError as error:
+            outcome = (None, error)
+            if self.logger is not None:
+                self.logger.log_info(f"search: window cancelled by its client after {session.steps} steps")
         except Exception as error:  # noqa: BLE001 - reported to that window only
             outcome = (None, error)
         else:

@@ -50,6 +50,21 @@ def result_json(result) -> bytes:
     }).encode("utf-8")
 
 
+def _cancelled(sender):
+    """sender.is_cancelled (a client that hung up: gRPC stream cancelled) where this backend has it."""
+    check = getattr(sender, "is_cancelled", None)
+    if not callable(check):
+        return None
+
+    def cancelled() -> bool:
+        try:
+            return bool(check())
+        except Exception:  # noqa: BLE001 - a backend that cannot tell: never cancelled
+            return False
+
+    return cancelled
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
@@ -94,7 +109,7 @@ class TritonPythonModel:
                 raise RequestError(f"options is not JSON: {error}") from error
             if not isinstance(options, dict):
                 raise RequestError("options must be a JSON object")
-            job = self.search.job(enc.as_numpy(), options, done)
+            job = self.search.job(enc.as_numpy(), options, done, cancelled=_cancelled(sender))
         except RequestError as error:
             sender.send(_error_response(f"search: {error}", error.code or INVALID_ARG), flags=FINAL)
             return
