@@ -99,12 +99,12 @@ async def record(url: str, model_dir: Path, windows: list[np.ndarray], beam_size
     from gateway.asr.families import load_family
     from gateway.asr.features import log_mel_spectrogram
     from gateway.asr.triton_client import TritonAsrClient
-    from gateway.asr.window_decoder import StepwiseTritonDecoder, WindowOptions
+    from gateway.asr.window_decoder import TritonWindowDecoder, WindowOptions
 
     family = load_family(model_dir)
     client = TritonAsrClient(url)
     recorder = RecordingClient(client)
-    decoder = StepwiseTritonDecoder(recorder, family, server_search=False)  # records the decoder steps
+    decoder = TritonWindowDecoder(recorder, family, server_search=False)  # records the decoder steps
     options = WindowOptions(language="zh", task="transcribe", beam_size=beam_size, timestamps=False, scorer=None,
                             max_biased_logprob=0.0)
     encoder_data = []

@@ -7,10 +7,10 @@ import multiprocessing
 import os
 
 import numpy as np
-import pytest
 
 from model_repository.engine import compute_lock as cl
 from model_repository.engine.session import make_session
+from tests.test_bench_perf import config, tiny_graph
 from tests.test_decoder_engine import Log
 
 
@@ -39,28 +39,11 @@ def test_the_lock_excludes_another_process(tmp_path):
     assert child.exitcode == 0
 
 
-def _identity_graph(path):
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    node = helper.make_node("Identity", ["x"], ["y"])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return str(path)
-
-
-def _config(**params) -> dict:
-    return {"parameters": {k: {"string_value": str(v)} for k, v in params.items()}}
-
-
 def test_sessions_run_under_the_lock_when_the_config_asks(tmp_path, monkeypatch):
-    graph = _identity_graph(tmp_path / "identity.onnx")
+    graph = tiny_graph()  # y = relu(x)
     monkeypatch.setattr(cl, "server_lock_path", lambda: str(tmp_path / "server.lock"))
-    locked = make_session(graph, _config(compute_lock="1"), Log())
-    plain = make_session(graph, _config(compute_lock="0"), Log())
+    locked = make_session(graph, config(compute_lock="1"), Log())
+    plain = make_session(graph, config(compute_lock="0"), Log())
     assert isinstance(locked, cl.LockedSession) and not isinstance(plain, cl.LockedSession)
     assert [i.name for i in locked.get_inputs()] == ["x"]  # the session's API is there
     x = np.array([1.0, 2.0], np.float32)

@@ -68,8 +68,9 @@ def spec(family, language: str, **changes) -> dict:
     return values
 
 
-def search_all(search: BatchedSearch, jobs: list[tuple[np.ndarray, dict]]) -> list:
-    """Submit every window at once; [(result, error)] in submission order."""
+def search_all(search: BatchedSearch, jobs: list[tuple]) -> list:
+    """Submit every window at once, each (encoder output, options[, cancelled]); [(result,
+    error)] in submission order."""
     outcomes = [None] * len(jobs)
     finished = threading.Event()
 
@@ -80,8 +81,8 @@ def search_all(search: BatchedSearch, jobs: list[tuple[np.ndarray, dict]]) -> li
                 finished.set()
         return done
 
-    for i, (enc, options) in enumerate(jobs):
-        search.submit(search.job(enc, options, reply(i)))
+    for i, (enc, options, *cancelled) in enumerate(jobs):
+        search.submit(search.job(enc, options, reply(i), *cancelled))
     assert finished.wait(WAIT_S), "the search did not answer every window"
     return outcomes
 
@@ -206,24 +207,17 @@ def test_a_cancelled_window_stops_at_its_next_step_and_frees_its_cache(engine, f
         asked.append(1)
         return len(asked) > 3
 
-    search = BatchedSearch(engine)
-    outcomes, finished = [None, None], threading.Event()
-
-    def reply(i):
-        def done(result, error):
-            outcomes[i] = (result, error)
-            if all(o is not None for o in outcomes):
-                finished.set()
-        return done
-
+    log = Log()
+    search = BatchedSearch(engine, logger=log)
     try:
-        search.submit(search.job(enc, spec(family, language), reply(0), cancelled=cancelled_after_three_steps))
-        search.submit(search.job(enc, spec(family, language), reply(1)))
-        assert finished.wait(WAIT_S)
+        outcomes = search_all(search, [(enc, spec(family, language), cancelled_after_three_steps),
+                                       (enc, spec(family, language))])
     finally:
         search.close()
     (cancelled, cancel_error), (other, other_error) = outcomes
     assert cancelled is None and getattr(cancel_error, "code", None) == CANCELLED
-    assert len(asked) == 4  # checked before each step: three ran, the fourth was refused
+    # asked when it starts and before each step: two steps ran, the third was refused
+    assert len(asked) == 4
+    assert ("info", "search: window cancelled by its client after 2 steps") in log.lines
     assert other_error is None and other.tokens  # the window beside it is unaffected
     assert len(engine.table) == 0

@@ -35,7 +35,7 @@ from gateway.asr.decoding import MAX_BEAM_SIZE, DecodingOptions, DecodingResult,
 from gateway.asr.features import N_SAMPLES, SAMPLE_RATE
 from gateway.asr.families import FamilyMismatchError, ModelFamily, check_deployed, load_family
 from gateway.asr.tokenizer import WhisperTokenizer
-from gateway.asr.window_decoder import StepwiseTritonDecoder, WindowDecoder, WindowOptions
+from gateway.asr.window_decoder import TritonWindowDecoder, WindowDecoder, WindowOptions
 from gateway.asr.vad import (
     FRAME_S,
     FRAME_SAMPLES,
@@ -165,7 +165,7 @@ class Transcriber:
             self.timestamp_begin: int = int(self.model_info["timestamp_begin"])
             self.time_precision: float = float(self.model_info.get("time_precision", 0.02))
         self.vad = vad
-        self.window_decoder: WindowDecoder = window_decoder or StepwiseTritonDecoder(
+        self.window_decoder: WindowDecoder = window_decoder or TritonWindowDecoder(
             client, self.family, server_search=server_search)
         self._window_slots = asyncio.Semaphore(max_concurrent_windows)
 

@@ -3,12 +3,12 @@
 The transcriber plans windows (VAD), turns tokens into segments, words and times, and never
 talks to the inference server itself. A backend implements :class:`WindowDecoder`:
 
-- :class:`StepwiseTritonDecoder`: log-mel features here, the Triton encoder, then the beam
+- :class:`TritonWindowDecoder`: log-mel features here, the Triton encoder, then the beam
   search: inside Triton (model ``search``, one request per window; windows in flight share
   every decoder call) when the server serves it and the window has no hotwords, else in the
   gateway with one Triton decoder step per token (hotword biasing happens between steps);
-- a backend whose search runs inside the server (a TensorRT-LLM style ``generate`` model)
-  would implement the same two methods and be handed to ``Transcriber(window_decoder=...)``.
+- another backend (e.g. a TensorRT-LLM ``generate`` model) would implement the same two
+  methods and be handed to ``Transcriber(window_decoder=...)``.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ class WindowDecoder(Protocol):
         """What the server reports about the deployed model (checked against the family)."""
 
 
-class StepwiseTritonDecoder:
-    """Features -> Triton encoder -> beam search over Triton decoder steps (KV cache in Triton)."""
+class TritonWindowDecoder:
+    """Features -> Triton encoder -> beam search: the `search` model's (one request per window)
+    or, for hotword-biased windows, the gateway's over Triton decoder steps (KV cache in Triton)."""
 
     def __init__(self, client, family: ModelFamily, *, server_search: bool = True) -> None:
         self.client = client  # gateway.asr.triton_client.TritonAsrClient (or a wrapper of it)

@@ -3,7 +3,8 @@
 The encoder and decoder stubs are separate processes, each with an ORT thread pool sized to the
 machine. When both run at once on a small CPU (2 cores) their threads take turns on the cores:
 an operator split over two threads waits for whichever was descheduled, and an encoder window
-that takes 0.2 s alone took 0.6-0.75 s beside the decoder (bench/results/latest.json). With
+took 0.6-0.75 s of ORT time beside the decoder (bench/results/latest.json) against 0.2 s in a
+lone session (a one-off measurement outside the repository). With
 this lock (an exclusive flock on a file of the server: the stubs' parent process) each run has
 the cores to itself; the Python around the runs still overlaps. Never on GPU providers, where
 runs do not compete for the CPU; on CPUs only when the render tunable `cpu_compute_lock` asks

@@ -21,6 +21,7 @@ from engine.bootstrap import add_pylib, numpy_warning  # noqa: E402
 
 _PYLIB = add_pylib(os.path.join(os.path.dirname(_HERE), "config.pbtxt"))
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -40,14 +41,10 @@ def _error_response(message: str, code: str):
 
 
 def result_json(result) -> bytes:
-    return json.dumps({
-        "tokens": [int(t) for t in result.tokens], "token_logprobs": [float(x) for x in result.token_logprobs],
-        "sum_logprob": float(result.sum_logprob), "avg_logprob": float(result.avg_logprob),
-        "finished": bool(result.finished), "score": float(result.score),
-        "eot_logprob": None if result.eot_logprob is None else float(result.eot_logprob),
-        "n_steps": int(result.n_steps), "eot_token": None if result.eot_token is None else int(result.eot_token),
-        "mean_round_steps": round(float(getattr(result, "mean_round_steps", 1.0)), 3),
-    }).encode("utf-8")
+    """The DecodingResult's fields (plain Python numbers from the search) plus mean_round_steps."""
+    fields = dataclasses.asdict(result)
+    fields["mean_round_steps"] = round(float(getattr(result, "mean_round_steps", 1.0)), 3)
+    return json.dumps(fields).encode("utf-8")
 
 
 def _cancelled(sender):
