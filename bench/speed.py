@@ -338,8 +338,10 @@ def cpu_used(after: dict, before: dict, wall_s: float) -> dict:
 
 # --------------------------------------------------------------------------- ours
 def parse_spec(spec: str) -> tuple[str, str, dict]:
-    """'name:precision:key=value,key=value' | 'precision' -> (name, precision, tunables); the key
-    `windows` is the gateway's --max-concurrent-windows, every other key a render tunable."""
+    """'name:precision:key=value,key=value' | 'precision' -> (name, precision, tunables); the keys
+    `windows` (the gateway's --max-concurrent-windows), `stepwise` (its --stepwise-only),
+    `hotword_dir` (its --hotword-dir, relative to the project) and `workloads` are run_ours's, every
+    other key a render tunable."""
     from model_repository.render import _parse_value
 
     parts = spec.split(":")
@@ -366,6 +368,7 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     windows = int(tunables.pop("windows", args.windows))  # the gateway's --max-concurrent-windows
     only = tunables.pop("workloads", None)  # e.g. workloads=long: this configuration runs (a) only
     stepwise = bool(tunables.pop("stepwise", False))  # the gateway's --stepwise-only (no search model use)
+    hotword_dir = tunables.pop("hotword_dir", None)  # server-side hotword lists: every window biased
     if only:
         long_meta = long_meta if "long" in str(only) else None
         calls_meta = calls_meta if "calls" in str(only) else None
@@ -375,6 +378,7 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     render_repository(args.model_dir, repo, precision=precision, **tunables)
     result = {"engine": name, "precision": precision, "tunables": tunables, "gateway_windows": windows,
               "search": "gateway, one Triton step per token" if stepwise else "in Triton (model search)",
+              "hotword_dir": hotword_dir,
               "load_start": load()}
     os.environ["ASR_ENGINE_PROFILE_DIR"] = str(prof_dir)  # the gateway child inherits it
     try:
@@ -382,7 +386,9 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
                            env={"ASR_ENGINE_PROFILE_DIR": str(prof_dir)}) as triton, \
                 _started(GatewayProcess(args.model_dir, triton.grpc_url, log_path=work / f"gateway-{name}.log",
                                         extra_args=["--max-concurrent-windows", str(windows)]
-                                        + (["--stepwise-only"] if stepwise else []))) as gateway, \
+                                        + (["--stepwise-only"] if stepwise else [])
+                                        + (["--hotword-dir", str(PROJECT_ROOT / hotword_dir)] if hotword_dir else []))) \
+                as gateway, \
                 MemorySampler([triton.pid, gateway.process.pid]) as memory:
             with grpc.insecure_channel(gateway.address, options=[("grpc.max_send_message_length", 1 << 30),
                                                                  ("grpc.max_receive_message_length", 1 << 30)]) as channel:

@@ -40,7 +40,11 @@ ENGINE_DIR = "engine"
 ENGINE_FILES = "*.py"
 # The search model runs the gateway's beam search itself: deployed as engine/beam_search.py
 BEAM_SEARCH = PROJECT_ROOT / "gateway" / "asr" / "decoding.py"
-SEARCH_EXTRAS = {Path("beam_search.py"): BEAM_SEARCH}
+# ... and, for hotword-biased windows, the gateway's hotword scorer (engine/search_hotwords.py
+# rebuilds it from the request over the model's tokenizer.json, deployed next to model.py)
+HOTWORDS = PROJECT_ROOT / "gateway" / "asr" / "hotwords.py"
+SEARCH_EXTRAS = {Path("beam_search.py"): BEAM_SEARCH, Path("hotwords.py"): HOTWORDS}
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def family_runner(family: str) -> type:
@@ -119,6 +123,9 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "search_model": True,
     "search_max_windows": 16,               # windows searching at once (more wait, in order)
     "search_max_waiting": 256,              # windows waiting at most (beyond: UNAVAILABLE)
+    # hotword-biased windows searched there too (needs the model's tokenizer.json, and tokenizers
+    # and zhconv in the stub's pylib); off: the gateway searches them stepwise
+    "search_hotwords": True,
 }
 # shorthands accepted by render_repository / --set
 ALIASES = {
@@ -466,8 +473,9 @@ def _deploy_layer_split(src: Path, version: Path, say) -> set[str] | None:
     return {src.name, stamp.name}
 
 
-def _write_model(model_out: Path, name: str, text: str, graphs: list[Path], say, split_step: bool = False) -> None:
-    """One model folder: config.pbtxt, 1/model.py, 1/engine/ and the graphs; nothing else."""
+def _write_model(model_out: Path, name: str, text: str, graphs: list[Path], say, split_step: bool = False,
+                 files: tuple[Path, ...] = ()) -> None:
+    """One model folder: config.pbtxt, 1/model.py, 1/engine/, the graphs and ``files``; nothing else."""
     version = model_out / "1"
     version.mkdir(parents=True, exist_ok=True)
     changed = _write_if_changed(model_out / "config.pbtxt", text)
@@ -480,6 +488,9 @@ def _write_model(model_out: Path, name: str, text: str, graphs: list[Path], say,
     for src in graphs:
         written = _deploy_layer_split(src, version, say) if split_step and src.name == STEP_GRAPH else None
         expected |= written if written is not None else _deploy_graph(src, version, say)
+    for src in files:
+        say(f"[render] {version / src.name}: {_link_or_copy(src, version / src.name)} from {src}")
+        expected.add(src.name)
     for stale in version.iterdir():
         if stale.name not in expected and stale.name != "__pycache__":
             say(f"[render] removing stale {stale}")
@@ -521,10 +532,16 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
     search_dir = out_dir / "search"
     if _fmt_bool(values["search_model"]) == "1":
         # the decoder's graphs and parameters, plus the search's own
+        tokenizer = model_dir / TOKENIZER_FILE
+        hotwords = _fmt_bool(values["search_hotwords"]) == "1"
+        if hotwords and not tokenizer.is_file():
+            say(f"[render] search: no {tokenizer}: hotword-biased windows stay with the gateway")
+            hotwords = False
         placeholders = {**common, **per_model["decoder"], "SEARCH_MAX_WINDOWS": int(values["search_max_windows"]),
-                        "SEARCH_MAX_WAITING": int(values["search_max_waiting"])}
+                        "SEARCH_MAX_WAITING": int(values["search_max_waiting"]), "SEARCH_HOTWORDS": _fmt_bool(hotwords)}
         text = _config_text("search", placeholders, extra_parameters.get("decoder", {}))
-        _write_model(search_dir, "search", text, [sources[g] for g in models["decoder"]], say, split_step=split)
+        _write_model(search_dir, "search", text, [sources[g] for g in models["decoder"]], say, split_step=split,
+                     files=(tokenizer,) if hotwords else ())
     elif search_dir.is_dir():
         say(f"[render] removing {search_dir} (search_model off)")
         shutil.rmtree(search_dir)

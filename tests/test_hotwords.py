@@ -31,6 +31,7 @@ from gateway.asr.hotwords import (
     load_hotword_file,
     parse_hotword_text,
     parse_hotwords,
+    scorer_wire,
 )
 from gateway.asr.hotword_lists import HotwordRegistry
 from tests.conftest import glm_model_dir_path, model_dir_path
@@ -565,6 +566,63 @@ def test_whisper_tokenizations_match(whisper_vocabulary):
         _, state = scorer.advance(state, token)
     # timestamps and other special tokens are neutral
     assert scorer.advance(scorer.initial_state(), tokenizer.timestamp_begin) == (0.0, scorer.initial_state())
+
+
+def _server_scorers():
+    """The search model's scorer builder over this module and the exported tokenizer.json (what
+    render.py deploys as engine/hotwords.py and search/1/tokenizer.json)."""
+    import gateway.asr.hotwords as hotword_module
+    from model_repository.engine.search_hotwords import HotwordScorers
+
+    return HotwordScorers(hotword_module, str(model_dir_path() / "tokenizer.json"))
+
+
+def test_a_scorer_sent_to_the_server_search_is_rebuilt_alike(whisper_vocabulary):
+    import json
+
+    tokenizer, vocabulary = whisper_vocabulary
+    graphs = [ContextGraph(parse_hotwords({"朝阳区建国路": 1.0, "市住建委": 2.0}), vocabulary),
+              ContextGraph(parse_hotwords({"望京": 1.5}), vocabulary, variants=False)]
+    sent = HotwordScorer(graphs, HotwordOptions(boost=2.5, max_extra_ids=8))
+    wire = json.loads(json.dumps(scorer_wire(sent)))  # as it travels in the search request
+    scorers = _server_scorers()
+    rebuilt = scorers.scorer(wire)
+    for text in ("我在朝陽區建國路", "打给市住建委", "去望京", "去望 京"):
+        ids = tokenizer.encode(text)
+        assert walk(rebuilt, ids)[0] == pytest.approx(walk(sent, ids)[0]), text
+        state_sent, state_rebuilt = sent.initial_state(), rebuilt.initial_state()
+        for token in ids:  # the same extra ids are asked for at every step
+            assert rebuilt.extra_ids(state_rebuilt) == sent.extra_ids(state_sent)
+            _, state_sent = sent.advance(state_sent, token)
+            _, state_rebuilt = rebuilt.advance(state_rebuilt, token)
+        assert rebuilt.finish(state_rebuilt) == pytest.approx(sent.finish(state_sent))
+    assert sum(walk(rebuilt, tokenizer.encode("去望京"))[0]) == pytest.approx(2.5 * 1.5 * 2)  # not all zeros
+    assert rebuilt.advance(rebuilt.initial_state(), tokenizer.timestamp_begin) == (0.0, rebuilt.initial_state())
+    # the graphs are kept: a server-side list arrives with every window
+    again = scorers.scorer(wire)
+    assert again.graphs[0] is rebuilt.graphs[0] and scorers.graphs_built == 2
+    # a scorer over another vocabulary stays with the gateway
+    assert scorer_wire(scorer_for({"朝阳区": 1.0})) is None and scorer_wire(None) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"boost": 50.0}, "boost"),
+    ({"graphs": []}, "graphs"),
+    ({"graphs": [{"phrases": [["朝阳区", 99.0]]}]}, "weight"),
+    ({"graphs": [{"phrases": "朝阳区"}]}, "phrases"),
+    ({"graphs": [{"phrases": [["朝阳区"]]}]}, "graph #1"),
+    ({"vocabulary": {"size": 10 ** 9, "ignore_ids": []}}, "does not fit"),
+    ({"vocabulary": None}, "vocabulary"),
+])
+def test_bad_hotwords_in_a_search_request_are_refused_with_the_reason(whisper_vocabulary, change, message):
+    from model_repository.engine.errors import INVALID_ARG
+    from model_repository.engine.search_hotwords import HotwordSpecError
+
+    _, vocabulary = whisper_vocabulary
+    wire = {**scorer_wire(build_scorer({"朝阳区": 1.0}, vocabulary)), **change}
+    with pytest.raises(HotwordSpecError, match=message) as raised:
+        _server_scorers().scorer(wire)
+    assert raised.value.code == INVALID_ARG
 
 
 # --------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The beam search inside Triton (model `search`) behind the real gateway and a real Triton.
 
 Windows without hotwords are searched inside Triton, one request per window (no decoder step
-crosses the wire); the transcripts equal the gateway's own stepwise search; hotword-biased
-windows keep the stepwise path; a bad request to the model gets an error saying what is wrong and
-the model keeps serving.
+crosses the wire); the transcripts equal the gateway's own stepwise search, with hotwords too
+(the scorer travels as data); a repository rendered without them keeps hotword windows stepwise;
+a bad request to the model gets an error saying what is wrong and the model keeps serving.
 """
 from __future__ import annotations
 
@@ -63,13 +63,25 @@ def test_the_search_inside_triton_equals_the_gateways_stepwise_search(asr_stub, 
         assert [s.confidence for s in a.segments] == pytest.approx([s.confidence for s in b.segments], abs=1e-4)
 
 
-def test_hotword_biased_windows_keep_the_stepwise_path(asr_stub, triton):
-    clip = sample_clips()[0]
+# whisper base writes 天地玄皇宇宙 洪荒日月影子陈苏列长 for this clip without them
+PANGRAM_HOTWORDS = [asr_pb2.Hotword(phrase="天地玄黄", weight=2.0), asr_pb2.Hotword(phrase="辰宿列张", weight=2.0)]
+
+
+def _pangram():
+    return next(c for c in sample_clips() if c.name == "zh/pangrama")
+
+
+def test_hotword_biased_windows_are_searched_inside_triton_as_the_gateway_would(asr_stub, stepwise_gateway, triton):
+    clip = _pangram()
+    plain = asr_stub.Transcribe(_request(clip), timeout=300).text
     before = _counts(triton.grpc_url)
-    response = asr_stub.Transcribe(_request(clip, hotwords=[asr_pb2.Hotword(phrase="市场监督管理局")]), timeout=300)
+    inside = asr_stub.Transcribe(_request(clip, hotwords=PANGRAM_HOTWORDS), timeout=300)
     after = _counts(triton.grpc_url)
-    assert response.text
-    assert after["decoder"] > before["decoder"] and after["search"] == before["search"]
+    with asr_client(stepwise_gateway.address) as stepwise_stub:
+        stepwise = stepwise_stub.Transcribe(_request(clip, hotwords=PANGRAM_HOTWORDS), timeout=300)
+    assert after["search"] > before["search"] and after["decoder"] == before["decoder"]
+    assert inside.text == stepwise.text, "the scorer rebuilt in the server biases the search the same way"
+    assert "天地玄黄" in inside.text and "天地玄黄" not in plain
 
 
 def _stream_once(url: str, inputs) -> tuple:
@@ -101,6 +113,10 @@ def test_a_bad_search_request_gets_an_error_and_the_model_keeps_serving(triton, 
     bad_beam = {"prompt": [50258], "eot_ids": [50257], "max_length": 448, "beam_size": 99}
     result, error = _stream_once(triton.grpc_url, _inputs(json.dumps(bad_beam).encode()))
     assert result is None and "beam_size" in error.message()
+    bad_hotwords = {**bad_beam, "beam_size": 2, "hotwords": {"graphs": [{"phrases": [["朝阳区", 99]]}],
+                                                             "vocabulary": {"ignore_ids": [], "size": 50257}}}
+    result, error = _stream_once(triton.grpc_url, _inputs(json.dumps(bad_hotwords).encode()))
+    assert result is None and "hotwords: graph #1 hotword #1 '朝阳区': weight must be in" in error.message()
 
     info = json.loads((model_dir / "model_info.json").read_text())
     good = {"prompt": [info["sot"], info["lang_to_id"]["en"], info["transcribe"], info["no_timestamps"]],
@@ -122,6 +138,36 @@ def triton_without_search(model_dir, tmp_path_factory):
     assert not (repo / "search").exists()
     with TritonProcess(repo, log_path=work / "triton.log") as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def triton_without_search_hotwords(model_dir, tmp_path_factory):
+    """A Triton whose search model was rendered with `search_hotwords` off."""
+    from gateway.launch.triton_process import TritonProcess
+    from model_repository.render import render_repository
+
+    work = tmp_path_factory.mktemp("no-search-hotwords")
+    repo = render_repository(model_dir, work / "repo", precision="fp32", search_hotwords=False)
+    assert not (repo / "search" / "1" / "tokenizer.json").exists()
+    with TritonProcess(repo, log_path=work / "triton.log") as server:
+        yield server
+
+
+def test_a_search_model_without_hotwords_leaves_hotword_windows_stepwise(asr_stub, triton_without_search_hotwords,
+                                                                       model_dir, tmp_path_factory):
+    server = triton_without_search_hotwords
+    clip = _pangram()
+    expected = asr_stub.Transcribe(_request(clip, hotwords=PANGRAM_HOTWORDS), timeout=300).text
+    with running_gateway(model_dir, server.grpc_url, tmp_path_factory.mktemp("gateway-no-hw")) as gw, \
+            asr_client(gw.address) as stub:
+        before = _counts(server.grpc_url)
+        biased = stub.Transcribe(_request(clip, hotwords=PANGRAM_HOTWORDS), timeout=300).text
+        middle = _counts(server.grpc_url)
+        plain = stub.Transcribe(_request(clip), timeout=300).text
+        after = _counts(server.grpc_url)
+    assert biased == expected and "天地玄黄" in biased
+    assert middle["decoder"] > before["decoder"] and middle["search"] == before["search"]
+    assert plain and after["search"] > middle["search"]  # windows without hotwords still searched there
 
 
 def test_a_server_without_the_search_model_gets_stepwise_windows(asr_stub, triton_without_search, model_dir,

@@ -13,7 +13,8 @@ What it does (idempotent: a stamp file records what was installed; a rerun only 
    the Python 3.11 backend stub and the local cache need (closure found with ``ldd``) into
    ``DEST/lib``; copies ``python_backend_stubs/3.11/triton_python_backend_stub`` next to
    ``libtriton_python.so``;
-4. ``pip install --target DEST/pylib "numpy<2" onnxruntime==1.31.1 onnx==1.23.2`` (what the stub imports:
+4. ``pip install --target DEST/pylib`` the PYLIB_REQUIREMENTS (numpy < 2, onnxruntime, onnx, tokenizers,
+   zhconv: what the stub imports;
    the stub runs Python in isolated mode, so model.py puts DEST/pylib on ``sys.path``);
 5. verifies: no unresolved libraries (``ldd``), ``tritonserver --help`` runs, and the system
    Python 3.11 imports numpy and onnxruntime from DEST/pylib.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -42,7 +44,12 @@ PYTRITON_VERSION = "0.7.0"
 STUB_PYTHON = "3.11"
 # numpy < 2: with numpy 2.x the Python backend returned empty outputs. onnx: the decoder model
 # rewrites decoder_step.onnx at load time (per-layer K/V inputs, see model_repository/engine/layers.py).
-PYLIB_REQUIREMENTS = ["numpy<2", "onnxruntime==1.31.1", "onnx==1.23.2"]
+# tokenizers, zhconv: the search model's hotword scorer (the gateway's; same pins as
+# requirements-gateway.txt)
+PYLIB_REQUIREMENTS = ["numpy<2", "onnxruntime==1.31.1", "onnx==1.23.2", "tokenizers==0.23.3", "zhconv==1.4.3"]
+# pure-Python packages published as source only: pip cannot build them for a --python-version,
+# so they are installed without it (and without dependencies: they have none)
+SOURCE_ONLY = ("zhconv",)
 STAMP_NAME = ".setup_stamp.json"
 WHEEL_PREFIX = "pytriton/tritonserver/"
 WHEEL_LIBS = "nvidia_pytriton.libs/"
@@ -188,10 +195,14 @@ def install_pylib(dest: Path, requirements: list[str], stub_python: str) -> None
     pylib = dest / "pylib"
     tmp = dest / "pylib.new"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-script-location",
-           "--no-warn-conflicts", "--target", str(tmp), "--only-binary=:all:", "--python-version", stub_python,
-           *requirements]
-    run(cmd)
+    source_only = [r for r in requirements if re.split(r"[<>=!~ \[]", r, maxsplit=1)[0].lower() in SOURCE_ONLY]
+    binary = [r for r in requirements if r not in source_only]
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-script-location",
+           "--no-warn-conflicts", "--target", str(tmp)]
+    if binary:
+        run([*pip, "--only-binary=:all:", "--python-version", stub_python, *binary])
+    if source_only:
+        run([*pip, "--no-deps", *source_only])
     shutil.rmtree(pylib, ignore_errors=True)
     tmp.rename(pylib)
 
@@ -224,7 +235,7 @@ def verify(dest: Path, stub_python: str) -> None:
 
     sys_py = shutil.which(f"python{stub_python}", path="/usr/bin:/bin:/usr/local/bin")
     if sys_py:
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy, onnxruntime, onnx; "
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy, onnxruntime, onnx, tokenizers, zhconv; "
                 "print(numpy.__version__, onnxruntime.__version__, onnxruntime.get_available_providers())")
         r = subprocess.run([sys_py, "-I", "-c", code, str(dest / "pylib")], capture_output=True, text=True)
         if r.returncode != 0:

@@ -227,6 +227,7 @@ class ByteLevelVocabulary:
         self._tokenizer = tokenizer
         decoder = _byte_decoder()
         ignore = frozenset(int(i) for i in ignore_ids)
+        self.ignore_ids, self.size = tuple(sorted(ignore)), int(vocab_size)  # (scorer_wire)
         table: list[bytes | None] = []
         for token_id in range(int(vocab_size)):
             piece = tokenizer.id_to_token(token_id)
@@ -305,6 +306,7 @@ class ContextGraph:
         if len(self.hotwords) > MAX_PHRASES:
             raise HotwordError(f"{len(self.hotwords)} hotwords; at most {MAX_PHRASES}")
         self.vocabulary = vocabulary
+        self.variants = variants
         children: list[dict[str, int]] = [{}]
         own: list[float] = [0.0]  # score of the phrase ending exactly here
         surfaces: list[dict[str, None]] = [{}]  # surface characters of the edge into the node (given one first)
@@ -620,3 +622,22 @@ def build_scorer(
     if not parsed:
         return None
     return HotwordScorer(ContextGraph(parsed, vocabulary, variants=options.variants), options)
+
+
+def scorer_wire(scorer: object) -> dict | None:
+    """A HotwordScorer as JSON data, for a server that runs the beam search itself (Triton
+    model ``search``; model_repository/engine/search_hotwords.py builds the same scorer from it
+    with this module and the same tokenizer.json). None for any other scorer (it stays with
+    the gateway's stepwise search) and for a vocabulary other than byte-level BPE."""
+    if not isinstance(scorer, HotwordScorer) or scorer.empty:
+        return None
+    vocabulary = scorer.graphs[0].vocabulary
+    if not isinstance(vocabulary, ByteLevelVocabulary) or any(g.vocabulary is not vocabulary for g in scorer.graphs):
+        return None
+    options = scorer.options
+    return {
+        "boost": options.boost,
+        "max_extra_ids": options.max_extra_ids,
+        "vocabulary": {"ignore_ids": list(vocabulary.ignore_ids), "size": vocabulary.size},
+        "graphs": [{"variants": g.variants, "phrases": [[h.phrase, h.weight] for h in g.hotwords]} for g in scorer.graphs],
+    }

@@ -132,6 +132,7 @@ class TritonAsrClient:
         self.in_flight = 0  # encodes and decoder sessions open on this server
         self.search_model = SEARCH_MODEL
         self._has_search: bool | None = None  # None: not asked yet
+        self._search_hotwords = False  # ... and it searches hotword-biased windows too
         self._search_asked = 0.0
 
     def _failed(self, error: InferenceServerException, what: str) -> Exception:
@@ -226,18 +227,23 @@ class TritonAsrClient:
             profile.add("decoder_end" if end else "decoder", time.perf_counter() - started)
         return result
 
-    async def has_search(self) -> bool:
-        """True when this server serves the `search` model: a yes is kept, a no is asked again
-        after SEARCH_RECHECK_S (a model still loading, or loaded later)."""
+    async def has_search(self, hotwords: bool = False) -> bool:
+        """True when this server serves the `search` model (``hotwords``: and searches
+        hotword-biased windows too, its config parameter ``hotwords``): a yes is kept, a no is
+        asked again after SEARCH_RECHECK_S (a model still loading, or loaded later)."""
         now = time.monotonic()
         if self._has_search is None or (not self._has_search and now - self._search_asked >= SEARCH_RECHECK_S):
             self._search_asked = now
             try:
                 self._has_search = bool(await self._client.is_model_ready(self.search_model, client_timeout=2.0))
+                if self._has_search:
+                    config = await self._client.get_model_config(self.search_model, as_json=True, client_timeout=5.0)
+                    parameters = config["config"].get("parameters", {})
+                    self._search_hotwords = parameters.get("hotwords", {}).get("string_value") == "1"
             except InferenceServerException:
                 self._has_search = None  # not answering now: asked again next time
                 return False
-        return bool(self._has_search)
+        return bool(self._has_search) and (self._search_hotwords or not hotwords)
 
     async def search(self, encoder_output: np.ndarray, options: dict, *, request_id: str = "") -> DecodingResult:
         """One window's whole beam search in the server: encoder output [S, d] and the search
@@ -453,9 +459,9 @@ class TritonReplicas:
         """A session on one replica: all its steps and its END go there."""
         return self.pick().decoder_session(encoder_output, **options)
 
-    async def has_search(self) -> bool:
+    async def has_search(self, hotwords: bool = False) -> bool:
         """Every replica serves the `search` model (a window may go to any of them)."""
-        return all(await asyncio.gather(*(replica.has_search() for replica in self.replicas)))
+        return all(await asyncio.gather(*(replica.has_search(hotwords) for replica in self.replicas)))
 
     async def search(self, encoder_output: np.ndarray, options: dict, *, request_id: str = "") -> DecodingResult:
         return await self.pick().search(encoder_output, options, request_id=request_id)

@@ -5,7 +5,7 @@ talks to the inference server itself. A backend implements :class:`WindowDecoder
 
 - :class:`TritonWindowDecoder`: log-mel features here, the Triton encoder, then the beam
   search: inside Triton (model ``search``, one request per window; windows in flight share
-  every decoder call) when the server serves it and the window has no hotwords, else in the
+  every decoder call; a hotword scorer travels as data) when the server serves it, else in the
   gateway with one Triton decoder step per token (hotword biasing happens between steps);
 - another backend (e.g. a TensorRT-LLM ``generate`` model) would implement the same two
   methods and be handed to ``Transcriber(window_decoder=...)``.
@@ -25,6 +25,7 @@ import numpy as np
 from gateway.asr.decoding import DecodingOptions, DecodingResult, TokenScorer, beam_search
 from gateway.asr.families import ModelFamily
 from gateway.asr.features import N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from gateway.asr.hotwords import scorer_wire
 from gateway.asr.triton_client import TritonUnavailableError, window_tag
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,14 @@ class WindowDecoder(Protocol):
 
 
 class TritonWindowDecoder:
-    """Features -> Triton encoder -> beam search: the `search` model's (one request per window)
-    or, for hotword-biased windows, the gateway's over Triton decoder steps (KV cache in Triton)."""
+    """Features -> Triton encoder -> beam search: the `search` model's (one request per window,
+    hotwords included where the server takes them) or the gateway's over Triton decoder steps
+    (KV cache in Triton)."""
 
     def __init__(self, client, family: ModelFamily, *, server_search: bool = True) -> None:
         self.client = client  # gateway.asr.triton_client.TritonAsrClient (or a wrapper of it)
         self.family = family
-        # windows without hotwords searched inside Triton when it serves the `search` model
+        # windows searched inside Triton when it serves the `search` model
         self.server_search = server_search and hasattr(client, "search")
         info = family.model_info
         if family.supports_timestamps:
@@ -144,14 +146,18 @@ class TritonWindowDecoder:
         )
 
         async def search(scorer: TokenScorer | None, name: str) -> DecodingResult:
-            if scorer is None and self.server_search and await self.client.has_search():
+            # a scorer the server cannot rebuild (not a hotword scorer) stays with the stepwise search
+            wire = scorer_wire(scorer) if scorer is not None else None
+            if (self.server_search and (scorer is None or wire is not None)
+                    and await self.client.has_search(hotwords=wire is not None)):
                 options = {"prompt": [int(t) for t in prompt], "beam_size": decoding.beam_size,
                            "patience": decoding.patience, "length_penalty": decoding.length_penalty,
                            "max_new_tokens": decoding.max_new_tokens, "max_length": family.max_length,
                            "eot_ids": [int(t) for t in family.eos_ids],
                            "suppress_ids": [int(t) for t in family.suppress_ids],
                            "begin_suppress_ids": [int(t) for t in family.begin_suppress_ids],
-                           "timestamp_rules": None if rules is None else list(rules)}
+                           "timestamp_rules": None if rules is None else list(rules),
+                           "max_biased_logprob": decoding.max_biased_logprob, "hotwords": wire}
                 return await self.client.search(decoder_audio, options, **ids(name or "search"))
             session = self.client.decoder_session(
                 decoder_audio,

@@ -88,7 +88,8 @@ class GatewayConfig:
     max_audio_channels: int = MAX_CONTAINER_CHANNELS  # refused from the header, before decoding
     health_poll_interval_s: float = 1.0
     max_concurrent_windows: int = 8
-    # windows without hotwords: beam search inside Triton (model `search`) when it serves it
+    # beam search inside Triton (model `search`) when it serves it (hotword windows too, where it
+    # was rendered with search_hotwords); False: every window stepwise through `decoder`
     server_search: bool = True
     vad_model: Path | None = None  # None: build/vad/silero_vad.onnx when it exists
     # Admission: calls past these get RESOURCE_EXHAUSTED at once with a retry hint, instead of
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-concurrent-windows", type=int, default=8, help="chunks of Transcribe requests decoded at once")
     parser.add_argument("--stepwise-only", action="store_true",
                         help="every window searched here, one Triton decoder step per token (default: windows "
-                             "without hotwords searched inside Triton when it serves the `search` model)")
+                             "searched inside Triton when it serves the `search` model)")
     parser.add_argument("--max-audio-channels", type=int, default=MAX_CONTAINER_CHANNELS)
     parser.add_argument("--max-transcribes", type=int, default=16, help="concurrent Transcribe calls; more: RESOURCE_EXHAUSTED")
     parser.add_argument("--max-audio-in-flight-s", type=float, default=None,

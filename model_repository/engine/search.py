@@ -9,7 +9,8 @@ package imports nothing of the project): each window is a coroutine on one async
 ``session.step()`` only queues its Step, and when every running window has queued its next
 step the scheduler runs them all as ONE engine.execute (one decoder_step call per (K, T) group).
 A window that arrives joins at the next step; one that finishes leaves at once (continuous
-batching). No hotword scorer here: hotword-biased windows stay on the stepwise path.
+batching). A hotword-biased window brings its scorer (engine/search_hotwords.py builds it from
+the request), which the search calls between steps as the gateway's stepwise search does.
 """
 import asyncio
 import collections
@@ -44,15 +45,18 @@ class WindowJob:
     model `search`), validated here."""
 
     __slots__ = ("encoder_output", "prompt", "options", "eot_ids", "max_length", "suppress_ids",
-                 "begin_suppress_ids", "timestamp_rules", "done", "cancelled")
+                 "begin_suppress_ids", "timestamp_rules", "done", "cancelled", "scorer")
 
-    def __init__(self, encoder_output: np.ndarray, spec: dict, done, search_module, cancelled=None):
+    def __init__(self, encoder_output: np.ndarray, spec: dict, done, search_module, cancelled=None, scorer=None):
         """``search_module``: where DecodingOptions, StepOutput and beam_search come from;
-        ``cancelled()``: True once the request is cancelled (checked before every step)."""
+        ``cancelled()``: True once the request is cancelled (checked before every step);
+        ``scorer``: the window's hotword scorer (a TokenScorer of the search module) or None."""
         DecodingOptions = search_module.DecodingOptions
         self.cancelled = cancelled or _never
+        self.scorer = scorer
         self.encoder_output = encoder_output
         self.done = done  # done(result: DecodingResult | None, error: Exception | None), loop thread
+        biased = spec.get("max_biased_logprob", DecodingOptions.max_biased_logprob)  # (None: uncapped)
         try:
             self.prompt = [int(t) for t in spec["prompt"]]
             self.eot_ids = [int(t) for t in spec["eot_ids"]]
@@ -60,7 +64,8 @@ class WindowJob:
             self.options = DecodingOptions(
                 beam_size=int(spec.get("beam_size", 5)), patience=float(spec.get("patience", 1.0)),
                 length_penalty=None if spec.get("length_penalty") is None else float(spec["length_penalty"]),
-                max_new_tokens=None if spec.get("max_new_tokens") is None else int(spec["max_new_tokens"]))
+                max_new_tokens=None if spec.get("max_new_tokens") is None else int(spec["max_new_tokens"]),
+                max_biased_logprob=None if biased is None else float(biased))
             self.suppress_ids = [int(t) for t in spec.get("suppress_ids") or ()]
             self.begin_suppress_ids = [int(t) for t in spec.get("begin_suppress_ids") or ()]
             rules = spec.get("timestamp_rules")
@@ -153,9 +158,9 @@ class BatchedSearch:
         self._ready.wait()
 
     # ------------------------------------------------------------------ any thread
-    def job(self, encoder_output: np.ndarray, spec: dict, done, cancelled=None) -> WindowJob:
+    def job(self, encoder_output: np.ndarray, spec: dict, done, cancelled=None, scorer=None) -> WindowJob:
         """A window for submit(); raises SearchRequestError on bad options."""
-        return WindowJob(encoder_output, spec, done, self.module, cancelled)
+        return WindowJob(encoder_output, spec, done, self.module, cancelled, scorer)
 
     def submit(self, job: WindowJob) -> None:
         self.loop.call_soon_threadsafe(self._admit, job)
@@ -198,7 +203,7 @@ class BatchedSearch:
             if job.cancelled():  # cancelled while it waited for a slot: nothing to search
                 raise WindowCancelledError("search: the request was cancelled", CANCELLED)
             result = await self.module.beam_search(session, job.prompt, job.options, eot_id=job.eot_ids,
-                                       max_length=job.max_length)
+                                                   max_length=job.max_length, scorer=job.scorer)
         except WindowCancelledError as error:
             outcome = (None, error)
             if self.logger is not None:

@@ -4,8 +4,10 @@ Decoupled: execute() hands each request (one window: encoder_output plus a JSON 
 options) to engine/search.py's BatchedSearch and returns at once; the window's one response
 (a JSON of the best hypothesis, or an error) is sent from the search loop's thread when it is
 done. Windows that search at the same time share every decoder_step call (continuous
-batching), with no round trip per token. The decoder graphs are the decoder model's; the
-stepwise `decoder` model stays for hotword-biased windows, language detection and streams.
+batching), with no round trip per token. A window may bring hotwords (options ``hotwords``: the
+gateway's scorer as data, rebuilt by engine/search_hotwords.py over the deployed tokenizer.json
+when the config parameter ``hotwords`` is 1). The decoder graphs are the decoder model's; the
+stepwise `decoder` model stays for language detection and gateways run with --stepwise-only.
 """
 import os
 import sys
@@ -27,11 +29,14 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from engine.responses import error_response  # noqa: E402
-from engine.config import param  # noqa: E402
+from engine.config import enabled, param  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
 from engine.errors import INVALID_ARG, RequestError  # noqa: E402
 from engine import beam_search  # noqa: E402  (the gateway's search, deployed here by render.py)
 from engine.search import BatchedSearch  # noqa: E402
+from engine.search_hotwords import HotwordScorers  # noqa: E402
+
+TOKENIZER_FILE = "tokenizer.json"  # deployed next to this file by render.py when hotwords are on
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -73,11 +78,23 @@ class TritonPythonModel:
             self.engine = DecoderEngine(version_dir, config, self.logger, role="search")
         except Exception as error:  # the graphs do not fit: the model fails to load, saying why
             raise pb_utils.TritonModelException(f"search: {error}") from error
+        self.scorers = None
+        if enabled(config, "hotwords", "0"):
+            try:
+                from engine import hotwords  # the gateway's hotword module, deployed by render.py (needs zhconv)
+
+                self.scorers = HotwordScorers(hotwords, os.path.join(version_dir, TOKENIZER_FILE))
+                self.scorers.check()
+            except Exception as error:  # the config promises hotwords: a stub that cannot has to say so
+                raise pb_utils.TritonModelException(
+                    f"search: hotwords are on but cannot be served ({type(error).__name__}: {error}); install "
+                    "tokenizers and zhconv into the stub's pylib (tools/setup_triton.py) or render with "
+                    "search_hotwords=0") from error
         self.engine.start_janitor()
         self.search = BatchedSearch(self.engine, beam_search, max_windows=int(param(config, "search_max_windows", "16")),
                                     max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger)
         self.logger.log_info(f"search ready: {self.search.max_windows} windows at once, "
-                             f"{self.search.max_waiting} waiting at most")
+                             f"{self.search.max_waiting} waiting at most, hotwords {'on' if self.scorers else 'off'}")
 
     def _submit(self, request) -> None:
         sender = request.get_response_sender()
@@ -106,7 +123,12 @@ class TritonPythonModel:
                 raise RequestError(f"options is not JSON: {error}") from error
             if not isinstance(options, dict):
                 raise RequestError("options must be a JSON object")
-            job = self.search.job(enc.as_numpy(), options, done, cancelled=_cancelled(sender))
+            scorer = None
+            if options.get("hotwords") is not None:
+                if self.scorers is None:
+                    raise RequestError("this search model was rendered without hotwords (search_hotwords=0)")
+                scorer = self.scorers.scorer(options["hotwords"])
+            job = self.search.job(enc.as_numpy(), options, done, cancelled=_cancelled(sender), scorer=scorer)
         except RequestError as error:
             sender.send(_error_response(f"search: {error}", error.code or INVALID_ARG), flags=FINAL)
             return
