@@ -96,8 +96,9 @@ bench: export
 	$(VENV)/bin/pip install --quiet -r bench/requirements.txt
 	ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m bench.speed --model-dir $(MODEL_DIR) $(BENCH_ARGS)
 
-# perf_analyzer (tritonclient 2.50.0 wheel, own venv build/perf-venv) against the encoder and the
-# stateful decoder in sequence mode with recorded beam-search steps; writes bench/results/perf.json.
+# perf_analyzer (tritonclient 2.50.0 wheel, own venv build/perf-venv) against the encoder, the
+# stateful decoder in sequence mode (recorded beam-search steps) and the search model (streaming,
+# recorded windows); writes bench/results/perf.json.
 .PHONY: perf gpu-check
 PERF_ARGS ?=
 perf: export

@@ -1,4 +1,4 @@
-"""`make perf`: perf_analyzer against the encoder and the stateful decoder (issue 13, item 5).
+"""`make perf`: perf_analyzer against the encoder, the stateful decoder and the search model (issue 13, item 5).
 
     python -m bench.perf [--model-dir build/models/whisper-base] [--precision fp32]
         [--perf-analyzer build/perf-venv/bin/perf_analyzer] [--out bench/results/perf.json]
@@ -13,12 +13,16 @@ Realistic input data, recorded here first:
   gateway's own beam search against the served models through a session that records every
   step (START with the prompt, encoder_output, suppress ids and top_k; then [K, 1] token ids
   with parent_beams), and writes them as perf_analyzer sequence streams (one stream per window;
-  perf_analyzer sends START on the first step and END on the last).
+  perf_analyzer sends START on the first step and END on the last);
+- search: the same windows' requests to the `search` model (encoder output and the JSON search
+  options the gateway sends), recorded from a second decode of each window.
 
-Then perf_analyzer runs the encoder at concurrency 1..N and the decoder in sequence mode at
-1..M concurrent sequences, and the throughput (inferences/s) and latencies (avg, p50, p90, p99)
+Then perf_analyzer runs the encoder at concurrency 1..N, the decoder in sequence mode at 1..M
+concurrent sequences and the search model (decoupled: gRPC streaming, one response per window)
+at 1..W windows in flight, and the throughput (inferences/s) and latencies (avg, p50, p90, p99)
 go to bench/results/perf.json with Triton's server-side counts (batching shown by
-inference_count > execution_count).
+inference_count > execution_count; for the search, windows per decoder call come from its own
+rounds, which perf_analyzer does not see).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PERF_VENV = PROJECT_ROOT / "build" / "perf-venv"
+MODELS = ("encoder", "decoder", "search")
 
 
 def cuda_runtime_lib(venv: Path) -> str:
@@ -79,6 +84,15 @@ class RecordingClient:
     def __init__(self, client) -> None:
         self.client = client
         self.sessions: list[RecordingSession] = []
+        self.searches: list[dict] = []  # perf_analyzer input of each `search` request
+
+    async def has_search(self, hotwords: bool = False) -> bool:
+        return await self.client.has_search(hotwords)
+
+    async def search(self, encoder_output, options: dict, **ids):
+        self.searches.append({"encoder_output": _b64(np.ascontiguousarray(encoder_output, dtype=np.float32)),
+                              "options": [json.dumps(options)]})
+        return await self.client.search(encoder_output, options, **ids)
 
     async def encode(self, features):
         return await self.client.encode(features)
@@ -94,8 +108,9 @@ class RecordingClient:
         return session
 
 
-async def record(url: str, model_dir: Path, windows: list[np.ndarray], beam_size: int) -> tuple[list, list]:
-    """(encoder data, decoder streams) from real decodes of `windows` through the served models."""
+async def record(url: str, model_dir: Path, windows: list[np.ndarray], beam_size: int) -> tuple[list, list, list]:
+    """(encoder data, decoder streams, search requests) from real decodes of `windows` through
+    the served models (each window decoded stepwise, then by the search model)."""
     from gateway.asr.families import load_family
     from gateway.asr.features import log_mel_spectrogram
     from gateway.asr.triton_client import TritonAsrClient
@@ -105,16 +120,23 @@ async def record(url: str, model_dir: Path, windows: list[np.ndarray], beam_size
     client = TritonAsrClient(url)
     recorder = RecordingClient(client)
     decoder = TritonWindowDecoder(recorder, family, server_search=False)  # records the decoder steps
+    searcher = TritonWindowDecoder(recorder, family, server_search=True)  # records the search requests
     options = WindowOptions(language="zh", task="transcribe", beam_size=beam_size, timestamps=False, scorer=None,
                             max_biased_logprob=0.0)
     encoder_data = []
     try:
         for audio in windows:
             encoder_data.append({"input_features": _b64(log_mel_spectrogram(audio, n_mels=family.n_mels))})
-            await decoder.decode_window(audio, options)
+            stepwise = await decoder.decode_window(audio, options)
+            searched = await searcher.decode_window(audio, options)
+            if searched.result.tokens != stepwise.result.tokens:
+                print("note: the search model's tokens differ from the stepwise search's for a window "
+                      "(int8 results depend slightly on the batch)", flush=True)
     finally:
         await client.close()
-    return encoder_data, [s.steps for s in recorder.sessions]
+    if not recorder.searches:
+        raise SystemExit("the server does not serve the `search` model (render with search_model on)")
+    return encoder_data, [s.steps for s in recorder.sessions], recorder.searches
 
 
 def windows_from_calls(n: int) -> list[np.ndarray]:
@@ -182,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--encoder-sweep", default="1:2:1", help="perf_analyzer --concurrency-range of the encoder")
     parser.add_argument("--decoder-sweep", default="1:4:3", help="concurrent sequences of the decoder")
+    parser.add_argument("--search-sweep", default="1:4:3", help="windows in flight at the search model")
     parser.add_argument("--encoder-requests", type=int, default=6, help="requests per measurement window (encoder)")
     parser.add_argument("--decoder-requests", type=int, default=200, help="requests per measurement window (decoder)")
+    parser.add_argument("--search-requests", type=int, default=6, help="requests per measurement window (search)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per perf_analyzer run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="render tunables")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "results" / "perf.json")
@@ -207,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         repo = render_repository(args.model_dir.resolve(), work / "repo", precision=args.precision, **tunables)
         with TritonProcess(repo, log_path=work / "triton.log") as triton:
-            encoder_data, streams = asyncio.run(record(triton.grpc_url, args.model_dir.resolve(),
-                                                       windows_from_calls(args.windows), args.beam_size))
+            encoder_data, streams, searches = asyncio.run(record(triton.grpc_url, args.model_dir.resolve(),
+                                                                 windows_from_calls(args.windows), args.beam_size))
             (work / "encoder.json").write_text(json.dumps({"data": encoder_data}), encoding="utf-8")
             (work / "decoder.json").write_text(json.dumps({"data": streams}), encoding="utf-8")
+            (work / "search.json").write_text(json.dumps({"data": searches}), encoding="utf-8")
             report["input_data"] = {"encoder_windows": len(encoder_data), "decoder_streams": len(streams),
-                                    "decoder_steps_per_stream": [len(s) for s in streams]}
+                                    "decoder_steps_per_stream": [len(s) for s in streams],
+                                    "search_windows": len(searches)}
             print(f"recorded {len(encoder_data)} windows, decoder streams of {[len(s) for s in streams]} steps", flush=True)
             from bench.speed import _diff_stats, _triton_stats
 
@@ -226,12 +252,18 @@ def main(argv: list[str] | None = None) -> int:
                 ["--measurement-request-count", str(args.decoder_requests), "--serial-sequences"],
                 work, args.timeout)
             after = _triton_stats(triton.grpc_url)
+            # decoupled: one gRPC stream per client thread, one response per window
+            report["search"] = run_perf_analyzer(
+                binary, env, "search", triton.grpc_url, work / "search.json", args.search_sweep,
+                ["--measurement-request-count", str(args.search_requests), "--streaming"], work, args.timeout)
+            last = _triton_stats(triton.grpc_url)
             report["server_stats"] = {"encoder": _diff_stats(mid, before).get("encoder"),
-                                      "decoder": _diff_stats(after, mid).get("decoder")}
+                                      "decoder": _diff_stats(after, mid).get("decoder"),
+                                      "search": _diff_stats(last, after).get("search")}
     report["load_end_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    for model in ("encoder", "decoder"):
+    for model in MODELS:
         r = report[model]
         print(f"{model}: exit {r['exit_code']} in {r['seconds']} s")
         for lvl in r.get("levels", []):
@@ -240,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["exit_code"]:
             print(r["output_tail"])
     print(f"written {args.out}")
-    return 0 if all(report[m]["exit_code"] == 0 for m in ("encoder", "decoder")) else 1
+    return 0 if all(report[m]["exit_code"] == 0 for m in MODELS) else 1
 
 
 if __name__ == "__main__":

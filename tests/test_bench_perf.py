@@ -191,3 +191,28 @@ def test_perf_recording_session_writes_sequence_steps():
     assert set(second) == {"input_ids", "top_k", "parent_beams"}
     assert np.frombuffer(base64.b64decode(second["parent_beams"]["b64"]), np.int32).tolist() == [0, 0]
     assert real.closed and len(real.calls) == 2
+
+
+def test_perf_recording_client_writes_search_requests():
+    from bench.perf import RecordingClient
+
+    class Real:
+        async def has_search(self, hotwords=False):
+            return not hotwords
+
+        async def search(self, encoder_output, options, **ids):
+            return ("result", ids)
+
+    recorder = RecordingClient(Real())
+    enc = np.full((2, 3), 0.5, np.float32)
+
+    async def run():
+        assert await recorder.has_search() and not await recorder.has_search(hotwords=True)
+        return await recorder.search(enc, {"prompt": [1, 2], "beam_size": 5}, request_id="w1-search")
+
+    assert asyncio.run(run()) == ("result", {"request_id": "w1-search"})
+    (request,) = recorder.searches
+    # perf_analyzer input: encoder_output as base64 with its shape, options as one JSON string
+    assert request["encoder_output"]["shape"] == [2, 3]
+    assert np.frombuffer(base64.b64decode(request["encoder_output"]["b64"]), np.float32).tolist() == [0.5] * 6
+    assert [json.loads(o) for o in request["options"]] == [{"prompt": [1, 2], "beam_size": 5}]
