@@ -118,6 +118,9 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "split_layer_inputs": True,             # feed K/V per layer (decoder_step rewritten here, else at load; onnx)
     "max_runs": 2,                          # decoder_step calls per (K, T) group before copying cross K/V
     "max_dummy_fraction": 0.25,             # ... or one call padded with dummy rows for missing sequences
+    # the same batch again reorders its beams inside its KV slab, copying only the beams whose
+    # parent is another beam; off: every reorder gathers a new slab (engine/kv_cache.py)
+    "kv_reorder_in_place": True,
     # search (whole-window beam search in the server, engine/search.py): a second decoder engine
     # whose windows share every decoder call; the gateway uses it for windows without hotwords
     "search_model": True,
@@ -403,6 +406,7 @@ def _per_model_placeholders(values: dict) -> dict[str, dict[str, object]]:
             "SPLIT_LAYER_INPUTS": _fmt_bool(values["split_layer_inputs"]),
             "MAX_RUNS": int(values["max_runs"]),
             "MAX_DUMMY_FRACTION": float(values["max_dummy_fraction"]),
+            "KV_REORDER_IN_PLACE": _fmt_bool(values["kv_reorder_in_place"]),
         },
     }
     for name, vals in per_model.items():

@@ -174,11 +174,24 @@ def test_gather_reorders_beams_by_parent_index_and_pads_with_zeros():
     seq, step = cached_seq()
     step.parents = np.array([2, 0, 2])
     pool = BufferPool(1 << 24)
-    slab, new = gather([step, None], 3, 1, (2, 2, 4), None, np.float32, pool)
+    slab, new = gather([step, None], 3, 1, (2, 2, 4), None, np.float32, pool)  # a new member: a new slab
     assert new and slab.k.shape == (2, 2, 3, 2, CAP_STEP, 4)
     np.testing.assert_array_equal(slab.k[:, 0, :, :, :5], seq.kv.k[:, 0, [2, 0, 2], :, :5])
     np.testing.assert_array_equal(slab.v[:, 0, :, :, :5], seq.kv.v[:, 0, [2, 0, 2], :, :5])
     assert not slab.k[:, 0, :, :, 5:].any() and not slab.k[:, 1].any()  # padding and the dummy row
+
+
+@pytest.mark.parametrize("parents", [[2, 0, 2], [1, 0, 2], [0, 0, 1]])
+def test_gather_reorders_the_same_batch_in_place(parents):
+    seq, step = cached_seq()
+    before_k, before_v = seq.kv.k.copy(), seq.kv.v.copy()
+    step.parents = np.array(parents)
+    slab, new = gather([step], 3, 1, (2, 2, 4), None, np.float32, BufferPool(1 << 24))
+    assert slab is seq.kv and not new
+    # beam k holds what beam parents[k] held (a swap reads both sources before writing)
+    np.testing.assert_array_equal(slab.k[:, 0, :, :, :5], before_k[:, 0, parents, :, :5])
+    np.testing.assert_array_equal(slab.v[:, 0, :, :, :5], before_v[:, 0, parents, :, :5])
+    np.testing.assert_array_equal(slab.k[:, 0, :, :, 5:], before_k[:, 0, :, :, 5:])  # past the cache: untouched
 
 
 def test_gather_runs_in_place_when_nothing_moves():

@@ -40,6 +40,9 @@ class DecoderSettings:
     max_runs: int = 2
     # ... or as one call with dummy rows for the missing ones when at most this fraction is missing
     max_dummy_fraction: float = 0.25
+    # the same batch again reorders its beams inside its KV slab (only beams whose parent is
+    # another beam are copied) instead of gathering a new slab
+    reorder_in_place: bool = True
     warmup: bool = True
 
     @classmethod
@@ -56,5 +59,6 @@ class DecoderSettings:
             buffer_pool_bytes=int(float(param(config, "buffer_pool_mb", "64")) * (1 << 20)),
             max_runs=max(1, int(param(config, "max_runs", "2"))),
             max_dummy_fraction=float(param(config, "max_dummy_fraction", "0.25")),
+            reorder_in_place=enabled(config, "kv_reorder_in_place"),
             warmup=enabled(config, "warmup"),
         )

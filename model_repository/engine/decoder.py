@@ -193,7 +193,7 @@ class DecoderEngine:
         try:
             tg = time.perf_counter()
             kv, kv_new = gather(slots, K, T, self.runner.kv_dims, self.table.cross.dims, self.runner.kv_dtype,
-                                self.pool)
+                                self.pool, self.settings.reorder_in_place)
             tg = time.perf_counter() - tg
             dummy = np.zeros((1, K, T), np.int64)
             ids = run[0].ids if N == 1 else np.concatenate([q.ids if q is not None else dummy for q in slots], axis=0)

@@ -1,9 +1,10 @@
 """Self-attention KV caches: slabs shared by the sequences that ran together.
 
 A slab has the step graph's layout [L, N, K, H, cap, dh]: member n of a batch is row n of
-axis 1. The same batch again without reordering runs on its slab in place (new tokens go into
-spare capacity); otherwise one gather copy, with the parent_beams reorder folded in, builds the
-next slab from pooled buffers.
+axis 1. The same batch again runs on its slab in place (new tokens go into spare capacity),
+each member's parent_beams reorder done in place too, copying only the beams whose parent is
+another beam; otherwise (members joined or left, more beams, no room) one gather copy, with the
+reorder folded in, builds the next slab from pooled buffers.
 """
 import numpy as np
 
@@ -30,10 +31,10 @@ def release(slab, pool) -> None:
         slab.k = slab.v = None
 
 
-def reusable(slots, K: int, need: int):
-    """The slab the slots can run on in place (same sequences, same order, no reorder, room for
-    `need` positions), or None."""
-    if any(q is None or q.start or q.parents is not None for q in slots):
+def reusable(slots, K: int, need: int, reorder: bool = True):
+    """The slab the slots can run on in place (same sequences, same order, same beams, room for
+    `need` positions; without ``reorder``, no beam reordered either), or None."""
+    if any(q is None or q.start or (q.parents is not None and not reorder) for q in slots):
         return None
     slab = slots[0].seq.kv
     if (slab is None or slab.k.shape[1] != len(slots) or slab.k.shape[2] != K or slab.cap < need):
@@ -43,7 +44,7 @@ def reusable(slots, K: int, need: int):
     return None
 
 
-def gather(slots, K: int, T: int, known_dims, cross_dims, dtype, pool):
+def gather(slots, K: int, T: int, known_dims, cross_dims, dtype, pool, reorder_in_place: bool = True):
     """(slab, new): the past [L, N, K, H, cap, dh] for the slots (None = dummy row, empty past),
     each cache reordered by its parent_beams; `new` is False when the slots run in place.
 
@@ -51,8 +52,11 @@ def gather(slots, K: int, T: int, known_dims, cross_dims, dtype, pool):
     cross-attention store or None (see cache_dims)."""
     members = [q for q in slots if q is not None]
     need = max(q.seq.length for q in members) + T
-    slab = reusable(slots, K, need)
+    slab = reusable(slots, K, need, reorder_in_place)
     if slab is not None:
+        for n, q in enumerate(slots):
+            if q.parents is not None:
+                _reorder_in_place(slab, n, q.parents, q.seq.length)
         return slab, False
     cap = -(-need // CAP_STEP) * CAP_STEP
     L, H, dh = cache_dims(known_dims, members, cross_dims)
@@ -65,6 +69,18 @@ def gather(slots, K: int, T: int, known_dims, cross_dims, dtype, pool):
         pk[:, n, :, :, p:] = 0
         pv[:, n, :, :, p:] = 0
     return Slab(pk, pv, cap), True
+
+
+def _reorder_in_place(slab, n: int, parents: np.ndarray, p: int) -> None:
+    """Beam k of member n takes the first p cached positions of beam parents[k]; only the beams
+    whose parent is another beam are written (a beam search keeps most beams in place), and
+    their sources are read first (the fancy index copies them), so a beam that is both source
+    and destination is read before it is overwritten."""
+    moved = np.flatnonzero(parents != np.arange(parents.size))
+    if moved.size:
+        sources = parents[moved]
+        slab.k[:, n, moved, :, :p] = slab.k[:, n, sources, :, :p]
+        slab.v[:, n, moved, :, :p] = slab.v[:, n, sources, :, :p]
 
 
 def _copy_past(dst_k: np.ndarray, dst_v: np.ndarray, seq, parents, p: int) -> None:
