@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-minutes", type=float, default=10.0)
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4, help="batch job concurrency")
-    parser.add_argument("--windows", type=int, default=8, help="gateway --max-concurrent-windows")
+    parser.add_argument("--windows", type=int, default=4, help="gateway --max-concurrent-windows (its default)")
     parser.add_argument("--ours", action="append", default=None,
                         help="precision, or name:precision:key=value,... (render tunables); repeatable "
                              "(default: fp32 and int8)")

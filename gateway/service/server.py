@@ -87,7 +87,11 @@ class GatewayConfig:
     max_stream_duration_s: float | None = None  # a stream holds only its open utterance: may be longer
     max_audio_channels: int = MAX_CONTAINER_CHANNELS  # refused from the header, before decoding
     health_poll_interval_s: float = 1.0
-    max_concurrent_windows: int = 8
+    # windows decoded at once, over all calls: each holds 37 MB of cross K/V (and its KV cache) in
+    # the search model; on 2 CPU cores 4 decode about as fast as 8 (a decoder step costs nearly
+    # the same per window at any batch: README, Performance) in 16% less memory. A GPU, where
+    # batching pays, wants more
+    max_concurrent_windows: int = 4
     # beam search inside Triton (model `search`) when it serves it (hotword windows too, where it
     # was rendered with search_hotwords); False: every window stepwise through `decoder`
     server_search: bool = True
@@ -461,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-audio-duration-s", type=float, default=3600.0, help="longest audio of one Transcribe")
     parser.add_argument("--max-stream-duration-s", type=float, default=None, help="longest stream (default: --max-audio-duration-s)")
     parser.add_argument("--vad-model", type=Path, default=None, help=f"Silero VAD ONNX model (default {DEFAULT_MODEL_PATH})")
-    parser.add_argument("--max-concurrent-windows", type=int, default=8, help="chunks of Transcribe requests decoded at once")
+    parser.add_argument("--max-concurrent-windows", type=int, default=4,
+                        help="chunks of Transcribe requests decoded at once (all calls together)")
     parser.add_argument("--stepwise-only", action="store_true",
                         help="every window searched here, one Triton decoder step per token (default: windows "
                              "searched inside Triton when it serves the `search` model)")
