@@ -7,7 +7,8 @@ analysis/features.py (sentence embedding, character and sound TF-IDF, lexicon), 
 probabilities calibrated by temperature scaling on out-of-fold predictions (folds grouped
 by duplicate chain). Urgency says `high` when the calibrated P(high) reaches
 `high_threshold`, chosen on the out-of-fold predictions so that recall of `high` reaches
-TrainOptions.high_recall_target; otherwise the more likely of medium and low.
+TrainOptions.high_recall_target; otherwise the more likely of medium and low, the probability
+below high split between them by a second stage over both heads' probabilities (UrgencyStack).
 The duplicate pair model (analysis/pairs.py) is trained on the same records.
 
 A model file is a joblib pickle of {"format", "sklearn", "model"}; it is only ever read
@@ -33,7 +34,7 @@ from analysis.features import TextViews, sound_tokens
 
 log = logging.getLogger("analysis.model")
 
-MODEL_FORMAT = 4
+MODEL_FORMAT = 5   # 5: the pair model's repeat-call feature and the urgency second stage (sixth pass)
 MODEL_DIR = PROJECT_ROOT / "build" / "analysis"
 CURRENT_MODEL = MODEL_DIR / "ticket_model.joblib"
 TRAIN_COMMAND = "python -m analysis train"
@@ -72,6 +73,11 @@ class TrainOptions:
     linear: str = "logistic"           # logistic (LogisticRegression) | svm (LinearSVC); both temperature-calibrated
     tune_medium_ratio: bool = False     # choose decide_urgency's medium/low ratio on the out-of-fold predictions
     asr_augment: bool = True           # also train the heads, and the duplicate model, on the ASR transcripts of the tickets
+    # Sixth pass: below the high threshold, medium vs low from a second stage over the urgency
+    # head's and the category head's out-of-fold probabilities (the rubric's medium/low line
+    # depends on the kind of problem: an outage or unpaid wages is medium even when asked as a question).
+    urgency_stack: bool = True
+    urgency_stack_c: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.high_recall_target <= 1.0:
@@ -218,6 +224,43 @@ class Featurizer:
 
 
 @dataclass
+class UrgencyStack:
+    """Second stage of urgency: a multinomial logistic regression over log P(urgency) and
+    P(category) of the two heads, fitted on their out-of-fold probabilities. It only splits the
+    probability below high between medium and low (P(high) and its threshold stay the head's)."""
+
+    classes: tuple[str, ...]
+    categories: tuple[str, ...]        # column order of the category probabilities it reads
+    coef: np.ndarray
+    intercept: np.ndarray
+
+    @staticmethod
+    def inputs(urgency_probs: np.ndarray, category_probs: np.ndarray) -> np.ndarray:
+        return np.hstack([np.log(np.clip(urgency_probs, 1e-6, None)), category_probs])
+
+    def proba(self, urgency_probs: np.ndarray, category_probs: np.ndarray) -> np.ndarray:
+        return _softmax(self.inputs(urgency_probs, category_probs) @ self.coef.T + self.intercept)
+
+    def split_below_high(self, urgency_probs: np.ndarray, category_probs: np.ndarray) -> np.ndarray:
+        """The urgency probabilities with the mass below high split by the second stage's medium:low."""
+        stacked = self.proba(urgency_probs, category_probs)
+        medium, low = stacked[:, self.classes.index("medium")], stacked[:, self.classes.index("low")]
+        rest = urgency_probs[:, 1] + urgency_probs[:, 2]
+        share = medium / np.maximum(medium + low, 1e-12)
+        return np.stack([urgency_probs[:, 0], rest * share, rest * (1.0 - share)], axis=1)
+
+
+def fit_urgency_stack(urgency_oof: np.ndarray, category_oof: np.ndarray, labels: Sequence[str], categories: tuple[str, ...], c: float) -> UrgencyStack | None:
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(labels)) < 3:
+        return None
+    estimator = LogisticRegression(C=c, max_iter=1000).fit(UrgencyStack.inputs(urgency_oof, category_oof), list(labels))
+    order = [list(estimator.classes_).index(name) for name in URGENCY_ORDER]
+    return UrgencyStack(URGENCY_ORDER, tuple(categories), estimator.coef_[order].astype(np.float64), estimator.intercept_[order].astype(np.float64))
+
+
+@dataclass
 class Prediction:
     category: str
     category_probability: float
@@ -241,6 +284,7 @@ class TicketModel:
     pairs: object = None                      # analysis.pairs.PairModel, or None
     summary: dict = field(default_factory=dict)
     medium_ratio: float = 1.0                 # below the high threshold: medium when P(medium) >= ratio * P(low)
+    urgency_stack: UrgencyStack | None = None  # sixth pass: medium vs low from both heads (None: the head alone)
 
     def predict(self, views: Sequence[TextViews]) -> list[Prediction]:
         blocks = self.featurizer.blocks(views)
@@ -249,6 +293,9 @@ class TicketModel:
             featurizer.remember_rows([view.text for view in views], blocks[2], blocks[3])  # the duplicate search reuses these rows
         category_probs = self.category.proba(Featurizer.combine(blocks, self.options.category_blocks))
         urgency_probs = self.urgency.proba(Featurizer.combine(blocks, self.options.urgency_blocks))
+        stack = getattr(self, "urgency_stack", None)
+        if stack is not None and tuple(self.urgency.classes) == URGENCY_ORDER and stack.categories == tuple(self.category.classes):
+            urgency_probs = stack.split_below_high(urgency_probs, category_probs)
         return [self._decide(c, u) for c, u in zip(category_probs, urgency_probs)]
 
     def _decide(self, category_probs: np.ndarray, urgency_probs: np.ndarray) -> Prediction:
@@ -383,6 +430,12 @@ def train_model(
     # those teach the head how danger sounds when misheard, the recall target stays one target.
     chosen_on = np.array([examples[index].source != "asr" for index in urgency_used])
     threshold = choose_high_threshold(p_high[chosen_on], is_high[chosen_on], options.high_recall_target, options.max_high_threshold)
+    stack = None
+    if options.urgency_stack:  # on the examples that have both labels (a correction may carry one)
+        category_row = {index: row for row, index in enumerate(category_used)}
+        both = [row for row, index in enumerate(urgency_used) if index in category_row]
+        stack = fit_urgency_stack(urgency_oof[both], category_oof[[category_row[urgency_used[row]] for row in both]],
+                                  [urgency_labels[row] for row in both], categories, options.urgency_stack_c)
     medium_ratio = choose_medium_ratio(urgency_oof, urgency_labels, threshold) if options.tune_medium_ratio else 1.0
     oof_urgency = [decide_urgency(dict(zip(URGENCY_ORDER, row)), threshold, medium_ratio) for row in urgency_oof]
     oof_category = [categories[int(np.argmax(row))] for row in category_oof]
@@ -398,6 +451,7 @@ def train_model(
         },
         "temperatures": {"category": round(category.temperature, 3), "urgency": round(urgency.temperature, 3)},
         "medium_ratio": medium_ratio,
+        "urgency_stack": stack is not None,
     }
     model = TicketModel(
         version=_version(examples, options, moment),
@@ -410,6 +464,7 @@ def train_model(
         urgency=urgency,
         high_threshold=threshold,
         medium_ratio=medium_ratio,
+        urgency_stack=stack,
     )
     if pair_training is not None:
         oof_by_index = {index: row for index, row in zip(category_used, category_oof)}

@@ -11,7 +11,8 @@ described by features and scored by a logistic regression:
   ASR's homophones: the cosine of the toneless-syllable TF-IDF rows, the taxonomy keywords
   found by sound (景盖 is 井盖), a place name of one call heard in the other (文妙心聪 is
   文庙新村: all syllables alike, one may differ in names of four or more), and whether the new
-  call's text is an ASR transcript (the evidence of a pair weighs differently when heard)
+  call's text is an ASR transcript (the evidence of a pair weighs differently when heard),
+  and whether the new caller says the problem was reported before (又, 还是, 打过电话)
 
 No rule requires the same category: a gas smell reported once as 供水供电供气 and once as
 住房物业 can be linked. The best candidate is linked when its probability reaches the
@@ -50,8 +51,14 @@ FEATURE_NAMES = (
     "cosine", "cosine_gap_to_best", "char_cosine", "same_address", "same_place", "same_place_by_sound",
     "same_district", "different_district", "log_hours_apart", "p_new_in_old_category", "same_category",
     "shared_keywords", "different_keywords", "shared_numbers", "both_have_numbers",
-    "sound_cosine", "shared_keywords_by_sound", "place_heard_in_other", "new_text_heard",
+    "sound_cosine", "shared_keywords_by_sound", "place_heard_in_other", "new_text_heard", "new_says_repeat",
 )
+# The new caller says the problem was reported before or is still there (又, 还是, 打过电话,
+# 反映过, 上次, 仲未 ...): half of the labelled repeat reports say so, an eighth of the other
+# calls (sixth pass, docs/analysis.md). Generic markers of a repeat call, Mandarin and Cantonese.
+REPEAT_CUE = re.compile(
+    r"又|还是|还没|仍然|依然|再次|再打|打过|反映过|说过|投诉过|问过|报过|上次|上回|之前"
+    r"|仲[係系]|仲未|仲冇|好多次|几次|多次|到现在|到今|至今")
 _HAN_WORD = re.compile(r"^[\u4e00-\u9fa5]{2,}$")
 # RUBRIC.md: another problem at the same place is not a duplicate. The labelled data has
 # too few such pairs at one address for the model to learn it, so a pair whose problem
@@ -174,6 +181,7 @@ class PairFeaturizer:
         new_heard = self._keywords_by_sound(new.text)
         new_numbers = _numbers_in(new.text)
         new_places = set(new.place_keys)
+        says_repeat = 1.0 if REPEAT_CUE.search(new.text) else 0.0
         new_sounds = {_place_sound(name) for name in new.place_keys}
         rows = []
         for index, other in enumerate(candidates):
@@ -207,6 +215,7 @@ class PairFeaturizer:
                 len(new_heard & other_heard) / len(heard_union) if heard_union else 0.0,
                 1.0 if self._place_heard(new.place_keys, other.text) or self._place_heard(other.place_keys, new.text) else 0.0,
                 1.0 if new.heard else 0.0,
+                says_repeat,
             ])
         return np.asarray(rows, dtype=np.float32)
 
@@ -300,6 +309,8 @@ class PairFeaturizer:
             notes.append("关键词不同")
         if values["shared_numbers"]:
             notes.append(f"共同门牌/楼号比例 {values['shared_numbers']:.2f}")
+        if values.get("new_says_repeat"):
+            notes.append("来电称已反映过")
         return tuple(notes)
 
 

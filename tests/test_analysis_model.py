@@ -285,7 +285,60 @@ def test_pair_features_hear_places_and_keywords_the_asr_wrote_with_other_charact
     assert list(three["place_heard_in_other"]) == [1.0, 0.0]  # three syllables: all must sound alike
 
 
+@pytest.mark.parametrize("text, says_repeat", [
+    ("还是文庙新村门口那个井盖，上次打过电话了", 1.0),
+    ("文庙新村门口的井盖又没了", 1.0),
+    ("文庙新村门口嗰个井盖仲未修好", 1.0),       # Cantonese: still not
+    ("文庙新村门口的井盖没了，有人差点掉下去", 0.0),
+])
+def test_a_caller_saying_the_problem_was_reported_before_is_pair_evidence(small_model, analyzer, text, says_repeat):
+    from datetime import datetime
+
+    import numpy as np
+
+    from analysis.pairs import FEATURE_NAMES, PairFeaturizer, PairSide
+    from analysis.text import normalize
+
+    featurizer = PairFeaturizer(small_model.featurizer.char, ["井盖"], small_model.featurizer.sound)
+    vector = np.zeros(512, np.float32)
+    vector[0] = 1.0
+    new = PairSide("N", datetime(2027, 3, 2, 9), vector, normalize(text), "市政设施维修", place_keys=("文庙新村",))
+    old = PairSide("O", datetime(2027, 3, 1, 9), vector, normalize("文庙新村门口的井盖没了"), "市政设施维修", place_keys=("文庙新村",))
+    row = dict(zip(FEATURE_NAMES, featurizer.features(new, [old])[0]))
+    assert row["new_says_repeat"] == says_repeat
+    assert ("来电称已反映过" in PairFeaturizer.evidence(featurizer.features(new, [old])[0])) == bool(says_repeat)
+    # the model trained on train+dev learnt it as evidence for a link (docs/analysis.md, sixth pass)
+    estimator = analyzer.model.pairs.estimator
+    assert estimator.steps[-1][1].coef_[0][FEATURE_NAMES.index("new_says_repeat")] > 0
+
+
+def test_the_trained_model_splits_medium_and_low_with_the_second_stage(analyzer, small_model):
+    assert analyzer.model.urgency_stack is not None and small_model.urgency_stack is not None
+    assert analyzer.model.urgency_stack.categories == tuple(analyzer.model.category.classes)
+
+
 # -- pieces of the model (no training needed) ---------------------------------------------------
+
+
+def test_the_urgency_second_stage_moves_only_the_medium_low_split():
+    import numpy as np
+
+    from analysis.model import URGENCY_ORDER, UrgencyStack, fit_urgency_stack
+
+    categories = ("供水供电供气", "其他")
+    rng = np.random.default_rng(0)
+    # Below high the head hesitates (medium 0.45, low 0.45); the category tells: an outage is medium, the rest low.
+    urgency = np.tile([0.1, 0.45, 0.45], (200, 1))
+    outage = rng.random(200) < 0.5
+    category = np.where(outage[:, None], [0.9, 0.1], [0.1, 0.9])
+    labels = np.where(outage, "medium", "low").astype(object)
+    labels[:20] = "high"
+    stack = fit_urgency_stack(urgency, category, list(labels), categories, c=1.0)
+    assert isinstance(stack, UrgencyStack) and stack.classes == URGENCY_ORDER
+    split = stack.split_below_high(np.array([[0.1, 0.45, 0.45], [0.1, 0.45, 0.45]]), np.array([[0.9, 0.1], [0.1, 0.9]]))
+    assert np.allclose(split[:, 0], 0.1) and np.allclose(split.sum(axis=1), 1.0)  # P(high) and the total are the head's
+    assert split[0, 1] > split[0, 2] and split[1, 2] > split[1, 1]
+    assert fit_urgency_stack(urgency, category, ["low"] * 200, categories, c=1.0) is None  # one class: nothing to learn
 
 
 def test_the_text_source_comes_from_the_metadata_or_the_segments():
