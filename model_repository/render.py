@@ -101,6 +101,10 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "max_sequences": 64,                    # decoder caches held per instance
     "sequence_idle_timeout_s": None,        # default: max_sequence_idle_microseconds
     "decoder_instance_count": 1,
+    # the decoder checks its graphs at load, then gives its sessions back until the first request
+    # (about 100 MB int8 / 300 MB fp32): with the search model it only serves language detection
+    # and --stepwise-only gateways. None: on when the search model is rendered
+    "decoder_load_on_first_use": None,
     "decoder_intra_op_threads": 0,
     # the decoder keeps its arena: without it every START pays fresh pages for decoder_init's cross
     # K/V (37 MB per sequence) and ten STARTs in a row took long enough under load for the first
@@ -305,6 +309,8 @@ def resolve_tunables(tunables: dict) -> dict:
     cpu_only = str(values["execution_provider"]).strip() in ("", "CPUExecutionProvider")
     if values["cpu_compute_lock"] is None:
         values["cpu_compute_lock"] = cpu_only
+    if values["decoder_load_on_first_use"] is None:
+        values["decoder_load_on_first_use"] = values["search_model"]
     if values["encoder_run_batch_size"] is None:
         values["encoder_run_batch_size"] = 1 if cpu_only else int(values["encoder_max_batch_size"])
     if int(values["search_max_windows"]) < 1 or int(values["search_max_waiting"]) < 0:
@@ -407,6 +413,7 @@ def _per_model_placeholders(values: dict) -> dict[str, dict[str, object]]:
             "MAX_RUNS": int(values["max_runs"]),
             "MAX_DUMMY_FRACTION": float(values["max_dummy_fraction"]),
             "KV_REORDER_IN_PLACE": _fmt_bool(values["kv_reorder_in_place"]),
+            "LOAD_ON_FIRST_USE": _fmt_bool(values["decoder_load_on_first_use"]),
         },
     }
     for name, vals in per_model.items():

@@ -71,6 +71,16 @@ def _pangram():
     return next(c for c in sample_clips() if c.name == "zh/pangrama")
 
 
+def test_the_decoder_model_loads_its_graphs_again_on_first_use(triton, stepwise_gateway):
+    """With the search model serving the windows, the decoder model checks its graphs at load and
+    gives its sessions back; a stepwise window (or a language detection) loads them again."""
+    log_path = Path(triton.log_path)
+    assert "loaded again on the first request (load_on_first_use)" in log_path.read_text(errors="replace")
+    with asr_client(stepwise_gateway.address) as stub:
+        assert stub.Transcribe(_request(sample_clips()[0]), timeout=300).text
+    assert "decoder: graphs loaded on the first request in" in log_path.read_text(errors="replace")
+
+
 def test_hotword_biased_windows_are_searched_inside_triton_as_the_gateway_would(asr_stub, stepwise_gateway, triton):
     clip = _pangram()
     plain = asr_stub.Transcribe(_request(clip), timeout=300).text

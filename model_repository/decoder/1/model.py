@@ -26,10 +26,13 @@ from engine.bootstrap import add_pylib, numpy_warning  # noqa: E402
 _PYLIB = add_pylib(os.path.join(os.path.dirname(_HERE), "config.pbtxt"))
 
 import json  # noqa: E402
+import time  # noqa: E402
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from engine.responses import error_response  # noqa: E402
+from engine.config import enabled  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
+from engine.heap import release_free_heap  # noqa: E402
 from engine.state import Step  # noqa: E402
 from engine.step_input import INPUT_NAMES  # noqa: E402
 
@@ -76,12 +79,24 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         for note in numpy_warning(_PYLIB):
             self.logger.log_warn(note)
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        self._engine_args = (os.path.join(args["model_repository"], args["model_version"]), config, self.logger)
+        self.engine = self._load()  # the graphs load now: a model that cannot fails here, saying why
+        if enabled(config, "load_on_first_use", "0"):
+            # where the `search` model serves the windows this one waits for language detection or
+            # a --stepwise-only gateway: its sessions (about 100 MB int8, 300 MB fp32) go back
+            # until then, and the first request loads them again (a second or two)
+            self.engine.close()
+            self.engine = None
+            release_free_heap()
+            self.logger.log_info("decoder: graphs checked; loaded again on the first request (load_on_first_use)")
+
+    def _load(self) -> DecoderEngine:
         try:
-            self.engine = DecoderEngine(version_dir, config, self.logger)
+            engine = DecoderEngine(*self._engine_args)
         except Exception as error:  # the graphs do not fit: the model fails to load, saying why
             raise pb_utils.TritonModelException(f"decoder: {error}") from error
-        self.engine.start_janitor()
+        engine.start_janitor()
+        return engine
 
     def _step(self, index: int, request) -> Step:
         step = Step(index)
@@ -95,9 +110,17 @@ class TritonPythonModel:
         return step
 
     def execute(self, requests):
+        if self.engine is None:
+            started = time.perf_counter()
+            try:
+                self.engine = self._load()
+            except pb_utils.TritonModelException as error:  # (its graphs were fine at load time)
+                return [_error_response(str(error), "INTERNAL") for _ in requests]
+            self.logger.log_info(f"decoder: graphs loaded on the first request in {time.perf_counter() - started:.1f} s")
         steps = [self._step(i, request) for i, request in enumerate(requests)]
         self.engine.execute(steps)
         return [_response(step) for step in steps]
 
     def finalize(self):
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
