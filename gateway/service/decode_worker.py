@@ -52,7 +52,7 @@ def worker_decode(job: DecodeJob) -> tuple[str, tuple[int, ...]] | AudioDecodeEr
     try:
         return _decode_to_shm(job)
     finally:
-        _release_free_heap()
+        release_free_heap()
 
 
 def _decode_to_shm(job: DecodeJob) -> tuple[str, tuple[int, ...]] | AudioDecodeError:
@@ -73,10 +73,11 @@ def _decode_to_shm(job: DecodeJob) -> tuple[str, tuple[int, ...]] | AudioDecodeE
     return path, samples.shape
 
 
-def _release_free_heap() -> None:
-    """What the decode freed goes back to the system (glibc malloc_trim): a worker that decoded a
-    few minutes of FLAC otherwise keeps about 12 MB more between jobs. (Triton's stubs do the
-    same in model_repository/engine/heap.py; the gateway's image ships without that package.)"""
+def release_free_heap() -> None:
+    """What was freed goes back to the system (glibc malloc_trim): a worker that decoded a few
+    minutes of FLAC otherwise keeps about 12 MB more between jobs, and the gateway process tens
+    of MB after a long recording. (Triton's stubs do the same in model_repository/engine/heap.py;
+    the gateway's image ships without that package.)"""
     global _trim
     if _trim is None:
         try:

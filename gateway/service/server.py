@@ -48,6 +48,7 @@ from gateway.service import metrics, remote_tickets, responses
 from gateway.service.admission import Admission, AdmissionLimits
 from gateway.service.auth import ApiKeys, GatewayInterceptor, current_identity, require_role
 from gateway.service.decode_pool import DecodeJob, DecodePool, run_job
+from gateway.service.decode_worker import release_free_heap
 from gateway.service.errors import abort_for
 from gateway.service.options import MIB, RequestError, StreamIdleError
 from gateway.service.ticket_service import TicketService
@@ -156,6 +157,9 @@ class GatewayConfig:
 
 
 STREAM_QUEUE_SIZE = 256  # responses buffered for a slow reader before the stream waits
+# after a Transcribe of at least this much audio (channel-seconds) the freed C heap goes back to
+# the system: the arrays of a long recording otherwise stay in the process as free heap
+TRIM_AFTER_AUDIO_S = 60.0
 
 
 class AsrService(asr_pb2_grpc.AsrServicer):
@@ -219,9 +223,12 @@ class AsrService(asr_pb2_grpc.AsrServicer):
             self.transcriber.validate_language(options.language)
             audio = await self._decode(self._decode_job(request, separate))
             labels = request_options.channel_labels(request, audio.shape[0]) if separate else None
-            with self.admission.holding_audio(audio.size / SAMPLE_RATE):
+            audio_s = audio.size / SAMPLE_RATE
+            with self.admission.holding_audio(audio_s):
                 transcript = await self.transcriber.transcribe(audio, options, channel_labels=labels)
             del audio
+            if audio_s >= TRIM_AFTER_AUDIO_S:  # its arrays (audio, features, encoder outputs) are freed now
+                await asyncio.to_thread(release_free_heap)
             if not request.keep_model_script:
                 transcript = simplify_transcript(transcript)
             normalized: list[str] = []  # per segment, with itn
