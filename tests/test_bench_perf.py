@@ -216,3 +216,21 @@ def test_perf_recording_client_writes_search_requests():
     assert request["encoder_output"]["shape"] == [2, 3]
     assert np.frombuffer(base64.b64decode(request["encoder_output"]["b64"]), np.float32).tolist() == [0.5] * 6
     assert [json.loads(o) for o in request["options"]] == [{"prompt": [1, 2], "beam_size": 5}]
+
+
+def test_step_profile_feeds_every_input_of_the_per_layer_step_graph():
+    from types import SimpleNamespace
+
+    from bench.step_profile import _feeds
+
+    names = ["input_ids", "past_length", "past_k.0", "past_v.0", "cross_k.0", "cross_v.0"]
+    session = SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name=n, shape=None) for n in names])
+    info = {"n_heads": 2, "head_dim": 4, "n_audio_ctx": 6, "timestamp_begin": 9}
+    feeds = _feeds(session, info, windows=3, beams=5, past=7, rng=np.random.default_rng(0))
+    assert {k: v.shape for k, v in feeds.items()} == {
+        "input_ids": (3, 5, 1), "past_length": (3,), "past_k.0": (3, 5, 2, 7, 4), "past_v.0": (3, 5, 2, 7, 4),
+        "cross_k.0": (3, 2, 6, 4), "cross_v.0": (3, 2, 6, 4)}
+    assert feeds["past_length"].tolist() == [7, 7, 7] and feeds["cross_k.0"].dtype == np.float32
+    with pytest.raises(SystemExit, match="not known"):
+        _feeds(SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name="mystery", shape=[1])]), info, 1, 5, 7,
+               np.random.default_rng(0))

@@ -150,7 +150,7 @@ class Transcriber:
     ) -> None:
         """``client``: a TritonAsrClient for the stepwise path, unused when ``window_decoder``
         (another backend behind the WindowDecoder seam) is given. ``server_search``: windows
-        without hotwords are searched inside Triton when it serves the `search` model."""
+        are searched inside Triton when it serves the `search` model (False: stepwise)."""
         self.client = client
         self.model_dir = Path(model_dir)
         # The family (whisper, glm_asr) supplies prompt, EOS ids, suppress lists, detokenizer:

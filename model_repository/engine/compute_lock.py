@@ -15,7 +15,7 @@ import fcntl
 import os
 import tempfile
 
-from .config import param
+from .config import enabled
 
 
 class ComputeLock:
@@ -49,7 +49,7 @@ _LOCKS = {}  # path -> ComputeLock: one open file per process (flock is per open
 
 def compute_lock(config: dict):
     """The server's ComputeLock when the config turns it on (`compute_lock` 1), else None."""
-    if param(config, "compute_lock", "0") not in ("1", "true", "True"):
+    if not enabled(config, "compute_lock", "0"):
         return None
     path = server_lock_path()
     if path not in _LOCKS:

@@ -13,7 +13,6 @@ once. Everything here runs on the thread that admits requests, never on the sear
 """
 import collections
 import json
-import threading
 
 from .errors import INVALID_ARG, RequestError
 
@@ -38,7 +37,6 @@ class HotwordScorers:
         self._tokenizer = None
         self._vocabularies = collections.OrderedDict()
         self._graphs = collections.OrderedDict()
-        self._lock = threading.Lock()
         self.graphs_built = 0  # (tests, logs)
 
     def check(self) -> None:
@@ -64,9 +62,8 @@ class HotwordScorers:
         graphs = spec.get("graphs")
         if not isinstance(graphs, list) or not graphs:
             raise HotwordSpecError("'graphs' must be a non-empty list")
-        with self._lock:
-            vocabulary_key, vocabulary = self._vocabulary(spec.get("vocabulary"))
-            built = [self._graph(graph, vocabulary_key, vocabulary, n) for n, graph in enumerate(graphs)]
+        vocabulary_key, vocabulary = self._vocabulary(spec.get("vocabulary"))
+        built = [self._graph(graph, vocabulary_key, vocabulary, n) for n, graph in enumerate(graphs)]
         return module.HotwordScorer(built, options)
 
     def _vocabulary(self, spec):
@@ -79,9 +76,9 @@ class HotwordScorers:
         vocabulary = self._vocabularies.get(key)
         if vocabulary is None:
             tokenizer = self._load_tokenizer()
-            if not 0 < size <= tokenizer.get_vocab_size(with_added_tokens=True):
-                raise HotwordSpecError(f"vocabulary size {size} does not fit the deployed tokenizer "
-                                       f"({tokenizer.get_vocab_size(with_added_tokens=True)} tokens)")
+            tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+            if not 0 < size <= tokens:
+                raise HotwordSpecError(f"vocabulary size {size} does not fit the deployed tokenizer ({tokens} tokens)")
             vocabulary = self.module.ByteLevelVocabulary(tokenizer, ignore, size)
             self._vocabularies[key] = vocabulary
             while len(self._vocabularies) > MAX_CACHED_VOCABULARIES:
