@@ -25,6 +25,18 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _cross_feed(node, windows: int, heads: int, frames: int, head_dim: int, rng) -> np.ndarray:
+    """A per-layer cross input: f32 [N, H, S, dh], or the 8-bit variant's uint8 K [N, H, dh, S]
+    / V [N, H, S, dh] and their scales [N, H, 1, S|dh] (export/cross_int8.py), from its shape."""
+    shape = getattr(node, "shape", None) or ["N", heads, "S", head_dim]
+    dims = [windows] + [frames if d == "S" or not isinstance(d, int) else d for d in shape[1:]]
+    if "uint8" in str(getattr(node, "type", "")):
+        return rng.integers(0, 256, dims, dtype=np.uint8)
+    if "_scale" in node.name:
+        return np.full(dims, 0.01, np.float32)
+    return (0.1 * rng.standard_normal(dims)).astype(np.float32)
+
+
 def _feeds(session, info: dict, windows: int, beams: int, past: int, rng) -> dict:
     """Random inputs for every input of the step graph (per-layer past_*.i / cross_*.i)."""
     heads, head_dim, frames = int(info["n_heads"]), int(info["head_dim"]), int(info["n_audio_ctx"])
@@ -38,7 +50,7 @@ def _feeds(session, info: dict, windows: int, beams: int, past: int, rng) -> dic
         elif name.startswith("past_"):
             feeds[name] = (0.1 * rng.standard_normal((windows, beams, heads, past, head_dim))).astype(np.float32)
         elif name.startswith("cross_"):
-            feeds[name] = (0.1 * rng.standard_normal((windows, heads, frames, head_dim))).astype(np.float32)
+            feeds[name] = _cross_feed(node, windows, heads, frames, head_dim, rng)
         else:
             raise SystemExit(f"decoder_step input {name!r} {node.shape}: not known to this profile")
     return feeds

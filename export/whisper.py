@@ -5,7 +5,8 @@ Output layout (``OUT`` = e.g. build/models/whisper-base)::
     OUT/ct2/                 model.bin (assembled), config.json, tokenizer.json, vocabulary.txt
     OUT/hf/                  WhisperForConditionalGeneration + WhisperProcessor files (float32)
     OUT/onnx/fp32/           encoder.onnx, decoder_init.onnx, decoder_step.onnx
-    OUT/onnx/int8/           same graphs, weights dynamically quantized to int8
+    OUT/onnx/int8/           same graphs, weights dynamically quantized to int8, cross-attention
+                             over uint8 K/V (export/cross_int8.py)
     OUT/model_info.json      dims, special ids, suppress lists (read by model_repository/ and gateway/)
     OUT/tokenizer.json       tokenizer for detokenization
     OUT/.export_stamp        hash of sources + package versions + options (skip when unchanged)
@@ -36,6 +37,7 @@ from .common import (
     stamp_matches,
     write_stamp,
 )
+from .cross_int8 import rewrite_cross_attention
 from .onnx_tools import ort_session, quantize_graphs, read_audio, sample_clip, torch_to_onnx
 from .whisper_hf import (
     CHUNK_LENGTH_S,
@@ -92,6 +94,8 @@ INT8_OPTIONS = {
     "quantize_decoder_init": True,
     # 7-bit weights: exact on CPUs without VNNI (export/int8.py)
     "reduce_range": True,
+    # cross-attention over uint8 K/V, a quarter of the bytes every decoder step reads (export/cross_int8.py)
+    "cross_kv_8bit": True,
 }
 
 
@@ -206,7 +210,7 @@ def onnx_greedy_decode(sessions, input_features: np.ndarray, prompt: list[int], 
         enc_out = encoder_output
     else:
         (enc_out,) = enc.run(None, {"input_features": input_features.astype(np.float32)})
-    cross_k, cross_v = init.run(None, {"encoder_output": enc_out[:1]})
+    cross = dict(zip([o.name for o in init.get_outputs()], init.run(None, {"encoder_output": enc_out[:1]})))
     past_k = np.zeros((n_layers, 1, 1, n_heads, 0, head_dim), np.float32)
     past_v = past_k
     ids = np.array([[prompt]], dtype=np.int64)
@@ -214,7 +218,7 @@ def onnx_greedy_decode(sessions, input_features: np.ndarray, prompt: list[int], 
     for i in range(max_new_tokens):
         logits, nk, nv = step.run(None, {
             "input_ids": ids, "past_length": np.array([past_k.shape[4]], np.int64),
-            "past_k": past_k, "past_v": past_v, "cross_k": cross_k, "cross_v": cross_v})
+            "past_k": past_k, "past_v": past_v, **cross})
         past_k = np.concatenate([past_k, nk], axis=4)
         past_v = np.concatenate([past_v, nv], axis=4)
         lg = logits[0, 0].copy()
@@ -403,6 +407,9 @@ def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False
         quantize_graphs(out / "onnx" / "fp32", out / "onnx" / "int8", ONNX_GRAPHS, INT8_OPTIONS,
                         encoder_layer="/encoder/layers.{}/", gather_min_elements=gathers,
                         copy_graphs=() if INT8_OPTIONS["quantize_decoder_init"] else ("decoder_init",))
+        if INT8_OPTIONS["cross_kv_8bit"]:
+            layers = rewrite_cross_attention(out / "onnx" / "int8")
+            log(f"  decoder: cross-attention over uint8 K/V in {layers} layers")
 
     with timer.phase("model_info + tokenizer"):
         dims = info

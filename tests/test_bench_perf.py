@@ -234,3 +234,12 @@ def test_step_profile_feeds_every_input_of_the_per_layer_step_graph():
     with pytest.raises(SystemExit, match="not known"):
         _feeds(SimpleNamespace(get_inputs=lambda: [SimpleNamespace(name="mystery", shape=[1])]), info, 1, 5, 7,
                np.random.default_rng(0))
+    # the int8 variant's 8-bit cross inputs (export/cross_int8.py), typed and shaped from the graph
+    eight_bit = [SimpleNamespace(name="cross_k.0", shape=["N", 2, 4, "S"], type="tensor(uint8)"),
+                 SimpleNamespace(name="cross_k_scale.0", shape=["N", 2, 1, "S"], type="tensor(float)"),
+                 SimpleNamespace(name="cross_v.0", shape=["N", 2, "S", 4], type="tensor(uint8)"),
+                 SimpleNamespace(name="cross_v_scale.0", shape=["N", 2, 1, 4], type="tensor(float)")]
+    feeds = _feeds(SimpleNamespace(get_inputs=lambda: eight_bit), info, 3, 5, 7, np.random.default_rng(0))
+    assert {k: (v.shape, v.dtype) for k, v in feeds.items()} == {
+        "cross_k.0": ((3, 2, 4, 6), np.uint8), "cross_k_scale.0": ((3, 2, 1, 6), np.float32),
+        "cross_v.0": ((3, 2, 6, 4), np.uint8), "cross_v_scale.0": ((3, 2, 1, 4), np.float32)}

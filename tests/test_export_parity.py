@@ -117,11 +117,12 @@ def hf_logits(reference, hf_encoder_output, prompts, teacher):
 # ------------------------------------------------------------------------- decoding protocol
 
 
-def run_protocol(step_fn, cross_k, cross_v, prompts, teacher, info, seed=0):
+def run_protocol(step_fn, cross, prompts, teacher, info, seed=0):
     """Drive a decoder_step implementation like the server does, with N=2 sequences of
     different past lengths (padding filled with noise) and K=2 beams.
 
-    step_fn(input_ids, past_length, past_k, past_v, cross_k, cross_v) -> (logits, new_k, new_v).
+    cross: decoder_init's outputs by name ({cross_k, cross_v} or the 8-bit variant's four);
+    step_fn(input_ids, past_length, past_k, past_v, cross) -> (logits, new_k, new_v).
     Returns a list of (n, k, position_of_last_token, logits[V]).
     """
     rng = np.random.default_rng(seed)
@@ -143,8 +144,8 @@ def run_protocol(step_fn, cross_k, cross_v, prompts, teacher, info, seed=0):
                 past_k[:, i, :, :, :lens[i]] = cache_k[n]
                 past_v[:, i, :, :, :lens[i]] = cache_v[n]
         ids = np.array(tokens, dtype=np.int64).reshape(len(seqs), k_beams, T)
-        logits, nk, nv = step_fn(ids, np.array(lens, np.int64), past_k, past_v,
-                                 np.ascontiguousarray(cross_k[:, seqs]), np.ascontiguousarray(cross_v[:, seqs]))
+        rows = {name: np.ascontiguousarray(array[:, seqs]) for name, array in cross.items()}
+        logits, nk, nv = step_fn(ids, np.array(lens, np.int64), past_k, past_v, rows)
         assert logits.shape == (len(seqs), k_beams, info["vocab_size"])
         assert nk.shape == nv.shape == (L, len(seqs), k_beams, H, T, dh)
         for i, n in enumerate(seqs):
@@ -177,14 +178,15 @@ def run_protocol(step_fn, cross_k, cross_v, prompts, teacher, info, seed=0):
 
 
 def onnx_step_fn(sess):
-    def fn(ids, past_length, past_k, past_v, cross_k, cross_v):
+    def fn(ids, past_length, past_k, past_v, cross):
         return sess.run(None, {"input_ids": ids, "past_length": past_length, "past_k": past_k,
-                               "past_v": past_v, "cross_k": cross_k, "cross_v": cross_v})
+                               "past_v": past_v, **cross})
     return fn
 
 
 def torch_step_fn(module):
-    def fn(*arrays):
+    def fn(ids, past_length, past_k, past_v, cross):
+        arrays = (ids, past_length, past_k, past_v, cross["cross_k"], cross["cross_v"])
         with torch.no_grad():
             return [t.numpy() for t in module(*(torch.from_numpy(a) for a in arrays))]
     return fn
@@ -234,20 +236,28 @@ def test_ct2_reader_on_assembled_weights(model_dir):
 def test_onnx_io_contract(model_dir):
     import onnx
 
+    F32, U8 = onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8
+    CROSS_CONTRACT = {  # decoder_init's outputs = decoder_step's cross inputs (docs/INTERFACES.md)
+        "fp32": {"cross_k": (F32, [6, "N", 8, "S", 64]), "cross_v": (F32, [6, "N", 8, "S", 64])},
+        "int8": {"cross_k": (U8, [6, "N", 8, 64, "S"]), "cross_k_scale": (F32, [6, "N", 8, 1, "S"]),
+                 "cross_v": (U8, [6, "N", 8, "S", 64]), "cross_v_scale": (F32, [6, "N", 8, 1, 64])},
+    }
+
     def sig(vi):
         t = vi.type.tensor_type
         return t.elem_type, [d.dim_param or d.dim_value for d in t.shape.dim]
 
-    F32, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    I64 = onnx.TensorProto.INT64
     for variant in ("fp32", "int8"):
         d = model_dir / "onnx" / variant
         m = onnx.load(str(d / "decoder_step.onnx"), load_external_data=False)
         ins = {i.name: sig(i) for i in m.graph.input}
         outs = {o.name: sig(o) for o in m.graph.output}
-        assert list(ins) == ["input_ids", "past_length", "past_k", "past_v", "cross_k", "cross_v"]
+        cross = CROSS_CONTRACT[variant]
+        assert list(ins) == ["input_ids", "past_length", "past_k", "past_v"] + list(cross)
         assert ins["input_ids"][0] == I64 and ins["past_length"][0] == I64
         assert ins["past_k"] == (F32, [6, "N", "K", 8, "P", 64])
-        assert ins["cross_k"][0] == F32 and ins["cross_k"][1][:3] == [6, "N", 8]
+        assert {name: ins[name] for name in cross} == cross
         assert list(outs) == ["logits", "new_k", "new_v"]
         assert outs["logits"] == (F32, ["N", "K", 51865])
         assert outs["new_k"] == (F32, [6, "N", "K", 8, "T", 64])
@@ -256,7 +266,8 @@ def test_onnx_io_contract(model_dir):
         assert [o.name for o in m.graph.output] == ["encoder_output"]
         m = onnx.load(str(d / "decoder_init.onnx"), load_external_data=False)
         assert [i.name for i in m.graph.input] == ["encoder_output"]
-        assert [o.name for o in m.graph.output] == ["cross_k", "cross_v"]
+        frames = {n: (t, [1500 if d == "S" else d for d in shape]) for n, (t, shape) in cross.items()}
+        assert {o.name: sig(o) for o in m.graph.output} == frames  # S: the encoder's 1500 frames
 
 
 def test_encoder_parity(onnx_encoder_outputs, hf_encoder_output):
@@ -298,7 +309,8 @@ def _compare(results, hf_logits):
 
 def test_decoder_step_parity_fp32(reference, fp32_sessions, hf_encoder_output, prompts, teacher, hf_logits, info):
     ck, cv = fp32_sessions["decoder_init"].run(None, {"encoder_output": hf_encoder_output})
-    results = run_protocol(onnx_step_fn(fp32_sessions["decoder_step"]), ck, cv, prompts, teacher, info)
+    results = run_protocol(onnx_step_fn(fp32_sessions["decoder_step"]), {"cross_k": ck, "cross_v": cv}, prompts,
+                           teacher, info)
     diffs, agree = _compare(results, hf_logits)
     print(f"\ndecoder_step fp32 vs HF over {len(diffs)} (seq, beam, pos) logits: max|diff| {diffs.max():.2e}, "
           f"mean {diffs.mean():.2e}, argmax agreement {agree.mean():.0%}")
@@ -312,7 +324,7 @@ def test_decoder_step_torch_module_matches_hf(reference, hf_encoder_output, prom
     _, cross_kv, step = wx.load_step_modules(model)
     with torch.no_grad():
         ck, cv = (t.numpy() for t in cross_kv(torch.from_numpy(hf_encoder_output)))
-    results = run_protocol(torch_step_fn(step), ck, cv, prompts, teacher, info)
+    results = run_protocol(torch_step_fn(step), {"cross_k": ck, "cross_v": cv}, prompts, teacher, info)
     diffs, agree = _compare(results, hf_logits)
     print(f"\ndecoder_step torch module vs HF: max|diff| {diffs.max():.2e}")
     assert diffs.max() < 5e-3 and agree.all()
@@ -320,8 +332,9 @@ def test_decoder_step_torch_module_matches_hf(reference, hf_encoder_output, prom
 
 def test_int8_pipeline_agrees_in_argmax(int8_sessions, onnx_encoder_outputs, prompts, teacher, hf_logits, info):
     enc = onnx_encoder_outputs["int8"]
-    ck, cv = int8_sessions["decoder_init"].run(None, {"encoder_output": enc})
-    results = run_protocol(onnx_step_fn(int8_sessions["decoder_step"]), ck, cv, prompts, teacher, info)
+    init = int8_sessions["decoder_init"]
+    cross = dict(zip([o.name for o in init.get_outputs()], init.run(None, {"encoder_output": enc})))
+    results = run_protocol(onnx_step_fn(int8_sessions["decoder_step"]), cross, prompts, teacher, info)
     diffs, agree = _compare(results, hf_logits)
     # beam 0 follows the greedy path: that is where agreement matters most
     greedy = np.array([a for (n, k, _, _), a in zip(results, agree) if k == 0])

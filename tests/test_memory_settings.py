@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,31 @@ def test_the_engine_loads_the_split_graph_from_its_file_and_init_without_arena(r
         assert not runner.init_session.get_session_options().enable_cpu_mem_arena
         assert engine.pool.max_bytes == 64 << 20
         assert not any("stacked" in message or "missing" in message for _, message in log.lines)
+    finally:
+        engine.close()
+
+
+def test_the_int8_repository_feeds_its_8bit_cross_tensors_per_layer_as_views(model_dir, tmp_path):
+    from model_repository.engine.decoder import DecoderEngine
+    from model_repository.render import render_repository
+    from tests.test_decoder_engine import Log, encoder_output, new_step, run
+
+    repo = render_repository(model_dir, tmp_path / "int8", "int8")
+    text = (repo / "decoder" / "config.pbtxt").read_text(encoding="utf-8")
+    params = {k: _param(text, k) for k in ("family", "split_layer_inputs")}
+    config = {"parameters": {k: {"string_value": v} for k, v in {**params, "warmup": "0"}.items()}}
+    engine = DecoderEngine(str(repo / "decoder" / "1"), config, Log())
+    try:
+        runner = engine.runner
+        assert set(runner.split) == {"past_k", "past_v", "cross_k", "cross_v", "cross_k_scale", "cross_v_scale"}
+        assert runner.cross_views and runner.cross_inputs == {"cross_k", "cross_v", "cross_k_scale", "cross_v_scale"}
+        prefix = [[50258, 50260, 50359, 50363]]
+        steps = run(engine, *[new_step(engine, 1 + i, prefix, start=True, encoder_output=encoder_output(i))
+                              for i in range(2)])
+        assert [s.error for s in steps] == [None, None]
+        assert engine.table.cross.arrays["cross_k"].dtype == np.uint8  # a quarter of the float bytes
+        steps = run(engine, *[new_step(engine, 1 + i, [[int(s.output.topk_ids[0, 0, 0])]]) for i, s in enumerate(steps)])
+        assert [s.error for s in steps] == [None, None] and all(np.isfinite(s.output.topk_logprobs).all() for s in steps)
     finally:
         engine.close()
 

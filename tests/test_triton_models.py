@@ -80,28 +80,35 @@ class Reference:
 
     def recompute(self, enc: np.ndarray, history: list[int], first: bool) -> np.ndarray:
         """log-probs [V] of the next token after ``history``, recomputed from scratch (no cache)."""
-        ck, cv = self.init.run(None, {"encoder_output": enc})
-        z = np.zeros((self.L, 1, 1, ck.shape[2], 0, ck.shape[4]), np.float32)
+        cross = self.cross(enc)
+        z = self.empty_past(cross)
         logits, _, _ = self.step.run(None, {
             "input_ids": np.array([[history]], np.int64), "past_length": np.zeros(1, np.int64),
-            "past_k": z, "past_v": z, "cross_k": ck, "cross_v": cv})
+            "past_k": z, "past_v": z, **cross})
         return self.logprobs(logits[0, 0], first)
+
+    def cross(self, enc: np.ndarray) -> dict:
+        """decoder_init's outputs by name (cross_k, cross_v or the 8-bit variant's four)."""
+        return dict(zip([o.name for o in self.init.get_outputs()], self.init.run(None, {"encoder_output": enc})))
+
+    def empty_past(self, cross: dict) -> np.ndarray:
+        _, _, heads, _, head_dim = cross["cross_v"].shape  # [L, N, H, S, dh] in every variant
+        return np.zeros((self.L, 1, 1, heads, 0, head_dim), np.float32)
 
     def sequence(self, enc: np.ndarray) -> "DirectSeq":
         return DirectSeq(self, enc)
 
     def greedy(self, enc: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray]]:
         """Prefill + ``steps`` greedy steps with an incremental cache; (tokens, log-probs per output)."""
-        ck, cv = self.init.run(None, {"encoder_output": enc})
-        pk = np.zeros((self.L, 1, 1, ck.shape[2], 0, ck.shape[4]), np.float32)
-        pv = pk
+        cross = self.cross(enc)
+        pk = pv = self.empty_past(cross)
         ids = list(self.prefix)
         new = ids
         tokens, lps = [], []
         for i in range(steps + 1):
             logits, nk, nv = self.step.run(None, {
                 "input_ids": np.array([[new]], np.int64), "past_length": np.array([pk.shape[4]], np.int64),
-                "past_k": pk, "past_v": pv, "cross_k": ck, "cross_v": cv})
+                "past_k": pk, "past_v": pv, **cross})
             pk = np.concatenate([pk, nk], axis=4)
             pv = np.concatenate([pv, nv], axis=4)
             lp = self.logprobs(logits[0, 0], first=(i == 0))
@@ -117,8 +124,8 @@ class DirectSeq:
 
     def __init__(self, ref: Reference, enc: np.ndarray):
         self.ref = ref
-        self.ck, self.cv = ref.init.run(None, {"encoder_output": enc})
-        self.pk = self.pv = np.zeros((ref.L, 1, 1, self.ck.shape[2], 0, self.ck.shape[4]), np.float32)
+        self.cross = ref.cross(enc)
+        self.pk = self.pv = ref.empty_past(self.cross)
         self.first = True
 
     def step(self, ids, parents=None) -> np.ndarray:
@@ -128,7 +135,7 @@ class DirectSeq:
             self.pv = np.take(self.pv, parents, axis=2)
         logits, nk, nv = self.ref.step.run(None, {
             "input_ids": np.asarray(ids, np.int64)[np.newaxis], "past_length": np.array([self.pk.shape[4]], np.int64),
-            "past_k": self.pk, "past_v": self.pv, "cross_k": self.ck, "cross_v": self.cv})
+            "past_k": self.pk, "past_v": self.pv, **self.cross})
         self.pk = np.concatenate([self.pk, nk], axis=4)
         self.pv = np.concatenate([self.pv, nv], axis=4)
         lp = self.ref.logprobs(logits[0], self.first)

@@ -1,4 +1,9 @@
-"""Cross-attention K/V of every live sequence (whisper): one row each of [L, R, H, S, dh].
+"""Cross-attention K/V of every live sequence (whisper): one row each of every cross tensor.
+
+The cross tensors are what decoder_init returns, each [L, R, ...] with one row per sequence on
+axis 1: cross_k, cross_v f32 [L, R, H, S, dh] (fp32 graphs), or the 8-bit variant's cross_k u8
+[L, R, H, dh, S], cross_k_scale, cross_v u8, cross_v_scale (export/cross_int8.py). The store
+does not care which: it keeps them by name and the step graph takes the same names.
 
 Live sequences occupy rows [0, n) (freeing a row moves the last row into the hole), so a group
 of sequences with consecutive rows is fed to the per-layer graph inputs as views, no copy.
@@ -8,42 +13,57 @@ import numpy as np
 from .errors import RequestError
 
 MIN_ROWS = 4  # rows of a new store
+DIMS_FROM = "cross_v"  # [L, R, H, S, dh] in every variant: the (L, H, dh) the store reports
 
 
 class CrossStore:
     def __init__(self, max_sequences: int):
         self.max_sequences = max_sequences
-        self.k = self.v = None
+        self.arrays = None  # {name: [L, rows, ...]}, None while empty
         self.owner = []  # row r belongs to owner[r] (a Sequence)
+
+    @property
+    def empty(self) -> bool:
+        return self.arrays is None
 
     @property
     def dims(self):
         """(L, H, dh) of the stored K/V, or None while empty."""
-        return None if self.k is None else (self.k.shape[0], self.k.shape[2], self.k.shape[4])
+        if self.arrays is None:
+            return None
+        v = self.arrays[DIMS_FROM]
+        return v.shape[0], v.shape[2], v.shape[4]
 
-    def add(self, seqs, ck: np.ndarray, cv: np.ndarray) -> None:
-        """Rows for `seqs` holding ck/cv [L, len(seqs), H, S, dh]; sets each seq.row."""
+    def add(self, seqs, cross: dict) -> None:
+        """Rows for `seqs` holding cross {name: [L, len(seqs), ...]}; sets each seq.row."""
         n, add = len(self.owner), len(seqs)
-        if self.k is not None and self.k.shape[2:] != ck.shape[2:]:
-            raise RequestError(f"encoder_output gives cross K/V {list(ck.shape[2:])}, the live sequences have "
-                               f"{list(self.k.shape[2:])}")
-        capacity = 0 if self.k is None else self.k.shape[1]
+        if self.arrays is not None:
+            have = {name: a.shape[2:] for name, a in self.arrays.items()}
+            got = {name: a.shape[2:] for name, a in cross.items()}
+            if have != got:
+                raise RequestError(f"encoder_output gives cross K/V {self._describe(got)}, the live sequences "
+                                   f"have {self._describe(have)}")
+        capacity = 0 if self.arrays is None else next(iter(self.arrays.values())).shape[1]
         if n + add > capacity:  # grow (rarely: the store is kept, see free)
-            self._resize(max(n + add, min(2 * capacity, self.max_sequences), MIN_ROWS), ck)
+            self._resize(max(n + add, min(2 * capacity, self.max_sequences), MIN_ROWS), cross)
         for j, seq in enumerate(seqs):
             seq.row = n + j
             self.owner.append(seq)
-        self.k[:, n:n + add] = ck
-        self.v[:, n:n + add] = cv
+        for name, array in self.arrays.items():
+            array[:, n:n + add] = cross[name]
 
-    def _resize(self, capacity: int, like: np.ndarray) -> None:
+    @staticmethod
+    def _describe(shapes: dict) -> str:
+        return ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+
+    def _resize(self, capacity: int, like: dict) -> None:
         n = len(self.owner)
-        shape = (like.shape[0], capacity) + like.shape[2:]
-        new_k, new_v = np.empty(shape, like.dtype), np.empty(shape, like.dtype)
-        if n:
-            new_k[:, :n] = self.k[:, :n]
-            new_v[:, :n] = self.v[:, :n]
-        self.k, self.v = new_k, new_v
+        grown = {}
+        for name, a in like.items():
+            grown[name] = np.empty((a.shape[0], capacity) + a.shape[2:], a.dtype)
+            if n:
+                grown[name][:, :n] = self.arrays[name][:, :n]
+        self.arrays = grown
 
     def free(self, seq) -> None:
         """Free a sequence's row: the last live row moves into the hole (rows stay [0, n)).
@@ -57,27 +77,27 @@ class CrossStore:
         last = len(self.owner) - 1
         if r != last:
             moved = self.owner[last]
-            self.k[:, r] = self.k[:, last]
-            self.v[:, r] = self.v[:, last]
+            for array in self.arrays.values():
+                array[:, r] = array[:, last]
             self.owner[r] = moved
             moved.row = r
         self.owner.pop()
 
     def clear(self) -> None:
         """Give the memory back (no live sequence)."""
-        self.k = self.v = None
+        self.arrays = None
 
-    def rows(self, seqs, contiguous: bool, pool):
-        """Cross K/V [L, N, H, S, dh] of consecutive rows from seqs[0].row as views when
+    def rows(self, seqs, contiguous: bool, pool) -> dict:
+        """Cross tensors {name: [L, N, ...]} of consecutive rows from seqs[0].row as views when
         `contiguous` (N = len(seqs); None entries are dummy rows), else the rows of the seqs
         copied together into pooled buffers (give them back with pool.put)."""
         if contiguous:
             a = next(s.row for s in seqs if s is not None)
             b = a + len(seqs)
-            return self.k[:, a:b], self.v[:, a:b]  # per layer: contiguous views
+            return {name: array[:, a:b] for name, array in self.arrays.items()}  # per layer: contiguous
         rows = [s.row for s in seqs]
-        shape = (self.k.shape[0], len(rows)) + self.k.shape[2:]
-        ck, cv = pool.get(shape, self.k.dtype), pool.get(shape, self.k.dtype)
-        np.take(self.k, rows, axis=1, out=ck, mode="clip")
-        np.take(self.v, rows, axis=1, out=cv, mode="clip")
-        return ck, cv
+        out = {}
+        for name, array in self.arrays.items():
+            out[name] = pool.get((array.shape[0], len(rows)) + array.shape[2:], array.dtype)
+            np.take(array, rows, axis=1, out=out[name], mode="clip")
+        return out

@@ -141,7 +141,7 @@ class DecoderEngine:
             try:
                 cross = self.runner.start(starts, self.fail)
                 if cross is not None:
-                    self.table.cross.add([q.seq for q in starts], *cross)
+                    self.table.cross.add([q.seq for q in starts], cross)
             except Exception as error:  # noqa: BLE001 - fails these START requests only
                 for q in starts:
                     self.fail(q, error)
@@ -218,8 +218,8 @@ class DecoderEngine:
                 kv.live = 1
                 release(kv, self.pool)
             if not contiguous and cross is not None:
-                self.pool.put(cross[0])
-                self.pool.put(cross[1])
+                for array in cross.values():
+                    self.pool.put(array)
         return (f"N={len(run)}{f'+{N - len(run)} dummy' if N > len(run) else ''} prep {1e3 * (t1 - t0):.1f}"
                 f"{'' if contiguous else '+cross copy'}{'+gather' if kv_new else ''} "
                 f"ort {1e3 * (t2 - t1):.1f} post {1e3 * (t3 - t2):.1f} commit {1e3 * (time.perf_counter() - t3):.1f}")

@@ -12,7 +12,8 @@ import tempfile
 from .config import enabled
 from .session import make_session
 
-LAYER_STACKED = ("past_k", "past_v", "cross_k", "cross_v")
+# the cross_*_scale inputs: the 8-bit cross-attention variant (export/cross_int8.py)
+LAYER_STACKED = ("past_k", "past_v", "cross_k", "cross_v", "cross_k_scale", "cross_v_scale")
 
 
 def _scalar_constants(graph) -> dict:

@@ -85,7 +85,7 @@ class SequenceTable:
             if now - seq.last_used > timeout:
                 self.evicted.append(f"{cid} (idle {now - seq.last_used:.0f} s)")
                 self.drop(cid)
-        if not self.seqs and now - self.last_active > timeout and (self.cross.k is not None or self.pool.free):
+        if not self.seqs and now - self.last_active > timeout and (not self.cross.empty or self.pool.free):
             self.cross.clear()
             self.pool.clear()
             release_free_heap()  # the smaller buffers went to the C heap, not to the system

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from ..config import param
-from ..layers import LAYER_STACKED, feed_layers, load_step_session
+from ..layers import feed_layers, load_step_session
 from ..session import ORT_TYPES
 
 STEP_OUTPUTS = ["logits", "new_k", "new_v"]
@@ -39,7 +39,7 @@ class StepRunner:
         path = os.path.join(version_dir, param(config, "step_onnx_file", "decoder_step.onnx"))
         self.step_session, self.split = load_step_session(path, config, logger)
         self.step_inputs = {i.name: i for i in self.step_session.get_inputs()}
-        stacked = LAYER_STACKED if self.has_cross else LAYER_STACKED[:2]
+        stacked = ("past_k", "past_v") + (("cross_k", "cross_v") if self.has_cross else ())
         expected = {self.token_input, "past_length"} | {n + ".0" if n in self.split else n for n in stacked}
         missing = expected - set(self.step_inputs)
         if missing:
@@ -56,8 +56,14 @@ class StepRunner:
 
     @property
     def cross_views(self) -> bool:
-        """Cross K/V rows can be fed as views of the store (per-layer cross inputs)."""
-        return "cross_k" in self.split
+        """Cross K/V rows can be fed as views of the store (every cross input taken per layer)."""
+        names = self.cross_inputs
+        return bool(names) and all(name in self.split for name in names)
+
+    @property
+    def cross_inputs(self) -> set:
+        """The step graph's cross tensors by stacked name ("cross_k", not "cross_k.0")."""
+        return {name.split(".")[0] for name in self.step_inputs if name.startswith("cross_")}
 
     def graph_vocab(self):
         """The vocabulary size from the step graph's static logits shape, or None."""
@@ -66,8 +72,8 @@ class StepRunner:
 
     # ------------------------------------------------------------------ per family
     def start(self, starts, fail):
-        """Prepare the START steps of a group: returns their cross K/V (ck, cv) [L, n, H, S, dh]
-        for the store, or None. Raising fails every start; fail(step, error) fails one."""
+        """Prepare the START steps of a group: returns their cross tensors {name: [L, n, ...]}
+        for the store (cross_store.py), or None. Raising fails every start; fail(step, error) fails one."""
         return None
 
     def token_feeds(self, slots, ids: np.ndarray, fail) -> dict:
@@ -80,12 +86,10 @@ class StepRunner:
 
     # ------------------------------------------------------------------ shared
     def feeds(self, slots, ids: np.ndarray, lengths: np.ndarray, past, cross, fail) -> dict:
-        """All feeds of one decoder_step run; past: the slab (k, v), cross: (ck, cv) or None."""
+        """All feeds of one decoder_step run; past: the slab (k, v), cross: {name: array} or None."""
         feeds = self.token_feeds(slots, ids, fail)
         feeds["past_length"] = lengths
-        stacks = [("past_k", past.k), ("past_v", past.v)]
-        if cross is not None:
-            stacks += [("cross_k", cross[0]), ("cross_v", cross[1])]
+        stacks = [("past_k", past.k), ("past_v", past.v)] + list((cross or {}).items())
         for name, array in stacks:
             feed_layers(feeds, self.split, name, array)
         return feeds

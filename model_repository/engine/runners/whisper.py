@@ -7,7 +7,7 @@ from ..config import enabled, input_dims, param
 from ..errors import RequestError
 from ..kv_cache import CAP_STEP, Slab
 from ..session import make_session
-from .base import StepRunner
+from .base import ModelLoadError, StepRunner
 
 
 class WhisperRunner(StepRunner):
@@ -18,7 +18,7 @@ class WhisperRunner(StepRunner):
 
     def __init__(self, version_dir: str, config: dict, logger):
         # decoder_init without the CPU arena (`init_cpu_mem_arena` 0): its output, 37 MB of cross
-        # K/V per sequence, is copied into the CrossStore at once; an arena would keep the largest
+        # K/V per sequence (9 MB in the 8-bit int8 variant), is copied into the CrossStore at once; an arena would keep the largest
         # START batch's worth for good (4 STARTs: +350 MB), where a fresh allocation costs a few ms
         arena = enabled(config, "cpu_mem_arena") and enabled(config, "init_cpu_mem_arena", "0")
         self.init_session = make_session(
@@ -26,12 +26,19 @@ class WhisperRunner(StepRunner):
             cpu_mem_arena=arena)
         init_inputs = [i.name for i in self.init_session.get_inputs()]
         self.init_input = "encoder_output" if "encoder_output" in init_inputs else init_inputs[0]
+        self.init_outputs = [o.name for o in self.init_session.get_outputs()]
+        if "cross_k" not in self.init_outputs or "cross_v" not in self.init_outputs:
+            raise ModelLoadError(f"decoder_init.onnx outputs {self.init_outputs}: cross_k and cross_v are required")
         super().__init__(version_dir, config, logger)
+        if set(self.init_outputs) != self.cross_inputs:
+            raise ModelLoadError(f"decoder_init.onnx returns {sorted(self.init_outputs)} but decoder_step.onnx takes "
+                                 f"{sorted(self.cross_inputs)}: the two graphs are not from one export variant")
 
-    def cross_kv(self, enc: np.ndarray):
-        """(cross_k, cross_v) [L, B, H, S, dh] of encoder_output [B, S, d]."""
-        return self.init_session.run(["cross_k", "cross_v"],
-                                     {self.init_input: np.ascontiguousarray(enc, dtype=np.float32)})
+    def cross_kv(self, enc: np.ndarray) -> dict:
+        """The cross tensors {name: [L, B, ...]} of encoder_output [B, S, d]: every output of
+        decoder_init (cross_k, cross_v f32 [L, B, H, S, dh], or the 8-bit variant's four)."""
+        arrays = self.init_session.run(self.init_outputs, {self.init_input: np.ascontiguousarray(enc, dtype=np.float32)})
+        return dict(zip(self.init_outputs, arrays))
 
     def start(self, starts, fail):
         """Cross K/V for the new sequences: one decoder_init run over all their encoder outputs."""
@@ -48,12 +55,13 @@ class WhisperRunner(StepRunner):
         dims = input_dims(self.config, "encoder_output") or []
         if len(dims) != 2 or min(dims) <= 0:
             return None
-        ck, cv = self.cross_kv(np.zeros([1] + dims, np.float32))
+        cross = self.cross_kv(np.zeros([1] + dims, np.float32))
+        v = cross["cross_v"]  # [L, 1, H, S, dh] in every variant
         L, H, dh = self.kv_dims
-        L, H, dh = L or ck.shape[0], H or ck.shape[2], dh or ck.shape[4]
+        L, H, dh = L or v.shape[0], H or v.shape[2], dh or v.shape[4]
         zeros = np.zeros((L, 1, 1, H, CAP_STEP, dh), self.kv_dtype)
         past = Slab(zeros, zeros, CAP_STEP)
-        return self.feeds([None], np.zeros((1, 1, 1), np.int64), np.zeros(1, np.int64), past, (ck, cv), None)
+        return self.feeds([None], np.zeros((1, 1, 1), np.int64), np.zeros(1, np.int64), past, cross, None)
 
     def close(self) -> None:
         super().close()
