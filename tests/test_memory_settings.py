@@ -149,3 +149,25 @@ def test_decoder_workers_import_neither_asyncio_nor_the_metrics():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.stdout.strip() == "[]"
+
+
+def test_heap_settings_reach_glibc_only_when_asked():
+    """engine/heap.py configure_heap: nothing by default; a threshold and an arena cap are set
+    through mallopt (in a child process: it changes the process's allocator)."""
+    code = (
+        "import sys; sys.path.insert(0, 'model_repository')\n"
+        "from engine.heap import configure_heap\n"
+        "print(configure_heap(0, 0)); print(configure_heap(16 << 20, 2))\n"
+        "import numpy as np; a = np.ones(32 << 20, np.uint8); del a\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.splitlines() == ["[]", "['mmap threshold 16 MB', '2 malloc arenas']"]
+
+
+def test_render_writes_the_heap_settings(model_dir, tmp_path):
+    from model_repository.render import render_repository
+
+    repo = render_repository(model_dir, tmp_path / "heap", "int8", heap_mmap_threshold_mb=16, heap_arena_max=2)
+    for model in ("decoder", "search"):
+        text = (repo / model / "config.pbtxt").read_text(encoding="utf-8")
+        assert (_param(text, "heap_mmap_threshold_mb"), _param(text, "heap_arena_max")) == ("16", "2")

@@ -44,6 +44,9 @@ class DecoderSettings:
     # another beam are copied) instead of gathering a new slab
     reorder_in_place: bool = True
     warmup: bool = True
+    # glibc heap of the process (engine/heap.py configure_heap; 0: glibc's defaults)
+    heap_mmap_threshold_bytes: int = 0
+    heap_arena_max: int = 0
 
     @classmethod
     def from_config(cls, config: dict) -> "DecoderSettings":
@@ -61,4 +64,6 @@ class DecoderSettings:
             max_dummy_fraction=float(param(config, "max_dummy_fraction", "0.25")),
             reorder_in_place=enabled(config, "kv_reorder_in_place"),
             warmup=enabled(config, "warmup"),
+            heap_mmap_threshold_bytes=int(float(param(config, "heap_mmap_threshold_mb", "0")) * (1 << 20)),
+            heap_arena_max=int(param(config, "heap_arena_max", "0")),
         )

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import DecoderSettings, param
 from .errors import INTERNAL, RequestError
-from .heap import release_free_heap
+from .heap import configure_heap, release_free_heap
 from .kv_cache import gather, release
 from .planner import plan
 from .profile import profiler
@@ -38,6 +38,8 @@ class DecoderEngine:
                  role: str = "decoder"):
         self.logger = logger
         self.settings = settings or DecoderSettings.from_config(config)
+        # before the sessions start their threads (each would get its own malloc arena)
+        heap = configure_heap(self.settings.heap_mmap_threshold_bytes, self.settings.heap_arena_max)
         family = self.settings.family
         self.runner = runner_class(family)(version_dir, config, logger)
         if self.runner.family != family:
@@ -53,7 +55,7 @@ class DecoderEngine:
             f"decoder ready: family={param(config, 'family', '?')} model={param(config, 'model_name', '?')} "
             f"precision={param(config, 'precision', '?')} vocab={self.vocab} max_positions={s.max_positions} "
             f"max_sequences={s.max_sequences} idle_timeout={s.idle_timeout_s}s "
-            f"per-layer inputs={sorted(self.runner.split) or 'none'}")
+            f"per-layer inputs={sorted(self.runner.split) or 'none'} heap: {', '.join(heap) or 'glibc defaults'}")
         if s.warmup:
             self.runner.warmup()
         release_free_heap()  # the warm-up's activations and cross K/V
