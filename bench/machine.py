@@ -10,7 +10,14 @@ from pathlib import Path
 
 
 class MemorySampler:
-    """Peak of the RSS summed over process trees (roots and all their descendants)."""
+    """Peak of the RSS summed over process trees (roots and all their descendants), and peak of
+    the PSS summed the same way.
+
+    RSS counts a page shared by several processes (libpython, numpy, ONNX Runtime, the forked
+    decode workers' copy-on-write pages) once in each of them, so a sum over many processes
+    overstates what they hold together; PSS charges each process its share of such a page, and
+    the sum is the physical memory of the group. One process (the peer) has RSS = PSS but for
+    pages shared with processes outside the tree."""
 
     def __init__(self, roots: list[int], period_s: float = 0.2) -> None:
         import psutil
@@ -19,6 +26,7 @@ class MemorySampler:
         self.roots = roots
         self.period_s = period_s
         self.peak_total = 0
+        self.peak_total_pss = 0
         self.peak_by_process: dict[str, int] = {}
         self.at_peak: dict[str, int] = {}
         self._stop = threading.Event()
@@ -70,12 +78,19 @@ class MemorySampler:
         return procs
 
     def sample(self) -> None:
-        total, now = 0, {}
+        total, total_pss, now = 0, 0, {}
         for p in self._processes():
             try:
-                rss = p.memory_info().rss
+                info = p.memory_full_info()  # /proc/<pid>/smaps_rollup: rss and pss
+            except self._psutil.AccessDenied:
+                try:
+                    info = p.memory_info()
+                except self._psutil.Error:
+                    continue
             except self._psutil.Error:
                 continue
+            rss = info.rss
+            total_pss += getattr(info, "pss", rss)
             label = self._label(p)
             if label in now:
                 label = f"{label}#{p.pid}"
@@ -84,6 +99,7 @@ class MemorySampler:
             self.peak_by_process[label] = max(self.peak_by_process.get(label, 0), rss)
         if total > self.peak_total:
             self.peak_total, self.at_peak = total, now
+        self.peak_total_pss = max(self.peak_total_pss, total_pss)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -102,6 +118,7 @@ class MemorySampler:
     def summary(self) -> dict:
         mb = 1 << 20
         return {"peak_total_mb": round(self.peak_total / mb, 1),
+                "peak_total_pss_mb": round(self.peak_total_pss / mb, 1),
                 "at_peak_mb": {k: round(v / mb, 1) for k, v in sorted(self.at_peak.items())},
                 "peak_by_process_mb": {k: round(v / mb, 1) for k, v in sorted(self.peak_by_process.items())}}
 

@@ -544,11 +544,12 @@ def print_tables(report: dict) -> None:
         if not rows:
             continue
         print(f"\n({'a' if workload == 'long' else 'b'}) {workload}: {report['corpus'][workload]['seconds']:.0f} s of audio")
-        print("| engine | RTFx | CER raw % | CER norm % | peak memory MB |")
+        print("| engine | RTFx | CER raw % | CER norm % | peak memory MB (RSS / PSS) |")
         print("|---|---|---|---|---|")
         for r in rows:
             w = r[workload]
-            print(f"| {r['engine']} | {w['rtfx']} | {w['cer_raw']} | {w['cer_norm']} | {r['memory'].get('peak_total_mb')} |")
+            print(f"| {r['engine']} | {w['rtfx']} | {w['cer_raw']} | {w['cer_norm']} | "
+                  f"{r['memory'].get('peak_total_mb')} / {r['memory'].get('peak_total_pss_mb')} |")
     profiled = [(r["engine"], w, r[w]["profile"]) for r in runs for w in ("long", "calls") if "profile" in r.get(w, {})]
     if profiled:
         keys = list(dict.fromkeys(k for _, _, p in profiled for k in p))
@@ -636,6 +637,11 @@ def _ratios(report: dict) -> None:
     pmems = [r["memory"]["peak_total_mb"] for r in peer.values() if r.get("memory")]
     if mems and pmems:
         report["memory_ratio"] = round(min(mems) / max(pmems), 3)
+    # the same from PSS (machine.py MemorySampler: shared pages counted once over our processes)
+    mems = [r["memory"].get("peak_total_pss_mb") for r in ours if r.get("memory")]
+    pmems = [r["memory"].get("peak_total_pss_mb") for r in peer.values() if r.get("memory")]
+    if mems and pmems and all(mems) and all(pmems):
+        report["memory_ratio_pss"] = round(min(mems) / max(pmems), 3)
     by = {r["engine"]: r for r in ours}
     if "ours-fp32" in by and "ours-int8" in by:
         for w in ("long", "calls"):

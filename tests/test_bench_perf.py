@@ -160,6 +160,35 @@ def test_memory_sampler_sums_a_process_tree():
         child.wait()
 
 
+def test_memory_sampler_counts_shared_pages_once_in_pss():
+    """A process with 64 MB written and a forked child sharing those pages: RSS summed counts them
+    twice, PSS summed once."""
+    pytest.importorskip("psutil")
+    import subprocess
+    import sys
+    import time
+
+    from bench.machine import MemorySampler
+
+    code = ("import os, time\nx = bytearray(os.urandom(1 << 20) * 64)\nprint('ready', flush=True)\n"
+            "os.fork()\ntime.sleep(30)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # the fork
+        with MemorySampler([parent.pid], period_s=0.05) as memory:
+            memory.sample()
+        summary = memory.summary()
+        assert len(summary["peak_by_process_mb"]) == 2
+        assert summary["peak_total_mb"] >= 128
+        assert summary["peak_total_pss_mb"] < 0.75 * summary["peak_total_mb"]
+    finally:
+        for child in __import__("psutil").Process(parent.pid).children():
+            child.kill()
+        parent.kill()
+        parent.wait()
+
+
 def test_perf_recording_session_writes_sequence_steps():
     from bench.perf import RecordingSession
 
