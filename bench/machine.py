@@ -80,17 +80,13 @@ class MemorySampler:
     def sample(self) -> None:
         total, total_pss, now = 0, 0, {}
         for p in self._processes():
-            try:
-                info = p.memory_full_info()  # /proc/<pid>/smaps_rollup: rss and pss
-            except self._psutil.AccessDenied:
+            rss, pss = _rss_pss(p.pid)
+            if rss is None:
                 try:
-                    info = p.memory_info()
+                    rss = pss = p.memory_info().rss
                 except self._psutil.Error:
                     continue
-            except self._psutil.Error:
-                continue
-            rss = info.rss
-            total_pss += getattr(info, "pss", rss)
+            total_pss += pss
             label = self._label(p)
             if label in now:
                 label = f"{label}#{p.pid}"
@@ -121,6 +117,23 @@ class MemorySampler:
                 "peak_total_pss_mb": round(self.peak_total_pss / mb, 1),
                 "at_peak_mb": {k: round(v / mb, 1) for k, v in sorted(self.at_peak.items())},
                 "peak_by_process_mb": {k: round(v / mb, 1) for k, v in sorted(self.peak_by_process.items())}}
+
+
+def _rss_pss(pid: int):
+    """(RSS, PSS) in bytes from one read of /proc/<pid>/smaps_rollup (so the two are of the same
+    instant), or (None, None) where it cannot be read."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    fields[key] = int(rest.split()[0]) * 1024  # kB
+    except (OSError, ValueError):
+        return None, None
+    if len(fields) != 2:
+        return None, None
+    return fields["Rss"], fields["Pss"]
 
 
 def load() -> dict:
