@@ -238,7 +238,7 @@ class TicketAnalyzer:
         prediction = None
         if self.model is not None and letters:
             view = self.views.build([normalized], (embedding if embedding is not None else np.zeros(self.views.dim, np.float32))[None, :])[0]
-            prediction = self.model.predict([view])[0]
+            prediction = self.model.predict([view], heard=heard)[0]  # an ASR transcript: the heard category head
             category_name, category_confidence = prediction.category, round(prediction.category_probability, 3)
             chosen = next(item for item in self.config.taxonomy.categories if item.name == category_name)
             _, found = _rule_evidence(chosen, normalized)

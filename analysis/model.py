@@ -9,6 +9,8 @@ by duplicate chain). Urgency says `high` when the calibrated P(high) reaches
 `high_threshold`, chosen on the out-of-fold predictions so that recall of `high` reaches
 TrainOptions.high_recall_target; otherwise the more likely of medium and low, the probability
 below high split between them by a second stage over both heads' probabilities (UrgencyStack).
+The category of an ASR transcript comes from a second category head with the sound view
+weighing more (TrainOptions.heard_category_blocks; the text source is known at analysis time).
 The duplicate pair model (analysis/pairs.py) is trained on the same records.
 
 A model file is a joblib pickle of {"format", "sklearn", "model"}; it is only ever read
@@ -34,7 +36,7 @@ from analysis.features import TextViews, sound_tokens
 
 log = logging.getLogger("analysis.model")
 
-MODEL_FORMAT = 5   # 5: the pair model's repeat-call feature and the urgency second stage (sixth pass)
+MODEL_FORMAT = 6   # 6: a second category head for ASR text (seventh pass); 5: the pair model's repeat-call feature and the urgency second stage
 MODEL_DIR = PROJECT_ROOT / "build" / "analysis"
 CURRENT_MODEL = MODEL_DIR / "ticket_model.joblib"
 TRAIN_COMMAND = "python -m analysis train"
@@ -78,6 +80,10 @@ class TrainOptions:
     # depends on the kind of problem: an outage or unpaid wages is medium even when asked as a question).
     urgency_stack: bool = True
     urgency_stack_c: float = 1.0
+    # Seventh pass: the category of an ASR transcript from a second head over the same views, the
+    # toneless-syllable view weighing more and the sentence embedding and characters less (what a
+    # homophone garbles); None: one head for both. Chosen on CV of the ASR texts (docs/analysis.md).
+    heard_category_blocks: tuple[float, float, float, float] | None = (1.5, 0.15, 0.4, 4.5)
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.high_recall_target <= 1.0:
@@ -285,18 +291,31 @@ class TicketModel:
     summary: dict = field(default_factory=dict)
     medium_ratio: float = 1.0                 # below the high threshold: medium when P(medium) >= ratio * P(low)
     urgency_stack: UrgencyStack | None = None  # sixth pass: medium vs low from both heads (None: the head alone)
+    heard_category: CalibratedHead | None = None  # seventh pass: the category head for ASR transcripts (None: one head)
 
-    def predict(self, views: Sequence[TextViews]) -> list[Prediction]:
+    def predict(self, views: Sequence[TextViews], heard: bool | Sequence[bool] = False) -> list[Prediction]:
+        """`heard`: the text is an ASR transcript (one flag for all views, or one per view)."""
         blocks = self.featurizer.blocks(views)
         featurizer = getattr(self.pairs, "featurizer", None)
         if featurizer is not None and featurizer.char is self.featurizer.char and featurizer.sound is self.featurizer.sound:
             featurizer.remember_rows([view.text for view in views], blocks[2], blocks[3])  # the duplicate search reuses these rows
-        category_probs = self.category.proba(Featurizer.combine(blocks, self.options.category_blocks))
+        category_probs = self.category_probabilities(blocks, heard)
         urgency_probs = self.urgency.proba(Featurizer.combine(blocks, self.options.urgency_blocks))
         stack = getattr(self, "urgency_stack", None)
         if stack is not None and tuple(self.urgency.classes) == URGENCY_ORDER and stack.categories == tuple(self.category.classes):
             urgency_probs = stack.split_below_high(urgency_probs, category_probs)
         return [self._decide(c, u) for c, u in zip(category_probs, urgency_probs)]
+
+    def category_probabilities(self, blocks: tuple, heard: bool | Sequence[bool] = False) -> np.ndarray:
+        """P(category) of the views' blocks: the heard head for ASR transcripts where the model has one."""
+        flags = np.broadcast_to(np.asarray(heard, dtype=bool), (blocks[0].shape[0],))
+        heard_head = getattr(self, "heard_category", None)
+        if heard_head is None or not flags.any():
+            return self.category.proba(Featurizer.combine(blocks, self.options.category_blocks))
+        heard_probs = heard_head.proba(Featurizer.combine(blocks, self.options.heard_category_blocks))
+        if flags.all():
+            return heard_probs
+        return np.where(flags[:, None], heard_probs, self.category.proba(Featurizer.combine(blocks, self.options.category_blocks)))
 
     def _decide(self, category_probs: np.ndarray, urgency_probs: np.ndarray) -> Prediction:
         best = int(np.argmax(category_probs))
@@ -422,6 +441,15 @@ def train_model(
     featurizer = Featurizer(options).fit(views)
     category, category_oof, category_labels, category_used = train_head(
         views, examples, "category", categories, options.category_c, options, featurizer, weights=options.category_blocks)
+    heard_category = None
+    heard_rows = np.array([examples[index].source == "asr" for index in category_used], dtype=bool)
+    if options.heard_category_blocks is not None and heard_rows.any():
+        # Trained on every example (written and heard) with the heard weights; its out-of-fold
+        # probabilities replace the first head's for the ASR copies, so the urgency second stage
+        # and the duplicate model learn from what they will get at analysis time.
+        heard_category, heard_oof, _, _ = train_head(
+            views, examples, "category", categories, options.category_c, options, featurizer, weights=options.heard_category_blocks)
+        category_oof = np.where(heard_rows[:, None], heard_oof, category_oof)
     urgency, urgency_oof, urgency_labels, urgency_used = train_head(
         views, examples, "urgency", URGENCY_ORDER, options.urgency_c, options, featurizer, balanced=True, weights=options.urgency_blocks)
     is_high = np.array([label == "high" for label in urgency_labels])
@@ -446,10 +474,13 @@ def train_model(
         "asr_copies": sum(1 for example in examples if example.source == "asr"),
         "inner_oof": {
             "category_accuracy": round(float(np.mean([a == b for a, b in zip(oof_category, category_labels)])), 4),
+            **({"category_accuracy_asr": round(float(np.mean([a == b for a, b, h in zip(oof_category, category_labels, heard_rows) if h])), 4)}
+               if heard_rows.any() else {}),
             "urgency_accuracy": round(float(np.mean([a == b for a, b in zip(oof_urgency, urgency_labels)])), 4),
             "high_recall": round(float(np.mean([u == "high" for u, high in zip(oof_urgency, is_high) if high])) if is_high.any() else 0.0, 4),
         },
-        "temperatures": {"category": round(category.temperature, 3), "urgency": round(urgency.temperature, 3)},
+        "temperatures": {"category": round(category.temperature, 3), "urgency": round(urgency.temperature, 3),
+                         **({"heard_category": round(heard_category.temperature, 3)} if heard_category is not None else {})},
         "medium_ratio": medium_ratio,
         "urgency_stack": stack is not None,
     }
@@ -465,6 +496,7 @@ def train_model(
         high_threshold=threshold,
         medium_ratio=medium_ratio,
         urgency_stack=stack,
+        heard_category=heard_category,
     )
     if pair_training is not None:
         oof_by_index = {index: row for index, row in zip(category_used, category_oof)}

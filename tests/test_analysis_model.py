@@ -317,6 +317,48 @@ def test_the_trained_model_splits_medium_and_low_with_the_second_stage(analyzer,
     assert analyzer.model.urgency_stack.categories == tuple(analyzer.model.category.classes)
 
 
+def test_an_asr_transcript_gets_its_category_from_the_heard_head(analyzer, small_model):
+    import numpy as np
+
+    from analysis.model import Featurizer
+
+    model = small_model
+    assert model.heard_category is not None and analyzer.model.heard_category is not None
+    assert model.options.heard_category_blocks[3] > model.options.category_blocks[3]  # the sound view weighs more
+    texts = ["喂，楼道里有人气味儿，好大一股", "阳光花园门口的路登坏了三天了"]
+    views = analyzer.views.build(texts)
+    blocks = model.featurizer.blocks(views)
+    written = model.category.proba(Featurizer.combine(blocks, model.options.category_blocks))
+    heard = model.heard_category.proba(Featurizer.combine(blocks, model.options.heard_category_blocks))
+    assert not np.allclose(written, heard)  # two heads, not one
+    by_flag = {flag: [p.category_probabilities for p in model.predict(views, heard=flag)] for flag in (False, True)}
+    mixed = [p.category_probabilities for p in model.predict(views, heard=[False, True])]
+    columns = list(model.category.classes)
+    assert np.allclose([[row[c] for c in columns] for row in by_flag[False]], written, atol=1e-6)
+    assert np.allclose([[row[c] for c in columns] for row in by_flag[True]], heard, atol=1e-6)
+    assert mixed == [by_flag[False][0], by_flag[True][1]]
+    # the analyzer takes the text source from the metadata (or the gateway's timed segments)
+    ticket = analyse(analyzer, texts[0], text_source="asr")
+    probabilities = analyzer.model.predict(analyzer.views.build([ticket.text]), heard=True)[0]
+    assert ticket.category == probabilities.category
+    assert ticket.category_confidence == round(probabilities.category_probability, 3)
+
+
+def test_without_heard_weights_one_category_head_reads_both_sources(analyzer):
+    import random
+
+    import numpy as np
+
+    from analysis.model import TrainOptions
+
+    sample = random.Random(1).sample(training_records(), 120)
+    model = Trainer(analyzer.config, analyzer.embedder, TrainOptions(heard_category_blocks=None)).train(sample)
+    assert model.heard_category is None
+    views = analyzer.views.build(["热水器打不着火，闻到一股人气味"])
+    written, heard = model.predict(views)[0], model.predict(views, heard=True)[0]
+    assert np.allclose(list(written.category_probabilities.values()), list(heard.category_probabilities.values()))
+
+
 # -- pieces of the model (no training needed) ---------------------------------------------------
 
 
