@@ -301,7 +301,7 @@ class TicketModel:
             featurizer.remember_rows([view.text for view in views], blocks[2], blocks[3])  # the duplicate search reuses these rows
         category_probs = self.category_probabilities(blocks, heard)
         urgency_probs = self.urgency.proba(Featurizer.combine(blocks, self.options.urgency_blocks))
-        stack = getattr(self, "urgency_stack", None)
+        stack = self.urgency_stack
         if stack is not None and tuple(self.urgency.classes) == URGENCY_ORDER and stack.categories == tuple(self.category.classes):
             urgency_probs = stack.split_below_high(urgency_probs, category_probs)
         return [self._decide(c, u) for c, u in zip(category_probs, urgency_probs)]
@@ -309,7 +309,7 @@ class TicketModel:
     def category_probabilities(self, blocks: tuple, heard: bool | Sequence[bool] = False) -> np.ndarray:
         """P(category) of the views' blocks: the heard head for ASR transcripts where the model has one."""
         flags = np.broadcast_to(np.asarray(heard, dtype=bool), (blocks[0].shape[0],))
-        heard_head = getattr(self, "heard_category", None)
+        heard_head = self.heard_category
         if heard_head is None or not flags.any():
             return self.category.proba(Featurizer.combine(blocks, self.options.category_blocks))
         heard_probs = heard_head.proba(Featurizer.combine(blocks, self.options.heard_category_blocks))
@@ -324,7 +324,7 @@ class TicketModel:
             category=self.category.classes[best],
             category_probability=float(category_probs[best]),
             category_probabilities=dict(zip(self.category.classes, map(float, category_probs))),
-            urgency=decide_urgency(urgency, self.high_threshold, getattr(self, "medium_ratio", 1.0)),
+            urgency=decide_urgency(urgency, self.high_threshold, self.medium_ratio),
             urgency_probabilities=urgency,
             high_threshold=self.high_threshold,
         )

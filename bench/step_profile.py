@@ -7,9 +7,10 @@ The step graph as the search model runs it (render.py's per-layer decoder_step.o
 into a temporary repository), ORT's default threads, random cached K/V of ``--past`` positions
 and random cross K/V of the encoder's length. Per windows-per-call: milliseconds per call and
 per window, and the share of each operator type (kernel time from ORT's profiler). What it
-shows on a 2-core CPU: the cross-attention matmuls (MatMul, FusedMatMul over each window's own
-cross K/V) grow with the windows while the shared weights' matmuls (DynamicQuantizeMatMul in
-int8) barely do, so batching windows saves little.
+shows on a 2-core CPU: the cross-attention products over each window's own cross K/V (MatMul and
+FusedMatMul in fp32, MatMulInteger over the 8-bit K/V of the int8 export) grow with the windows
+while the shared weights' matmuls (DynamicQuantizeMatMul in int8) barely do, so batching windows
+saves little.
 """
 from __future__ import annotations
 

@@ -27,8 +27,6 @@ the full 8-bit range is safe on every x86 CPU.
 
 from __future__ import annotations
 
-import numpy as np
-
 Q_MAX = 127.0         # symmetric 8-bit range of K, V and the queries around the zero point
 ZERO_POINT = 128      # uint8 zero point of K, V and the queries
 E_LEVELS = 255.0      # levels of the attention weights exp(s - max) in (0, 1]
@@ -69,7 +67,7 @@ def _constants(graph, prefix: str):
     return out
 
 
-def _quantize_nodes(x: str, axis: int, name: str, c: dict, keep_scale_dims: bool = True):
+def _quantize_nodes(x: str, axis: int, name: str, c: dict):
     """Nodes quantizing float x symmetrically to uint8 (zero point 128) with one scale per slice
     along `axis` (reduced with keepdims): returns (nodes, uint8 name, scale name)."""
     from onnx import TensorProto, helper
@@ -134,19 +132,22 @@ def _attention_sites(graph):
     """[(layer index input, scores MatMul, Softmax, context MatMul, q)] of every cross-attention:
     MatMul(q, Transpose(Gather(cross_k, l))) -> Softmax -> MatMul(., Gather(cross_v, l))."""
     produced, users = _producer(graph), _consumers(graph)
+
+    def only_user(node, op_type: str, what: str):
+        found = users.get(node.output[0], [])
+        if len(found) != 1 or found[0].op_type != op_type:
+            raise CrossRewriteError(f"{node.name}: {what}")
+        return found[0]
+
     sites = []
     for gk in [n for n in graph.node if n.op_type == "Gather" and n.input[0] == "cross_k"]:
-        (tk,) = users.get(gk.output[0], [None])
-        if tk is None or tk.op_type != "Transpose":
-            raise CrossRewriteError(f"{gk.name}: cross_k is not transposed into a MatMul")
-        (mm,) = users.get(tk.output[0], [None])
-        if mm is None or mm.op_type != "MatMul" or mm.input[1] != tk.output[0]:
+        tk = only_user(gk, "Transpose", "cross_k is not transposed into a MatMul")
+        mm = only_user(tk, "MatMul", "not the right operand of one MatMul")
+        if mm.input[1] != tk.output[0]:
             raise CrossRewriteError(f"{tk.name}: not the right operand of one MatMul")
-        (sm,) = users.get(mm.output[0], [None])
-        if sm is None or sm.op_type != "Softmax":
-            raise CrossRewriteError(f"{mm.name}: the scores do not go into one Softmax")
-        (mv,) = users.get(sm.output[0], [None])
-        gv = produced.get(mv.input[1]) if mv is not None and mv.op_type == "MatMul" else None
+        sm = only_user(mm, "Softmax", "the scores do not go into one Softmax")
+        mv = only_user(sm, "MatMul", "not followed by MatMul(., Gather(cross_v, same layer))")
+        gv = produced.get(mv.input[1])
         if gv is None or gv.op_type != "Gather" or gv.input[0] != "cross_v" or gv.input[1] != gk.input[1]:
             raise CrossRewriteError(f"{sm.name}: not followed by MatMul(., Gather(cross_v, same layer))")
         sites.append((gk.input[1], mm, sm, mv, mm.input[0], gk, tk, gv))
@@ -256,15 +257,3 @@ def rewrite_cross_attention(onnx_dir) -> int:
     save_onnx(init, onnx_dir / "decoder_init.onnx")
     save_onnx(step, onnx_dir / "decoder_step.onnx")
     return layers
-
-
-def quantize_reference(k: np.ndarray, v: np.ndarray):
-    """numpy reference of decoder_init's quantization ([L, N, H, S, dh] floats) -> the four outputs."""
-    def q(x, axis):
-        scale = np.maximum(np.abs(x).max(axis=axis, keepdims=True), 1e-30) / Q_MAX
-        return (np.rint(x / scale) + ZERO_POINT).astype(np.uint8), scale.astype(np.float32)
-
-    k_u8, k_scale = q(k, -1)
-    v_u8, v_scale = q(v, -2)
-    return (np.ascontiguousarray(k_u8.swapaxes(-1, -2)), np.ascontiguousarray(k_scale.swapaxes(-1, -2)),
-            v_u8, v_scale)

@@ -126,9 +126,11 @@ DEFAULT_TUNABLES: dict[str, object] = {
     # parent is another beam; off: every reorder gathers a new slab (engine/kv_cache.py)
     "kv_reorder_in_place": True,
     # the decoder engines' C heap (engine/heap.py), for a machine short of memory; 0: glibc's
-    # defaults. 10-minute recording, int8, summed peak of all processes: a 16 MB threshold (with
-    # 2 arenas) 1.45 GB against 1.60-1.70, at RTFx 24.3 against 27.7 (new caches are mapped and
-    # faulted in); 4 MB: 1.34 GB at 25.0; 32 MB: no gain. 2 arenas alone: no change
+    # defaults. 10-minute recording, int8, summed peak RSS of all processes, 16 MB + 2 arenas
+    # against the defaults (bench/results/ab_heap_mmap_threshold{,_2}.json, each order once):
+    # 1.50 / 1.48 GB against 1.66 / 1.68 (search stub 486 / 499 MB against 707 / 689), RTFx
+    # 21.8 / 23.4 against 21.9 / 23.5. Left off: single runs of an earlier one-off script had
+    # shown RTFx 24.3 against 27.7 (new caches mapped and faulted in afresh), not yet settled
     "heap_mmap_threshold_mb": 0,
     "heap_arena_max": 0,
     # search (whole-window beam search in the server, engine/search.py): a second decoder engine

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from export.cross_int8 import CROSS_INPUTS, CrossRewriteError, quantize_reference, rewrite_init, rewrite_step
+from export.cross_int8 import CROSS_INPUTS, Q_MAX, ZERO_POINT, CrossRewriteError, rewrite_init, rewrite_step
 
 from tests.conftest import PROJECT_ROOT, load_clip_audio
 
@@ -18,6 +18,19 @@ CALLS = PROJECT_ROOT / "data" / "calls"
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
+
+
+def quantize_reference(k: np.ndarray, v: np.ndarray):
+    """What decoder_init's rewrite computes, in numpy: K [L, N, H, S, dh] with one scale per frame
+    (returned transposed), V with one per channel, symmetric around the zero point."""
+    def q(x, axis):
+        scale = np.maximum(np.abs(x).max(axis=axis, keepdims=True), 1e-30) / Q_MAX
+        return (np.rint(x / scale) + ZERO_POINT).astype(np.uint8), scale.astype(np.float32)
+
+    k_u8, k_scale = q(k, -1)
+    v_u8, v_scale = q(v, -2)
+    return (np.ascontiguousarray(k_u8.swapaxes(-1, -2)), np.ascontiguousarray(k_scale.swapaxes(-1, -2)),
+            v_u8, v_scale)
 
 
 def _session(path):

@@ -35,8 +35,9 @@ def configure_heap(mmap_threshold_bytes: int = 0, arena_max: int = 0) -> list[st
     A fixed threshold keeps every block of at least that size in its own mapping, handed back
     the moment it is freed; glibc's own threshold instead grows with the largest block freed
     (to 32 MB), after which such blocks come from the heap and stay there, fragmented among
-    one arena per thread. For the decoder engine (caches and cross K/V of every window in
-    flight, ONNX Runtime's threads) that was 160 MB of a stub's peak (tools: glibc only)."""
+    one arena per thread. For the search model's engine (caches and cross K/V of every window
+    in flight, ONNX Runtime's threads) 16 MB and 2 arenas took about 200 MB off its peak on the
+    10-minute recording (bench/results/ab_heap_mmap_threshold.json). glibc only."""
     notes = []
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt

@@ -39,6 +39,10 @@ class StepRunner:
         path = os.path.join(version_dir, param(config, "step_onnx_file", "decoder_step.onnx"))
         self.step_session, self.split = load_step_session(path, config, logger)
         self.step_inputs = {i.name: i for i in self.step_session.get_inputs()}
+        # the step graph's cross tensors by stacked name ("cross_k", not "cross_k.0"), and whether
+        # their rows can be fed as views of the store (every one taken per layer)
+        self.cross_inputs = {name.split(".")[0] for name in self.step_inputs if name.startswith("cross_")}
+        self.cross_views = bool(self.cross_inputs) and all(name in self.split for name in self.cross_inputs)
         stacked = ("past_k", "past_v") + (("cross_k", "cross_v") if self.has_cross else ())
         expected = {self.token_input, "past_length"} | {n + ".0" if n in self.split else n for n in stacked}
         missing = expected - set(self.step_inputs)
@@ -53,17 +57,6 @@ class StepRunner:
         self.kv_dtype = ORT_TYPES.get(meta.type, np.float32)
         # (L, H, dh) of the self-attention cache, None where the graph leaves them dynamic
         self.kv_dims = tuple(d if isinstance(d, int) and d > 0 else None for d in (shape[0], shape[3], shape[5]))
-
-    @property
-    def cross_views(self) -> bool:
-        """Cross K/V rows can be fed as views of the store (every cross input taken per layer)."""
-        names = self.cross_inputs
-        return bool(names) and all(name in self.split for name in names)
-
-    @property
-    def cross_inputs(self) -> set:
-        """The step graph's cross tensors by stacked name ("cross_k", not "cross_k.0")."""
-        return {name.split(".")[0] for name in self.step_inputs if name.startswith("cross_")}
 
     def graph_vocab(self):
         """The vocabulary size from the step graph's static logits shape, or None."""

@@ -18,8 +18,9 @@ class WhisperRunner(StepRunner):
 
     def __init__(self, version_dir: str, config: dict, logger):
         # decoder_init without the CPU arena (`init_cpu_mem_arena` 0): its output, 37 MB of cross
-        # K/V per sequence (9 MB in the 8-bit int8 variant), is copied into the CrossStore at once; an arena would keep the largest
-        # START batch's worth for good (4 STARTs: +350 MB), where a fresh allocation costs a few ms
+        # K/V per sequence (9 MB in the 8-bit int8 variant), is copied into the CrossStore at once;
+        # an arena would keep the largest START batch's worth for good (4 STARTs: +350 MB), where
+        # a fresh allocation costs a few ms
         arena = enabled(config, "cpu_mem_arena") and enabled(config, "init_cpu_mem_arena", "0")
         self.init_session = make_session(
             os.path.join(version_dir, param(config, "init_onnx_file", "decoder_init.onnx")), config, logger,
@@ -27,9 +28,7 @@ class WhisperRunner(StepRunner):
         init_inputs = [i.name for i in self.init_session.get_inputs()]
         self.init_input = "encoder_output" if "encoder_output" in init_inputs else init_inputs[0]
         self.init_outputs = [o.name for o in self.init_session.get_outputs()]
-        if "cross_k" not in self.init_outputs or "cross_v" not in self.init_outputs:
-            raise ModelLoadError(f"decoder_init.onnx outputs {self.init_outputs}: cross_k and cross_v are required")
-        super().__init__(version_dir, config, logger)
+        super().__init__(version_dir, config, logger)  # the step graph must take cross_k and cross_v
         if set(self.init_outputs) != self.cross_inputs:
             raise ModelLoadError(f"decoder_init.onnx returns {sorted(self.init_outputs)} but decoder_step.onnx takes "
                                  f"{sorted(self.cross_inputs)}: the two graphs are not from one export variant")
