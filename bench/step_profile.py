@@ -1,7 +1,9 @@
-"""ONNX Runtime's operator profile of one decoder step at several windows per call (issue 13).
+"""ONNX Runtime's operator profile of one decoder step at several windows per call, and of one
+encoder window (issue 13).
 
     python -m bench.step_profile [--model-dir build/models/whisper-base] [--precision int8]
-        [--windows 1 4] [--beams 5] [--past 100] [--runs 20] [--out bench/results/step_profile.json]
+        [--windows 1 4] [--beams 5] [--past 100] [--runs 20] [--encoder-runs 3]
+        [--out bench/results/step_profile.json]
 
 The step graph as the search model runs it (render.py's per-layer decoder_step.onnx, rendered
 into a temporary repository), ORT's default threads, random cached K/V of ``--past`` positions
@@ -11,6 +13,10 @@ shows on a 2-core CPU: the cross-attention products over each window's own cross
 FusedMatMul in fp32, MatMulInteger over the 8-bit K/V of the int8 export) grow with the windows
 while the shared weights' matmuls (DynamicQuantizeMatMul in int8) barely do, so batching windows
 saves little.
+
+The encoder as the encoder model runs it (one window per run on a CPU, render.py's
+encoder_run_batch_size), on one 30 s window of random log-mel features: its operators do not
+depend on the values.
 """
 from __future__ import annotations
 
@@ -57,15 +63,17 @@ def _feeds(session, info: dict, windows: int, beams: int, past: int, rng) -> dic
     return feeds
 
 
-def profile_step(graph: Path, info: dict, windows: int, beams: int, past: int, runs: int, work: Path) -> dict:
+def _profiled_runs(graph: Path, feeds_of, runs: int, prefix: Path) -> tuple[float, collections.Counter]:
+    """(wall ms per run, kernel microseconds by operator type) of `runs` runs after 3 warm-ups
+    (whose kernels count too: the same shapes)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_profiling = True
-    options.profile_file_prefix = str(work / f"step-{windows}")
+    options.profile_file_prefix = str(prefix)
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    feeds = _feeds(session, info, windows, beams, past, np.random.default_rng(windows))
-    for _ in range(3):  # warm-up (its kernels are in the shares too: the same shapes)
+    feeds = feeds_of(session)
+    for _ in range(3):
         session.run(None, feeds)
     started = time.perf_counter()
     for _ in range(runs):
@@ -76,9 +84,27 @@ def profile_step(graph: Path, info: dict, windows: int, beams: int, past: int, r
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             by_op[event["args"].get("op_name", "?")] += event["dur"]
+    return wall_ms, by_op
+
+
+def _shares(by_op: collections.Counter) -> dict:
     total = sum(by_op.values()) or 1
+    return {op: round(dur / total, 3) for op, dur in by_op.most_common(8)}
+
+
+def profile_step(graph: Path, info: dict, windows: int, beams: int, past: int, runs: int, work: Path) -> dict:
+    rng = np.random.default_rng(windows)
+    wall_ms, by_op = _profiled_runs(graph, lambda s: _feeds(s, info, windows, beams, past, rng), runs,
+                                    work / f"step-{windows}")
     return {"windows": windows, "call_ms": round(wall_ms, 2), "per_window_ms": round(wall_ms / windows, 2),
-            "op_share": {op: round(dur / total, 3) for op, dur in by_op.most_common(8)}}
+            "op_share": _shares(by_op)}
+
+
+def profile_encoder(graph: Path, info: dict, runs: int, work: Path) -> dict:
+    features = np.random.default_rng(0).standard_normal((1, int(info["n_mels"]), int(info["n_frames"])))
+    wall_ms, by_op = _profiled_runs(graph, lambda s: {s.get_inputs()[0].name: features.astype(np.float32)},
+                                    runs, work / "encoder")
+    return {"windows": 1, "call_ms": round(wall_ms, 2), "op_share": _shares(by_op)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--past", type=int, default=100, help="cached positions")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--encoder-runs", type=int, default=3, help="encoder windows (0: no encoder profile)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     info = json.loads((args.model_dir / "model_info.json").read_text(encoding="utf-8"))
     report = {"bench": "bench.step_profile", "precision": args.precision, "beams": args.beams, "past": args.past,
-              "runs": args.runs, "levels": []}
+              "runs": args.runs, "levels": [], "encoder": None}
     with tempfile.TemporaryDirectory(prefix="step-profile-") as tmp:
         work = Path(tmp)
         repo = render_repository(args.model_dir.resolve(), work / "repo", precision=args.precision)
@@ -106,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             shares = ", ".join(f"{op} {100 * share:.0f}%" for op, share in level["op_share"].items())
             print(f"{windows} window(s) per call: {level['call_ms']} ms per call, {level['per_window_ms']} ms per "
                   f"window; kernel time: {shares}", flush=True)
+        if args.encoder_runs > 0:
+            report["encoder"] = profile_encoder(repo / "encoder" / "1" / "encoder.onnx", info, args.encoder_runs, work)
+            shares = ", ".join(f"{op} {100 * share:.0f}%" for op, share in report["encoder"]["op_share"].items())
+            print(f"encoder, 1 window per run: {report['encoder']['call_ms']} ms; kernel time: {shares}", flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -27,26 +27,16 @@ the full 8-bit range is safe on every x86 CPU.
 
 from __future__ import annotations
 
+from .graph_edit import GraphRewriteError, consumers, producers, topological_sort
+
 Q_MAX = 127.0         # symmetric 8-bit range of K, V and the queries around the zero point
 ZERO_POINT = 128      # uint8 zero point of K, V and the queries
 E_LEVELS = 255.0      # levels of the attention weights exp(s - max) in (0, 1]
 CROSS_INPUTS = ("cross_k", "cross_k_scale", "cross_v", "cross_v_scale")
 
 
-class CrossRewriteError(RuntimeError):
+class CrossRewriteError(GraphRewriteError):
     """The graph does not have the cross-attention pattern this rewrite expects."""
-
-
-def _consumers(graph) -> dict:
-    users = {}
-    for node in graph.node:
-        for x in node.input:
-            users.setdefault(x, []).append(node)
-    return users
-
-
-def _producer(graph) -> dict:
-    return {out: node for node in graph.node for out in node.output}
 
 
 def _constants(graph, prefix: str):
@@ -96,7 +86,7 @@ def rewrite_init(model) -> None:
     if set(outputs) != {"cross_k", "cross_v"}:
         raise CrossRewriteError(f"decoder_init outputs {sorted(outputs)}, expected cross_k and cross_v")
     c = _constants(graph, "cross_q8/")
-    produced = _producer(graph)
+    produced = producers(graph)
     rename = {}
     for name in ("cross_k", "cross_v"):
         float_name = f"{name}_float"
@@ -131,7 +121,7 @@ def rewrite_init(model) -> None:
 def _attention_sites(graph):
     """[(layer index input, scores MatMul, Softmax, context MatMul, q)] of every cross-attention:
     MatMul(q, Transpose(Gather(cross_k, l))) -> Softmax -> MatMul(., Gather(cross_v, l))."""
-    produced, users = _producer(graph), _consumers(graph)
+    produced, users = producers(graph), consumers(graph)
 
     def only_user(node, op_type: str, what: str):
         found = users.get(node.output[0], [])
@@ -212,7 +202,7 @@ def rewrite_step(model) -> int:
     ]):
         graph.input.insert(position + j, info)
     del graph.value_info[:]  # shapes of the removed float tensors
-    _topological_sort(graph)  # each layer's new nodes after what they read
+    topological_sort(graph)  # each layer's new nodes after what they read
     _drop_unused_constants(graph)
     return len(sites)
 
@@ -221,25 +211,6 @@ def _drop_unused_constants(graph) -> None:
     used = {x for node in graph.node for x in node.input}
     for init in [i for i in graph.initializer if i.name.startswith("cross_q8/") and i.name not in used]:
         graph.initializer.remove(init)
-
-
-def _topological_sort(graph) -> None:
-    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(x in known for x in node.input):
-                ordered.append(node)
-                known.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise CrossRewriteError(f"cycle or missing input at {rest[0].name} ({list(rest[0].input)})")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def rewrite_cross_attention(onnx_dir) -> int:

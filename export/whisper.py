@@ -6,7 +6,8 @@ Output layout (``OUT`` = e.g. build/models/whisper-base)::
     OUT/hf/                  WhisperForConditionalGeneration + WhisperProcessor files (float32)
     OUT/onnx/fp32/           encoder.onnx, decoder_init.onnx, decoder_step.onnx
     OUT/onnx/int8/           same graphs, weights dynamically quantized to int8, cross-attention
-                             over uint8 K/V (export/cross_int8.py)
+                             over uint8 K/V (export/cross_int8.py), the encoder's self-attention
+                             as fused MultiHeadAttention (export/fused_attention.py)
     OUT/model_info.json      dims, special ids, suppress lists (read by model_repository/ and gateway/)
     OUT/tokenizer.json       tokenizer for detokenization
     OUT/.export_stamp        hash of sources + package versions + options (skip when unchanged)
@@ -38,6 +39,7 @@ from .common import (
     write_stamp,
 )
 from .cross_int8 import rewrite_cross_attention
+from .fused_attention import fuse_encoder_attention
 from .onnx_tools import ort_session, quantize_graphs, read_audio, sample_clip, torch_to_onnx
 from .whisper_hf import (
     CHUNK_LENGTH_S,
@@ -96,6 +98,10 @@ INT8_OPTIONS = {
     "reduce_range": True,
     # cross-attention over uint8 K/V, a quarter of the bytes every decoder step reads (export/cross_int8.py)
     "cross_kv_8bit": True,
+    # encoder self-attention as ONNX Runtime's MultiHeadAttention, no [N, H, S, S] score tensor
+    # (export/fused_attention.py); int8 only: fp32 is also the source TensorRT builds from,
+    # and its ONNX parser has no com.microsoft operators
+    "encoder_fused_attention": True,
 }
 
 
@@ -410,6 +416,9 @@ def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False
         if INT8_OPTIONS["cross_kv_8bit"]:
             layers = rewrite_cross_attention(out / "onnx" / "int8")
             log(f"  decoder: cross-attention over uint8 K/V in {layers} layers")
+        if INT8_OPTIONS["encoder_fused_attention"]:
+            layers = fuse_encoder_attention(out / "onnx" / "int8", info["encoder_heads"])
+            log(f"  encoder: self-attention fused in {layers} layers")
 
     with timer.phase("model_info + tokenizer"):
         dims = info
