@@ -138,6 +138,9 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "search_model": True,
     "search_max_windows": 16,               # windows searching at once (more wait, in order)
     "search_max_waiting": 256,              # windows waiting at most (beyond: UNAVAILABLE)
+    # how often a searching window asks Triton whether its client hung up (an IPC to the server,
+    # engine/search.py CANCEL_POLL_S); 0: before every step
+    "search_cancel_poll_ms": 200,
     # hotword-biased windows searched there too (needs the model's tokenizer.json, and tokenizers
     # and zhconv in the stub's pylib); off: the gateway searches them stepwise
     "search_hotwords": True,
@@ -323,6 +326,8 @@ def resolve_tunables(tunables: dict) -> dict:
         values["encoder_run_batch_size"] = 1 if cpu_only else int(values["encoder_max_batch_size"])
     if int(values["search_max_windows"]) < 1 or int(values["search_max_waiting"]) < 0:
         raise RenderError("search_max_windows must be >= 1 and search_max_waiting >= 0")
+    if int(values["search_cancel_poll_ms"]) < 0:
+        raise RenderError("search_cancel_poll_ms must be >= 0")
     for m in ("encoder", "decoder"):
         if values[f"{m}_preferred_batch_sizes"] is None:
             values[f"{m}_preferred_batch_sizes"] = [int(values[f"{m}_max_batch_size"])]
@@ -559,7 +564,8 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
             say(f"[render] search: no {tokenizer}: hotword-biased windows stay with the gateway")
             hotwords = False
         placeholders = {**common, **per_model["decoder"], "SEARCH_MAX_WINDOWS": int(values["search_max_windows"]),
-                        "SEARCH_MAX_WAITING": int(values["search_max_waiting"]), "SEARCH_HOTWORDS": _fmt_bool(hotwords)}
+                        "SEARCH_MAX_WAITING": int(values["search_max_waiting"]), "SEARCH_HOTWORDS": _fmt_bool(hotwords),
+                        "SEARCH_CANCEL_POLL_MS": int(values["search_cancel_poll_ms"])}
         text = _config_text("search", placeholders, extra_parameters.get("decoder", {}))
         _write_model(search_dir, "search", text, [sources[g] for g in models["decoder"]], say, split_step=split,
                      files=(tokenizer,) if hotwords else ())

@@ -17,7 +17,7 @@ from gateway.asr.features import log_mel_spectrogram
 from model_repository.engine.decoder import DecoderEngine
 from model_repository.engine.errors import CANCELLED, UNAVAILABLE
 from model_repository.engine.search import BatchedSearch as _BatchedSearch
-from model_repository.engine.search import SearchRequestError, WindowJob
+from model_repository.engine.search import SearchRequestError, WindowJob, polled
 from model_repository.engine.state import Step
 from tests.conftest import load_clip_audio, model_dir_path, sample_clips
 from tests.test_decoder_engine import Log, config
@@ -197,6 +197,26 @@ def test_windows_beyond_the_limits_wait_in_order_or_are_refused(engine, family, 
         search.close()
     assert first[1] is None
     assert refused[0] is None and getattr(refused[1], "code", None) == UNAVAILABLE
+
+
+def test_cancellation_is_polled_at_most_once_per_interval_and_stays_true():
+    """The search model asks Triton's is_cancelled (an IPC) through polled(): once per interval,
+    the last answer in between, and a True is never asked again."""
+    now = [0.0]
+    answers = iter([False, True])
+    asked = []
+
+    def is_cancelled() -> bool:
+        asked.append(now[0])
+        return next(answers)
+
+    cancelled = polled(is_cancelled, interval_s=0.2, clock=lambda: now[0])
+    seen = []
+    for t in (0.0, 0.1, 0.19, 0.2, 0.25, 0.5, 9.0):
+        now[0] = t
+        seen.append(cancelled())
+    assert asked == [0.0, 0.2]
+    assert seen == [False, False, False, True, True, True, True]
 
 
 def test_a_cancelled_window_stops_at_its_next_step_and_frees_its_cache(engine, family, windows):

@@ -33,7 +33,7 @@ from engine.config import enabled, param  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
 from engine.errors import INVALID_ARG, RequestError  # noqa: E402
 from engine import beam_search  # noqa: E402  (the gateway's search, deployed here by render.py)
-from engine.search import BatchedSearch  # noqa: E402
+from engine.search import BatchedSearch, polled  # noqa: E402
 from engine.search_hotwords import HotwordScorers  # noqa: E402
 
 TOKENIZER_FILE = "tokenizer.json"  # deployed next to this file by render.py when hotwords are on
@@ -52,8 +52,9 @@ def result_json(result) -> bytes:
     return json.dumps(fields).encode("utf-8")
 
 
-def _cancelled(sender):
-    """sender.is_cancelled (a client that hung up: gRPC stream cancelled) where this backend has it."""
+def _cancelled(sender, poll_s: float):
+    """sender.is_cancelled (a client that hung up: gRPC stream cancelled) where this backend has
+    it, asked at most every poll_s (an IPC to the server: engine/search.py CANCEL_POLL_S)."""
     check = getattr(sender, "is_cancelled", None)
     if not callable(check):
         return None
@@ -64,7 +65,7 @@ def _cancelled(sender):
         except Exception:  # noqa: BLE001 - a backend that cannot tell: never cancelled
             return False
 
-    return cancelled
+    return polled(cancelled, poll_s)
 
 
 class TritonPythonModel:
@@ -91,6 +92,7 @@ class TritonPythonModel:
                     "tokenizers and zhconv into the stub's pylib (tools/setup_triton.py) or render with "
                     "search_hotwords=0") from error
         self.engine.start_janitor()
+        self.cancel_poll_s = int(param(config, "cancel_poll_ms", "200")) / 1000
         self.search = BatchedSearch(self.engine, beam_search, max_windows=int(param(config, "search_max_windows", "16")),
                                     max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger)
         self.logger.log_info(f"search ready: {self.search.max_windows} windows at once, "
@@ -128,7 +130,8 @@ class TritonPythonModel:
                 if self.scorers is None:
                     raise RequestError("this search model was rendered without hotwords (search_hotwords=0)")
                 scorer = self.scorers.scorer(options["hotwords"])
-            job = self.search.job(enc.as_numpy(), options, done, cancelled=_cancelled(sender), scorer=scorer)
+            job = self.search.job(enc.as_numpy(), options, done, cancelled=_cancelled(sender, self.cancel_poll_s),
+                                  scorer=scorer)
         except RequestError as error:
             sender.send(_error_response(f"search: {error}", error.code or INVALID_ARG), flags=FINAL)
             return
