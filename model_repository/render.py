@@ -125,14 +125,15 @@ DEFAULT_TUNABLES: dict[str, object] = {
     # the same batch again reorders its beams inside its KV slab, copying only the beams whose
     # parent is another beam; off: every reorder gathers a new slab (engine/kv_cache.py)
     "kv_reorder_in_place": True,
-    # the decoder engines' C heap (engine/heap.py), for a machine short of memory; 0: glibc's
-    # defaults. 10-minute recording, int8, summed peak RSS of all processes, 16 MB + 2 arenas
-    # against the defaults (bench/results/ab_heap_mmap_threshold{,_2}.json, each order once):
-    # 1.50 / 1.48 GB against 1.66 / 1.68 (search stub 486 / 499 MB against 707 / 689), RTFx
-    # 21.8 / 23.4 against 21.9 / 23.5. Left off: single runs of an earlier one-off script had
-    # shown RTFx 24.3 against 27.7 (new caches mapped and faulted in afresh), not yet settled
+    # the decoder engines' C heap (engine/heap.py); 0: glibc's defaults. Both workloads, int8,
+    # summed peak RSS of all processes, each order once. 2 arenas (one per thread by default):
+    # 1.65 / 1.60 GB against 1.76 / 1.76, RTFx (a) 29.15 / 30.13 against 29.92 / 28.00, (b) 14.48 /
+    # 15.07 against 14.72 / 14.58 (bench/results/ab_heap_arena_max{,_2}.json): on. A fixed 16 MB
+    # mmap threshold on top: 1.40 / 1.41 GB against 1.62 / 1.83, but RTFx (a) 22.99 / 28.48 against
+    # 29.96 / 28.57 (ab_heap_mmap_threshold_3/_4.json; new caches mapped and faulted in afresh):
+    # off, for a machine short of memory
     "heap_mmap_threshold_mb": 0,
-    "heap_arena_max": 0,
+    "heap_arena_max": 2,
     # search (whole-window beam search in the server, engine/search.py): a second decoder engine
     # whose windows share every decoder call; the gateway uses it for windows without hotwords
     "search_model": True,
