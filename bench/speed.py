@@ -633,15 +633,12 @@ def _ratios(report: dict) -> None:
     best_calls = max((r for r in ours if "calls" in r), key=lambda r: r["calls"]["rtfx"], default=None)
     if best_calls and fw_s and "calls" in fw_s:
         report["ratio_calls_vs_sequential"] = round(best_calls["calls"]["rtfx"] / fw_s["calls"]["rtfx"], 3)
-    mems = [r["memory"]["peak_total_mb"] for r in ours if r.get("memory")]
-    pmems = [r["memory"]["peak_total_mb"] for r in peer.values() if r.get("memory")]
-    if mems and pmems:
-        report["memory_ratio"] = round(min(mems) / max(pmems), 3)
-    # the same from PSS (machine.py MemorySampler: shared pages counted once over our processes)
-    mems = [r["memory"].get("peak_total_pss_mb") for r in ours if r.get("memory")]
-    pmems = [r["memory"].get("peak_total_pss_mb") for r in peer.values() if r.get("memory")]
-    if mems and pmems and all(mems) and all(pmems):
-        report["memory_ratio_pss"] = round(min(mems) / max(pmems), 3)
+    # summed RSS, and PSS (machine.py MemorySampler: shared pages counted once over our processes)
+    for field, key in (("peak_total_mb", "memory_ratio"), ("peak_total_pss_mb", "memory_ratio_pss")):
+        mems = [r["memory"].get(field) for r in ours if r.get("memory")]
+        pmems = [r["memory"].get(field) for r in peer.values() if r.get("memory")]
+        if mems and pmems and all(mems) and all(pmems):
+            report[key] = round(min(mems) / max(pmems), 3)
     by = {r["engine"]: r for r in ours}
     if "ours-fp32" in by and "ours-int8" in by:
         for w in ("long", "calls"):

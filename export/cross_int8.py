@@ -27,7 +27,7 @@ the full 8-bit range is safe on every x86 CPU.
 
 from __future__ import annotations
 
-from .graph_edit import GraphRewriteError, consumers, producers, topological_sort
+from .graph_edit import GraphRewriteError, consumers, drop_dead_nodes, producers, topological_sort
 
 Q_MAX = 127.0         # symmetric 8-bit range of K, V and the queries around the zero point
 ZERO_POINT = 128      # uint8 zero point of K, V and the queries
@@ -106,7 +106,6 @@ def rewrite_init(model) -> None:
     nodes.append(helper.make_node("Identity", [v_u8], ["cross_v"], name="cross_q8/v/out"))
     nodes.append(helper.make_node("Identity", [v_scale], ["cross_v_scale"], name="cross_q8/v/scale_out"))
     graph.node.extend(nodes)
-    _drop_unused_constants(graph)
     dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in outputs["cross_k"].type.tensor_type.shape.dim]
     L, N, H, S, dh = dims
     del graph.output[:]
@@ -116,6 +115,7 @@ def rewrite_init(model) -> None:
         helper.make_tensor_value_info("cross_v", TensorProto.UINT8, [L, N, H, S, dh]),
         helper.make_tensor_value_info("cross_v_scale", TensorProto.FLOAT, [L, N, H, 1, dh]),
     ])
+    drop_dead_nodes(graph)  # after the outputs are the new ones
 
 
 def _attention_sites(graph):
@@ -203,14 +203,8 @@ def rewrite_step(model) -> int:
         graph.input.insert(position + j, info)
     del graph.value_info[:]  # shapes of the removed float tensors
     topological_sort(graph)  # each layer's new nodes after what they read
-    _drop_unused_constants(graph)
+    drop_dead_nodes(graph)
     return len(sites)
-
-
-def _drop_unused_constants(graph) -> None:
-    used = {x for node in graph.node for x in node.input}
-    for init in [i for i in graph.initializer if i.name.startswith("cross_q8/") and i.name not in used]:
-        graph.initializer.remove(init)
 
 
 def rewrite_cross_attention(onnx_dir) -> int:

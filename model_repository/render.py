@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from .engine.runners import runner_class
+from .engine.search import CANCEL_POLL_S
 
 HERE = Path(__file__).resolve().parent
 PROJECT_ROOT = HERE.parent
@@ -141,7 +142,7 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "search_max_waiting": 256,              # windows waiting at most (beyond: UNAVAILABLE)
     # how often a searching window asks Triton whether its client hung up (an IPC to the server,
     # engine/search.py CANCEL_POLL_S); 0: before every step
-    "search_cancel_poll_ms": 200,
+    "search_cancel_poll_ms": round(CANCEL_POLL_S * 1000),
     # hotword-biased windows searched there too (needs the model's tokenizer.json, and tokenizers
     # and zhconv in the stub's pylib); off: the gateway searches them stepwise
     "search_hotwords": True,

@@ -164,9 +164,14 @@ def test_heap_settings_reach_glibc_only_when_asked():
 
 
 def test_render_writes_the_heap_settings(model_dir, tmp_path):
-    from model_repository.render import render_repository
+    from model_repository.render import RenderError, render_repository
 
-    repo = render_repository(model_dir, tmp_path / "heap", "int8", heap_mmap_threshold_mb=16, heap_arena_max=2)
+    # values other than the defaults (threshold 0, 2 arenas), so the test sees them pass through
+    repo = render_repository(model_dir, tmp_path / "heap", "int8", heap_mmap_threshold_mb=16, heap_arena_max=3,
+                             search_cancel_poll_ms=50)
     for model in ("decoder", "search"):
         text = (repo / model / "config.pbtxt").read_text(encoding="utf-8")
-        assert (_param(text, "heap_mmap_threshold_mb"), _param(text, "heap_arena_max")) == ("16", "2")
+        assert (_param(text, "heap_mmap_threshold_mb"), _param(text, "heap_arena_max")) == ("16", "3")
+    assert _param((repo / "search" / "config.pbtxt").read_text(encoding="utf-8"), "cancel_poll_ms") == "50"
+    with pytest.raises(RenderError, match="search_cancel_poll_ms"):
+        render_repository(model_dir, tmp_path / "bad", "int8", search_cancel_poll_ms=-1)

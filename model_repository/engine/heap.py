@@ -37,7 +37,9 @@ def configure_heap(mmap_threshold_bytes: int = 0, arena_max: int = 0) -> list[st
     (to 32 MB), after which such blocks come from the heap and stay there, fragmented among
     one arena per thread. For the search model's engine (caches and cross K/V of every window
     in flight, ONNX Runtime's threads) 16 MB and 2 arenas took about 200 MB off its peak on the
-    10-minute recording (bench/results/ab_heap_mmap_threshold.json). glibc only."""
+    10-minute recording, but in one run of two cost a quarter of the speed; 2 arenas alone took
+    110-160 MB off the whole stack at the same speed (render.py heap_* tunables,
+    bench/results/ab_heap_*.json). glibc only."""
     notes = []
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt

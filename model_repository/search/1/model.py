@@ -33,7 +33,7 @@ from engine.config import enabled, param  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
 from engine.errors import INVALID_ARG, RequestError  # noqa: E402
 from engine import beam_search  # noqa: E402  (the gateway's search, deployed here by render.py)
-from engine.search import BatchedSearch, polled  # noqa: E402
+from engine.search import CANCEL_POLL_S, BatchedSearch, polled  # noqa: E402
 from engine.search_hotwords import HotwordScorers  # noqa: E402
 
 TOKENIZER_FILE = "tokenizer.json"  # deployed next to this file by render.py when hotwords are on
@@ -92,7 +92,7 @@ class TritonPythonModel:
                     "tokenizers and zhconv into the stub's pylib (tools/setup_triton.py) or render with "
                     "search_hotwords=0") from error
         self.engine.start_janitor()
-        self.cancel_poll_s = int(param(config, "cancel_poll_ms", "200")) / 1000
+        self.cancel_poll_s = int(param(config, "cancel_poll_ms", str(round(CANCEL_POLL_S * 1000)))) / 1000
         self.search = BatchedSearch(self.engine, beam_search, max_windows=int(param(config, "search_max_windows", "16")),
                                     max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger)
         self.logger.log_info(f"search ready: {self.search.max_windows} windows at once, "
