@@ -340,8 +340,8 @@ def cpu_used(after: dict, before: dict, wall_s: float) -> dict:
 def parse_spec(spec: str) -> tuple[str, str, dict]:
     """'name:precision:key=value,key=value' | 'precision' -> (name, precision, tunables); the keys
     `windows` (the gateway's --max-concurrent-windows), `stepwise` (its --stepwise-only),
-    `hotword_dir` (its --hotword-dir, relative to the project) and `workloads` are run_ours's, every
-    other key a render tunable."""
+    `hotword_dir` (its --hotword-dir, relative to the project), `model_dir` (another export, to compare
+    two exports in one run) and `workloads` are run_ours's, every other key a render tunable."""
     from model_repository.render import _parse_value
 
     parts = spec.split(":")
@@ -369,14 +369,16 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     only = tunables.pop("workloads", None)  # e.g. workloads=long: this configuration runs (a) only
     stepwise = bool(tunables.pop("stepwise", False))  # the gateway's --stepwise-only (no search model use)
     hotword_dir = tunables.pop("hotword_dir", None)  # server-side hotword lists: every window biased
+    model_dir = Path(str(tunables.pop("model_dir", args.model_dir))).resolve()
     if only:
         long_meta = long_meta if "long" in str(only) else None
         calls_meta = calls_meta if "calls" in str(only) else None
     repo = work / f"repo-{name}"
     prof_dir = work / f"profile-{name}"
     prof_dir.mkdir(parents=True, exist_ok=True)
-    render_repository(args.model_dir, repo, precision=precision, **tunables)
+    render_repository(model_dir, repo, precision=precision, **tunables)
     result = {"engine": name, "precision": precision, "tunables": tunables, "gateway_windows": windows,
+              "model_dir": str(model_dir),
               "search": "gateway, one Triton step per token" if stepwise else "in Triton (model search)",
               "hotword_dir": hotword_dir,
               "load_start": load()}
@@ -384,7 +386,7 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     try:
         with TritonProcess(repo, log_path=work / f"triton-{name}.log", startup_timeout_s=600,
                            env={"ASR_ENGINE_PROFILE_DIR": str(prof_dir)}) as triton, \
-                _started(GatewayProcess(args.model_dir, triton.grpc_url, log_path=work / f"gateway-{name}.log",
+                _started(GatewayProcess(model_dir, triton.grpc_url, log_path=work / f"gateway-{name}.log",
                                         extra_args=["--max-concurrent-windows", str(windows)]
                                         + (["--stepwise-only"] if stepwise else [])
                                         + (["--hotword-dir", str(PROJECT_ROOT / hotword_dir)] if hotword_dir else []))) \

@@ -112,6 +112,8 @@ def test_bench_spec_parsing():
     name, precision, tunables = parse_spec("t1:fp32:intra_op_threads=1,cpu_mem_arena=false,windows=16")
     assert (name, precision) == ("ours-t1", "fp32")
     assert tunables == {"intra_op_threads": 1, "cpu_mem_arena": False, "windows": 16}
+    # another export compared in the same run: a path, kept as text
+    assert parse_spec("b:int8:model_dir=/tmp/other-export")[2] == {"model_dir": "/tmp/other-export"}
 
 
 def test_bench_profile_table_per_window_and_per_step():
