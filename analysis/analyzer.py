@@ -265,7 +265,7 @@ class TicketAnalyzer:
             category_name, category_evidence, category_confidence = fallback, (), 0.0
         if normalized.strip() and category_confidence < LOW_CONFIDENCE:
             flags.append("low_confidence")
-        department, department_reason = self.config.matrix.assign(category_name, place.district, normalized)
+        department, department_reason = self.config.matrix.assign(category_name, place.district, normalized, heard=heard)
 
         duplicate = None
         if store is not None and embedding is not None:

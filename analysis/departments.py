@@ -3,7 +3,9 @@
 departments.yaml gives, per category, a district-level template ({district}教育局), a
 city-level department for calls whose district is unknown, per-district overrides, and
 keyword routes tried first (停电 -> the power company). Unknown districts are routed to
-the city level and say so in the reason, so a dispatcher checks them.
+the city level and say so in the reason, so a dispatcher checks them. In an ASR transcript
+a route keyword is also found by its sound (然气 for 燃气, 以保 for 医保) when no route
+keyword is written out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Mapping
 
 from analysis.config import as_mapping, read_yaml, string_list
 from analysis.errors import ConfigError
+from analysis.phonetic import syllables
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,29 @@ class Assignment:
 class Route:
     keywords: tuple[str, ...]
     assignment: Assignment
+
+    def heard_keyword(self, sounds: list[str], text: str) -> tuple[str, str] | None:
+        """(keyword, the characters heard) for the first keyword of two or more Chinese syllables
+        whose fuzzy toneless syllables occur in the text's, or None."""
+        for keyword in self.keywords:
+            target = _keyword_sounds(keyword)
+            if target is None:
+                continue
+            for start in range(len(sounds) - len(target) + 1):
+                if sounds[start:start + len(target)] == target:
+                    return keyword, text[start:start + len(target)]
+        return None
+
+
+def _keyword_sounds(keyword: str) -> list[str] | None:
+    target = _SOUNDS.get(keyword)
+    if target is None and keyword not in _SOUNDS:
+        target = syllables(keyword) if len(keyword) >= 2 else None
+        _SOUNDS[keyword] = target = target if target and "_" not in target else None
+    return target
+
+
+_SOUNDS: dict[str, list[str] | None] = {}
 
 
 @dataclass(frozen=True)
@@ -94,8 +120,8 @@ class ResponsibilityMatrix:
                     if district not in districts:
                         raise ConfigError(self.source, f"{name}: override for unknown district {district!r}")
 
-    def assign(self, category: str, district: str | None, text: str) -> tuple[str, str]:
-        """(department, reason)."""
+    def assign(self, category: str, district: str | None, text: str, heard: bool = False) -> tuple[str, str]:
+        """(department, reason). `heard`: the text is an ASR transcript (route keywords by sound too)."""
         routing = self.categories.get(category)
         if routing is None:
             return self.fallback, f"类型“{category}”无责任部门配置，转热线办"
@@ -105,6 +131,13 @@ class ResponsibilityMatrix:
                 department, how = route.assignment.department(district)
                 if department:
                     return department, f"{category} / 关键词“{keyword}” / {how}"
+        sounds = syllables(text) if heard and routing.routes else None
+        for route in routing.routes if sounds else ():
+            found = route.heard_keyword(sounds, text)
+            if found:
+                department, how = route.assignment.department(district)
+                if department:
+                    return department, f"{category} / 关键词“{found[0]}”（转写为“{found[1]}”） / {how}"
         department, how = routing.default.department(district)
         if department is None:
             return self.fallback, f"{category}: 区县不明且无市级部门，转热线办"

@@ -58,3 +58,14 @@ def test_sound_alike_names_are_found_but_correct_ones_are_left_alone():
     text = "南湖大道那个工地"
     protected = frozenset(range(0, 4))  # 南湖大道 is itself a known name
     assert index.find(text, protected) == []
+
+
+def test_a_name_with_one_syllable_half_heard_is_found_only_where_allowed():
+    names = ["望江苑", "码头路", "湖光小区", "建设路", "软件园"]
+    index = PhoneticIndex(names, half_heard="路街道区")
+    found = {match.heard: match.name for match in index.find("望江越门口,马桐路那边,无光小区又停水")}
+    assert found == {"望江越": "望江苑", "马桐路": "码头路", "无光小区": "湖光小区"}  # yue/yuan, ton/tou, wu/hu
+    assert index.find("这条路正在建设了") == []      # the generic 路 must be heard alike
+    assert index.find("打车软件也叫不到车") == []    # a function word is itself, not a name's syllable
+    assert index.find("望江门口") == []              # a whole syllable missing is no match
+    assert PhoneticIndex(names).find("望江越门口,马桐路那边") == []  # off unless asked for
