@@ -7,7 +7,10 @@ Output layout (``OUT`` = e.g. build/models/whisper-base)::
     OUT/onnx/fp32/           encoder.onnx, decoder_init.onnx, decoder_step.onnx
     OUT/onnx/int8/           same graphs, weights dynamically quantized to int8, cross-attention
                              over uint8 K/V (export/cross_int8.py), the encoder's self-attention
-                             as fused MultiHeadAttention (export/fused_attention.py)
+                             as fused MultiHeadAttention (export/fused_attention.py); 7-bit
+                             weights, exact on every x86 CPU (export/int8.py)
+    OUT/onnx/int8-vnni/      the same with 8-bit weights, exact on CPUs with VNNI only (render.py
+                             serves it there: tunable int8_weights)
     OUT/model_info.json      dims, special ids, suppress lists (read by model_repository/ and gateway/)
     OUT/tokenizer.json       tokenizer for detokenization
     OUT/.export_stamp        hash of sources + package versions + options (skip when unchanged)
@@ -82,7 +85,12 @@ SOURCES = {
 }
 
 ONNX_GRAPHS = ("encoder.onnx", "decoder_init.onnx", "decoder_step.onnx")
-VARIANTS = ("fp32", "int8")
+# int8: 7-bit weights, exact on every x86 CPU (export/int8.py); int8-vnni: the same graphs with
+# 8-bit weights, exact only where the U8S8 kernel does not saturate (VNNI), chosen there by
+# render.py (`int8_weights`): CER on the 10-minute recording 14.77 / 14.72 against 15.49 / 15.75
+# with 7-bit weights, fp32 14.40 (docs/performance.md)
+VARIANTS = ("fp32", "int8", "int8-vnni")
+INT8_VARIANTS = {"int8": {"reduce_range": True}, "int8-vnni": {"reduce_range": False}}
 N_FRAMES = 3000
 DEFAULT_OPSET = 17
 INT8_OPTIONS = {
@@ -94,7 +102,7 @@ INT8_OPTIONS = {
     "encoder_fp32_layers": 2,
     "int8_embedding_gather": True,
     "quantize_decoder_init": True,
-    # 7-bit weights: exact on CPUs without VNNI (export/int8.py)
+    # 7-bit weights (exact on CPUs without VNNI, export/int8.py) in "int8"; INT8_VARIANTS sets it
     "reduce_range": True,
     # cross-attention over uint8 K/V, a quarter of the bytes every decoder step reads (export/cross_int8.py)
     "cross_kv_8bit": True,
@@ -373,7 +381,7 @@ def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False
         raise ExportError(f"unknown whisper model {model_name!r}; known: {', '.join(SOURCES)}")
     src = SOURCES[model_name]
     out = Path(out)
-    options = {"model": model_name, "opset": opset, "int8": INT8_OPTIONS,
+    options = {"model": model_name, "opset": opset, "int8": INT8_OPTIONS, "int8_variants": INT8_VARIANTS,
                "ct2_dir": str(Path(ct2_dir).resolve()) if ct2_dir else None}
     packages = ["torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers", "safetensors"]
     packages += [p.dist for p in src.parts]
@@ -410,15 +418,18 @@ def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False
         # 0.1 on some frames without, stays > 0.97 with them); fc2 (GELU outputs have outliers
         # that per-tensor activation quantization destroys) everywhere
         gathers = {g[: -len(".onnx")]: 1 << 20 for g in ONNX_GRAPHS} if INT8_OPTIONS["int8_embedding_gather"] else {}
-        quantize_graphs(out / "onnx" / "fp32", out / "onnx" / "int8", ONNX_GRAPHS, INT8_OPTIONS,
-                        encoder_layer="/encoder/layers.{}/", gather_min_elements=gathers,
-                        copy_graphs=() if INT8_OPTIONS["quantize_decoder_init"] else ("decoder_init",))
-        if INT8_OPTIONS["cross_kv_8bit"]:
-            layers = rewrite_cross_attention(out / "onnx" / "int8")
-            log(f"  decoder: cross-attention over uint8 K/V in {layers} layers")
-        if INT8_OPTIONS["encoder_fused_attention"]:
-            layers = fuse_encoder_attention(out / "onnx" / "int8", info["encoder_heads"])
-            log(f"  encoder: self-attention fused in {layers} layers")
+        for variant, changes in INT8_VARIANTS.items():
+            options = {**INT8_OPTIONS, **changes}
+            log(f"  {variant}: {'7' if options['reduce_range'] else '8'}-bit weights")
+            quantize_graphs(out / "onnx" / "fp32", out / "onnx" / variant, ONNX_GRAPHS, options,
+                            encoder_layer="/encoder/layers.{}/", gather_min_elements=gathers,
+                            copy_graphs=() if options["quantize_decoder_init"] else ("decoder_init",))
+            if options["cross_kv_8bit"]:
+                layers = rewrite_cross_attention(out / "onnx" / variant)
+                log(f"  decoder: cross-attention over uint8 K/V in {layers} layers")
+            if options["encoder_fused_attention"]:
+                layers = fuse_encoder_attention(out / "onnx" / variant, info["encoder_heads"])
+                log(f"  encoder: self-attention fused in {layers} layers")
 
     with timer.phase("model_info + tokenizer"):
         dims = info

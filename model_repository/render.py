@@ -146,6 +146,10 @@ DEFAULT_TUNABLES: dict[str, object] = {
     # hotword-biased windows searched there too (needs the model's tokenizer.json, and tokenizers
     # and zhconv in the stub's pylib); off: the gateway searches them stepwise
     "search_hotwords": True,
+    # precision int8: "7bit" weights (onnx/int8, exact on every x86 CPU), "8bit" (onnx/int8-vnni,
+    # exact only on CPUs with VNNI, where ONNX Runtime's U8S8 kernel does not saturate; closer to
+    # fp32), or "auto": 8-bit when this machine's CPU has VNNI and the export has the variant
+    "int8_weights": "auto",
 }
 # shorthands accepted by render_repository / --set
 ALIASES = {
@@ -159,6 +163,40 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
 
 class RenderError(RuntimeError):
     pass
+
+
+# CPU flags of ONNX Runtime's U8S8 kernels that add u8 x s8 products straight into int32
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+INT8_WEIGHTS = ("auto", "7bit", "8bit")
+INT8_VNNI = "int8-vnni"
+
+
+def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
+    """True when the CPU (/proc/cpuinfo, or the text given) has VNNI: 8-bit int8 weights are
+    exact there. False where it cannot tell (not Linux, not x86): the 7-bit weights are exact
+    everywhere."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return any(flag in flags for flag in VNNI_FLAGS)
+    return False
+
+
+def int8_directory(onnx_root: Path, int8_weights: str, has_vnni=cpu_has_vnni) -> tuple[str, str]:
+    """(directory under onnx/, label) of the int8 graphs for the `int8_weights` tunable."""
+    if int8_weights not in INT8_WEIGHTS:
+        raise RenderError(f"int8_weights must be one of {', '.join(INT8_WEIGHTS)}, got {int8_weights!r}")
+    have_8bit = (onnx_root / INT8_VNNI).is_dir()
+    if int8_weights == "8bit" and not have_8bit:
+        raise RenderError(f"int8_weights=8bit but {onnx_root / INT8_VNNI} was not exported (make export)")
+    if int8_weights == "8bit" or int8_weights == "auto" and have_8bit and has_vnni():
+        return INT8_VNNI, "int8 (8-bit weights: VNNI)"
+    return "int8", "int8 (7-bit weights)"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -534,12 +572,18 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
     model_dir = Path(model_dir).resolve()
     out_dir = Path(out_dir).resolve()
     say = print if verbose else (lambda *a, **k: None)
-    info, onnx_root, onnx_dir = _exported(model_dir, precision)
     values = resolve_tunables(tunables)
+    graphs_dir, label = precision, None
+    if precision == "int8":
+        graphs_dir, label = int8_directory(model_dir / "onnx", str(values["int8_weights"]))
+    info, onnx_root, onnx_dir = _exported(model_dir, graphs_dir)
     family = str(_first(info, "family") or "whisper")
     model_name = str(_first(info, "name", "model_name") or model_dir.name)
     models = family_runner(family).graphs
-    sources, precision_label = _graph_sources(models, onnx_root, precision)
+    sources, precision_label = _graph_sources(models, onnx_root, graphs_dir)
+    if label is not None:
+        precision_label = precision_label.replace(graphs_dir, label, 1)
+    say(f"[render] precision {precision_label}")
     common = {
         "FAMILY": _pbtxt_string(family), "MODEL_NAME": _pbtxt_string(model_name),
         "PRECISION": _pbtxt_string(precision_label),

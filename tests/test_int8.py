@@ -17,6 +17,7 @@ import pytest
 
 from export.int8 import INT16_MAX, quantize_matmuls, u8s8_pair_peak
 
+from model_repository.render import cpu_has_vnni
 from tests.conftest import cer, glm_model_dir_path, sample_clips
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -109,3 +110,47 @@ def test_int8_cer_within_one_point_of_fp32(model_dir):
     print(f"\n{len(clips)} clips, greedy: CER fp32 {fp32:.2%}, int8 {int8:.2%}")
     assert fp32 < 0.5, "fp32 itself is broken"
     assert int8 <= fp32 + MAX_INT8_CER_LOSS
+    # the 8-bit weights render.py serves on this machine when its CPU has VNNI: exact there
+    if cpu_has_vnni():
+        vnni = pooled_cer(_greedy_texts(model_dir, "int8-vnni", clips))
+        print(f"int8-vnni {vnni:.2%}")
+        assert vnni <= fp32 + MAX_INT8_CER_LOSS
+
+
+def test_the_8_bit_variant_uses_the_full_weight_range_and_only_vnni_cpus_get_it(model_dir, tmp_path):
+    import onnx
+
+    from model_repository.render import RenderError, int8_directory, render_repository
+
+    graph = model_dir / "onnx" / "int8-vnni" / "decoder_step.onnx"
+    assert graph.exists(), "the export writes the 8-bit variant beside the 7-bit one"
+    # 8-bit weights can saturate the AVX2 U8S8 kernel: that is why only VNNI CPUs get them
+    assert u8s8_pair_peak(onnx.load(str(graph))) > INT16_MAX
+    onnx_root = model_dir / "onnx"
+    assert int8_directory(onnx_root, "auto", has_vnni=lambda: True)[0] == "int8-vnni"
+    assert int8_directory(onnx_root, "auto", has_vnni=lambda: False)[0] == "int8"
+    assert int8_directory(onnx_root, "7bit", has_vnni=lambda: True)[0] == "int8"
+    assert int8_directory(onnx_root, "8bit", has_vnni=lambda: False)[0] == "int8-vnni"  # asked for: obeyed
+    with pytest.raises(RenderError, match="int8_weights"):
+        int8_directory(onnx_root, "6bit")
+    with pytest.raises(RenderError, match="not exported"):
+        int8_directory(tmp_path, "8bit")
+    assert int8_directory(tmp_path, "auto", has_vnni=lambda: True)[0] == "int8"  # an export without it
+
+    repo = render_repository(model_dir, tmp_path / "repo", "int8", int8_weights="7bit", split_layer_inputs=False)
+    config = (repo / "encoder" / "config.pbtxt").read_text(encoding="utf-8")
+    assert "7-bit weights" in config
+    served = repo / "encoder" / "1" / "encoder.onnx"
+    assert served.read_bytes() == (model_dir / "onnx" / "int8" / "encoder.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n", True),
+    ("flags\t\t: fpu sse2 avx2 avx_vnni\n", True),
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n", False),  # AVX-512 without VNNI saturates too
+    ("Features\t: fp asimd\n", False),  # not x86: the 7-bit weights
+])
+def test_vnni_is_read_from_the_cpu_flags(flags, expected):
+    from model_repository.render import cpu_has_vnni as has_vnni
+
+    assert has_vnni(flags) is expected
