@@ -13,7 +13,7 @@ tokens, a chat template giving the official prompt, a 128-mel Whisper feature ex
 Output layout (``OUT``)::
 
     OUT/hf/                   (tiny only) the generated checkpoint directory
-    OUT/onnx/{fp32,fp16,int8}/encoder.onnx       input_features [B, 128, 3000] -> encoder_output [B, A, D]
+    OUT/onnx/{fp32,fp16,int8,int8-vnni}/encoder.onnx       input_features [B, 128, 3000] -> encoder_output [B, A, D]
                               embed_tokens.onnx  input_ids [N, K, T] -> inputs_embeds [N, K, T, D]
                               decoder_step.onnx  inputs_embeds + KV cache -> logits, new K/V
                               (*.onnx.data next to a graph over 2 GB: ONNX external data)
@@ -48,12 +48,13 @@ from .common import (
     stamp_matches,
     write_stamp,
 )
+from .int8 import INT8_VARIANTS
 from .onnx_tools import ort_session, quantize_graphs, torch_to_onnx
 
 FAMILY = "glm_asr"
 MODEL_NAMES = ("glm-asr-nano", "glm-asr-tiny")
 ONNX_GRAPHS = ("encoder.onnx", "embed_tokens.onnx", "decoder_step.onnx")
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16") + tuple(INT8_VARIANTS)  # int8 (7-bit weights) and int8-vnni (8-bit): export/int8.py
 DEFAULT_OPSET = 17
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -142,7 +143,7 @@ INT8_OPTIONS = {
     "fp32_modules": ["fc2", "down_proj"],
     "encoder_fp32_layers": 2,
     "int8_embedding_gather": True,
-    # 7-bit weights: exact on CPUs without VNNI (export/int8.py)
+    # 7-bit weights (exact on CPUs without VNNI) in "int8"; export/int8.py INT8_VARIANTS sets it
     "reduce_range": True,
 }
 FP16_OPTIONS = {
@@ -633,7 +634,8 @@ def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False
             raise ExportError("glm-asr-tiny builds its own checkpoint; --checkpoint is for glm-asr-nano")
         checkpoint = out / "hf"
         source = {"tiny_seed": TINY_SEED}
-    options = {"model": model_name, "opset": opset, "int8": INT8_OPTIONS, "fp16": FP16_OPTIONS, "source": source}
+    options = {"model": model_name, "opset": opset, "int8": INT8_OPTIONS, "int8_variants": INT8_VARIANTS,
+               "fp16": FP16_OPTIONS, "source": source}
     packages = ["torch", "transformers", "onnx", "onnxruntime", "numpy", "tokenizers", "safetensors"]
     stamp = compute_stamp(options, packages)
     required = _required_outputs() + (["hf/config.json", "hf/model.safetensors"] if model_name == "glm-asr-tiny" else [])
@@ -669,8 +671,9 @@ def export(model_name: str, out, opset: int = DEFAULT_OPSET, force: bool = False
     export_onnx(model, out / "onnx" / "fp16", opset, timer, half=True)
     with timer.phase("quantize int8"):
         gathers = {"embed_tokens": 0} if INT8_OPTIONS["int8_embedding_gather"] else {}
-        quantize_graphs(out / "onnx" / "fp32", out / "onnx" / "int8", ONNX_GRAPHS, INT8_OPTIONS,
-                        encoder_layer="/layers.{}/", gather_min_elements=gathers)
+        for variant, changes in INT8_VARIANTS.items():
+            quantize_graphs(out / "onnx" / "fp32", out / "onnx" / variant, ONNX_GRAPHS, {**INT8_OPTIONS, **changes},
+                            encoder_layer="/layers.{}/", gather_min_elements=gathers)
     if verify:
         with timer.phase("verify"):
             _verify(model, processor, out, info, prompt)

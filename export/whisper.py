@@ -43,6 +43,7 @@ from .common import (
 )
 from .cross_int8 import rewrite_cross_attention
 from .fused_attention import fuse_encoder_attention
+from .int8 import INT8_VARIANTS
 from .onnx_tools import ort_session, quantize_graphs, read_audio, sample_clip, torch_to_onnx
 from .whisper_hf import (
     CHUNK_LENGTH_S,
@@ -85,12 +86,7 @@ SOURCES = {
 }
 
 ONNX_GRAPHS = ("encoder.onnx", "decoder_init.onnx", "decoder_step.onnx")
-# int8: 7-bit weights, exact on every x86 CPU (export/int8.py); int8-vnni: the same graphs with
-# 8-bit weights, exact only where the U8S8 kernel does not saturate (VNNI), chosen there by
-# render.py (`int8_weights`): CER on the 10-minute recording 14.77 / 14.72 against 15.49 / 15.75
-# with 7-bit weights, fp32 14.40 (docs/performance.md)
-VARIANTS = ("fp32", "int8", "int8-vnni")
-INT8_VARIANTS = {"int8": {"reduce_range": True}, "int8-vnni": {"reduce_range": False}}
+VARIANTS = ("fp32",) + tuple(INT8_VARIANTS)  # int8 (7-bit weights) and int8-vnni (8-bit): export/int8.py
 N_FRAMES = 3000
 DEFAULT_OPSET = 17
 INT8_OPTIONS = {
