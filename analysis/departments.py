@@ -10,6 +10,7 @@ keyword is written out.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -53,15 +54,11 @@ class Route:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _keyword_sounds(keyword: str) -> list[str] | None:
-    target = _SOUNDS.get(keyword)
-    if target is None and keyword not in _SOUNDS:
-        target = syllables(keyword) if len(keyword) >= 2 else None
-        _SOUNDS[keyword] = target = target if target and "_" not in target else None
-    return target
-
-
-_SOUNDS: dict[str, list[str] | None] = {}
+    """The fuzzy syllables of a route keyword of two or more Chinese characters, else None."""
+    target = syllables(keyword) if len(keyword) >= 2 else None
+    return target if target and "_" not in target else None
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ _UNIT_PATTERN = re.compile(r"(\d+)\s*单元")
 _ROOM_PATTERN = re.compile(r"(\d+)\s*(?:室|户)")
 # Leading words a pattern may swallow before a name (我家住在阳光小区 -> 阳光小区).
 _LEADING_FILLER = re.compile(r"^(?:我家住在|我家在|我住在|我们|我家|住在|就在|位于|在|是|到|的)+")
-# Pattern matches that point at a place without naming it (这个小区, 我们小区).
 # Characters of a name that must be heard alike for a half-heard match (the kind of place).
 HALF_HEARD_FIXED = "路街道区"
+# Pattern matches that point at a place without naming it (这个小区, 我们小区).
 _DEMONSTRATIVE = re.compile(r"^(?:这|那|本|该|咱|哪|整个|一个|每个|各个|附近|旁边|隔壁|对面|我们|他们)")
 
 
@@ -189,7 +189,7 @@ class PlaceExtractor:
                 candidates.add(name)
         return candidates.pop() if len(candidates) == 1 else None
 
-    def _protected(self, text: str) -> set[int]:
+    def _protected(self, text: str) -> frozenset[int]:
         """Positions of names written out (known names, district aliases, other cities' districts)."""
         protected = set()
         for name in (*self._known_names, *(alias for alias, _ in self._district_names), *self.gazetteer.elsewhere):
@@ -197,18 +197,13 @@ class PlaceExtractor:
             while start >= 0:
                 protected.update(range(start, start + len(name)))
                 start = text.find(name, start + 1)
-        return protected
+        return frozenset(protected)
 
-    def repair_by_sound(self, text: str, half_heard: bool = False) -> tuple[str, tuple[str, ...]]:
-        """The text with sound-alike place names replaced by the gazetteer's (same length).
-        half_heard: also the names with one syllable half heard (extract reads those for the
-        district only, see _district_half_heard)."""
-        protected = self._protected(text)
-        matches = self._sounds.find(text, frozenset(protected))
-        if half_heard:
-            for match in matches:
-                protected.update(range(match.offset, match.offset + len(match.name)))
-            matches = sorted([*matches, *self._half_heard_sounds.find(text, frozenset(protected))], key=lambda match: match.offset)
+    def repair_by_sound(self, text: str) -> tuple[str, tuple[str, ...]]:
+        """The text with sound-alike place names replaced by the gazetteer's (same length). Names
+        with one syllable half heard are not repaired: extract reads them for the district only
+        (_district_half_heard)."""
+        matches = self._sounds.find(text, self._protected(text))
         if not matches:
             return text, ()
         characters = list(text)
@@ -222,7 +217,7 @@ class PlaceExtractor:
         gives the district (and so the department), flagged for a dispatcher, but no compound,
         road or address: the duplicate model links by those (fitted with them, its written links
         fell by four of 143 in cross-validation; docs/analysis.md, ninth pass)."""
-        matches = self._half_heard_sounds.find(text, frozenset(self._protected(text)))
+        matches = self._half_heard_sounds.find(text, self._protected(text))
         if not matches:
             return None, (), ()
         candidates = set.intersection(*owners, *(self._owners[match.name] for match in matches))

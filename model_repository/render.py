@@ -168,7 +168,7 @@ class RenderError(RuntimeError):
 # CPU flags of ONNX Runtime's U8S8 kernels that add u8 x s8 products straight into int32
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 INT8_WEIGHTS = ("auto", "7bit", "8bit")
-INT8_VNNI = "int8-vnni"
+INT8_VNNI = "int8-vnni"  # the 8-bit-weight variant of export/int8.py INT8_VARIANTS
 
 
 def cpu_has_vnni(cpuinfo: str | None = None) -> bool:

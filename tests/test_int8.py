@@ -151,6 +151,4 @@ def test_the_8_bit_variant_uses_the_full_weight_range_and_only_vnni_cpus_get_it(
     ("Features\t: fp asimd\n", False),  # not x86: the 7-bit weights
 ])
 def test_vnni_is_read_from_the_cpu_flags(flags, expected):
-    from model_repository.render import cpu_has_vnni as has_vnni
-
-    assert has_vnni(flags) is expected
+    assert cpu_has_vnni(flags) is expected
