@@ -168,10 +168,33 @@ def test_render_writes_the_heap_settings(model_dir, tmp_path):
 
     # values other than the defaults (threshold 0, 2 arenas), so the test sees them pass through
     repo = render_repository(model_dir, tmp_path / "heap", "int8", heap_mmap_threshold_mb=16, heap_arena_max=3,
-                             search_cancel_poll_ms=50)
+                             search_cancel_poll_ms=50, search_heap_trim_ms=700)
     for model in ("decoder", "search"):
         text = (repo / model / "config.pbtxt").read_text(encoding="utf-8")
         assert (_param(text, "heap_mmap_threshold_mb"), _param(text, "heap_arena_max")) == ("16", "3")
-    assert _param((repo / "search" / "config.pbtxt").read_text(encoding="utf-8"), "cancel_poll_ms") == "50"
-    with pytest.raises(RenderError, match="search_cancel_poll_ms"):
-        render_repository(model_dir, tmp_path / "bad", "int8", search_cancel_poll_ms=-1)
+    search = (repo / "search" / "config.pbtxt").read_text(encoding="utf-8")
+    assert (_param(search, "cancel_poll_ms"), _param(search, "heap_trim_ms")) == ("50", "700")
+    for key in ("search_cancel_poll_ms", "search_heap_trim_ms"):
+        with pytest.raises(RenderError, match=key):
+            render_repository(model_dir, tmp_path / "bad", "int8", **{key: -1})
+
+
+def test_the_gateway_caps_its_malloc_arenas_unless_told_not_to():
+    """gateway/service/heap.py: mallopt(M_ARENA_MAX) takes a cap, 0 leaves glibc's default (in a
+    child process: it changes the process's allocator); the server's flag defaults to the cap."""
+    from gateway.service.heap import DEFAULT_MALLOC_ARENAS
+
+    code = "from gateway.service.heap import cap_malloc_arenas as cap; print(cap(0), cap(2))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.stdout.split() == ["False", "True"]
+    assert DEFAULT_MALLOC_ARENAS == 2
+
+
+def test_tritonserver_gets_two_malloc_arenas_unless_the_environment_says(monkeypatch, tmp_path):
+    from gateway.launch.triton_process import MALLOC_ARENAS, TritonProcess
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert TritonProcess(tmp_path).environment()["MALLOC_ARENA_MAX"] == str(MALLOC_ARENAS)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert TritonProcess(tmp_path).environment()["MALLOC_ARENA_MAX"] == "8"

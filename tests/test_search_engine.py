@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -241,3 +242,28 @@ def test_a_cancelled_window_stops_at_its_next_step_and_frees_its_cache(engine, f
     assert ("info", "search: window cancelled by its client after 2 steps") in log.lines
     assert other_error is None and other.tokens  # the window beside it is unaffected
     assert len(engine.table) == 0
+
+
+def test_the_heap_is_trimmed_between_rounds_at_most_once_per_interval(engine, family, windows, monkeypatch):
+    """search_heap_trim_ms (render.py): the loop hands the C heap's free pages back between
+    rounds, at most once per interval, and only when asked; the results do not change."""
+    import model_repository.engine.search as server_search
+
+    trims = []
+    monkeypatch.setattr(server_search, "release_free_heap", lambda: trims.append(time.perf_counter()))
+    jobs = [(enc, spec(family, language)) for enc, language in windows[:2]]
+    plain = BatchedSearch(engine)
+    try:
+        untrimmed = search_all(plain, jobs)
+    finally:
+        plain.close()
+    assert trims == []
+    interval_s = 0.05
+    trimming = BatchedSearch(engine, heap_trim_s=interval_s)
+    try:
+        trimmed = search_all(trimming, jobs)
+    finally:
+        trimming.close()
+    assert trims, "no trim in a search of two windows"
+    assert all(b - a >= interval_s for a, b in zip(trims, trims[1:]))
+    assert [r.tokens for r, _ in trimmed] == [r.tokens for r, _ in untrimmed]

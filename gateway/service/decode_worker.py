@@ -8,8 +8,6 @@ process holds numpy, PyAV and this, about 20 MB less than with the pool's import
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gateway.asr.audio import MAX_CONTAINER_CHANNELS, AudioDecodeError, decode_audio, pcm_to_float
+from gateway.service.heap import release_free_heap
 
 CRASH_MARKER_ENV = "ASR_DECODE_CRASH_MARKER"
 _SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -71,21 +70,3 @@ def _decode_to_shm(job: DecodeJob) -> tuple[str, tuple[int, ...]] | AudioDecodeE
         os.unlink(path)
         raise
     return path, samples.shape
-
-
-def release_free_heap() -> None:
-    """What was freed goes back to the system (glibc malloc_trim): a worker that decoded a few
-    minutes of FLAC otherwise keeps about 12 MB more between jobs, and the gateway process tens
-    of MB after a long recording. (Triton's stubs do the same in model_repository/engine/heap.py;
-    the gateway's image ships without that package.)"""
-    global _trim
-    if _trim is None:
-        try:
-            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _trim = False
-    if _trim:
-        _trim(0)
-
-
-_trim = None  # libc's malloc_trim once looked up; False where there is none

@@ -48,7 +48,7 @@ from gateway.service import metrics, remote_tickets, responses
 from gateway.service.admission import Admission, AdmissionLimits
 from gateway.service.auth import ApiKeys, GatewayInterceptor, current_identity, require_role
 from gateway.service.decode_pool import DecodeJob, DecodePool, run_job
-from gateway.service.decode_worker import release_free_heap
+from gateway.service.heap import DEFAULT_MALLOC_ARENAS, cap_malloc_arenas, release_free_heap
 from gateway.service.errors import abort_for
 from gateway.service.options import MIB, RequestError, StreamIdleError
 from gateway.service.ticket_service import TicketService
@@ -500,11 +500,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preload-analysis", action="store_true",
                         help="load the ticket analyzer (about 220 MB) at start, not at the first analysis")
     remote_tickets.add_arguments(parser)  # --ticket-service ... (replicas), --ticket-forwarders (the history's owner)
+    parser.add_argument("--malloc-arenas", type=int, default=DEFAULT_MALLOC_ARENAS,
+                        help="glibc malloc arenas of this process at most (0: glibc's default, 8 per core)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one JSON object per line")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on this port (0: off)")
     parser.add_argument("--metrics-host", default=None, help="address of /metrics (default: --host)")
     args = parser.parse_args(argv)
+    cap_malloc_arenas(args.malloc_arenas)  # before the gRPC server's threads
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         parser.error("--tls-cert and --tls-key go together; --tls-client-ca needs them")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from .errors import CANCELLED, INTERNAL, UNAVAILABLE, RequestError
+from .heap import release_free_heap
 from .state import Step
 
 # ids of server-side sequences: far from the random 63-bit ids clients send the decoder model
@@ -162,11 +163,13 @@ class BatchedSearch:
     At most ``max_windows`` windows search at once (the others wait, in order), at most
     ``max_waiting`` wait (beyond: refused at once)."""
 
-    def __init__(self, engine, search_module, max_windows: int = 16, max_waiting: int = 256, logger=None):
+    def __init__(self, engine, search_module, max_windows: int = 16, max_waiting: int = 256, logger=None,
+                 heap_trim_s: float = 0.0):
         if max_windows < 1 or max_waiting < 0:
             raise ValueError("max_windows must be >= 1 and max_waiting >= 0")
         self.engine, self.module, self.logger = engine, search_module, logger
         self.max_windows, self.max_waiting = max_windows, max_waiting
+        self.heap_trim_s = heap_trim_s  # > 0: the C heap's free pages go back at most this often
         self.loop = asyncio.new_event_loop()
         self._pending = []  # (Step, future or None) queued for the next round
         self._waiting = collections.deque()  # jobs not started yet
@@ -258,6 +261,7 @@ class BatchedSearch:
     async def _scheduler(self) -> None:
         profile = self.engine.profile  # None unless profiling is on
         last_round_end = None
+        last_trim = time.perf_counter()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -288,6 +292,14 @@ class BatchedSearch:
                 if done is not None and not done.done():
                     done.set_result((step, searching))
             last_round_end = time.perf_counter()
+            if self.heap_trim_s > 0 and last_round_end - last_trim >= self.heap_trim_s:
+                # what the rounds freed (logits, slabs of groups that changed, cross K/V of ended
+                # windows) goes back: glibc's heap otherwise keeps its high-water mark
+                release_free_heap()
+                last_trim = time.perf_counter()
+                if profile is not None:
+                    profile.add("heap_trim", last_trim - last_round_end)
+                last_round_end = last_trim
 
     def _waiting_for_steps(self) -> int:
         """Running windows that have not queued their next step yet."""

@@ -94,7 +94,8 @@ class TritonPythonModel:
         self.engine.start_janitor()
         self.cancel_poll_s = int(param(config, "cancel_poll_ms", str(round(CANCEL_POLL_S * 1000)))) / 1000
         self.search = BatchedSearch(self.engine, beam_search, max_windows=int(param(config, "search_max_windows", "16")),
-                                    max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger)
+                                    max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger,
+                                    heap_trim_s=int(param(config, "heap_trim_ms", "0")) / 1000)
         self.logger.log_info(f"search ready: {self.search.max_windows} windows at once, "
                              f"{self.search.max_waiting} waiting at most, hotwords {'on' if self.scorers else 'off'}")
 
