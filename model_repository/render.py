@@ -28,6 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .engine.compute_lock import LOCK_MAX_CORES
 from .engine.runners import runner_class
 from .engine.search import CANCEL_POLL_S
 
@@ -67,10 +68,9 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "execution_provider": "CPUExecutionProvider",
     "pylib_dir": None,                      # default: $ASR_TRITON_PYLIB or build/triton/pylib
     "allow_spinning": False,                # ORT intra-op spin-waiting (burns CPU when idle)
-    # one ORT run at a time across the stubs of a server (engine/compute_lock.py); None: on when
-    # the execution provider is the CPU alone. Off: on 2 cores the search's Python then waits for
-    # every encoder run (RTFx 26.0 with it vs 28.1 without, 10-minute recording, int8, one run)
-    "cpu_compute_lock": False,
+    # one ORT run at a time across the stubs of a server (engine/compute_lock.py); None: on where
+    # the execution provider is the CPU alone on at most LOCK_MAX_CORES cores
+    "cpu_compute_lock": None,
     "fp16": False,                          # TensorRT EP: fp16 engines from the fp32 graphs (trt_fp16_enable)
     # encoder (dynamic batching)
     "encoder_max_batch_size": 8,
@@ -363,7 +363,7 @@ def resolve_tunables(tunables: dict) -> dict:
         values["sequence_idle_timeout_s"] = int(values["max_sequence_idle_microseconds"]) / 1e6
     cpu_only = str(values["execution_provider"]).strip() in ("", "CPUExecutionProvider")
     if values["cpu_compute_lock"] is None:
-        values["cpu_compute_lock"] = cpu_only
+        values["cpu_compute_lock"] = cpu_only and (os.cpu_count() or 1) <= LOCK_MAX_CORES
     if values["decoder_load_on_first_use"] is None:
         values["decoder_load_on_first_use"] = values["search_model"]
     if values["encoder_run_batch_size"] is None:

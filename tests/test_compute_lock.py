@@ -62,16 +62,23 @@ def test_sessions_run_under_the_lock_when_the_config_asks(tmp_path, monkeypatch)
     assert taken == [str(tmp_path / "server.lock")]  # the locked session only
 
 
-def test_render_turns_the_lock_on_when_asked_and_for_the_cpu_provider_only(tmp_path, model_dir):
+def test_render_turns_the_lock_on_by_default_for_the_cpu_provider_on_few_cores_only(tmp_path, model_dir,
+                                                                                     monkeypatch):
+    from model_repository.engine.compute_lock import LOCK_MAX_CORES
     from model_repository.render import render_repository
 
     fast = {"precision": "fp32", "split_layer_inputs": False}  # graphs hard-linked, not rewritten
-    cpu = render_repository(model_dir, tmp_path / "cpu", cpu_compute_lock=None, **fast)
-    gpu = render_repository(model_dir, tmp_path / "gpu", execution_provider="CUDAExecutionProvider",
-                            cpu_compute_lock=None, **fast)
-    off = render_repository(model_dir, tmp_path / "off", **fast)  # the default
+    monkeypatch.setattr("os.cpu_count", lambda: LOCK_MAX_CORES)
+    cpu = render_repository(model_dir, tmp_path / "cpu", **fast)  # the default
+    gpu = render_repository(model_dir, tmp_path / "gpu", execution_provider="CUDAExecutionProvider", **fast)
+    off = render_repository(model_dir, tmp_path / "off", cpu_compute_lock=False, **fast)
+    monkeypatch.setattr("os.cpu_count", lambda: LOCK_MAX_CORES * 4)
+    many = render_repository(model_dir, tmp_path / "many", **fast)
+    forced = render_repository(model_dir, tmp_path / "forced", cpu_compute_lock=True, **fast)
     line = 'key: "compute_lock" value { string_value: "%s" }'
     for model in ("encoder", "decoder", "search"):
         assert line % "1" in (cpu / model / "config.pbtxt").read_text()
         assert line % "0" in (gpu / model / "config.pbtxt").read_text()
         assert line % "0" in (off / model / "config.pbtxt").read_text()
+        assert line % "0" in (many / model / "config.pbtxt").read_text()
+        assert line % "1" in (forced / model / "config.pbtxt").read_text()

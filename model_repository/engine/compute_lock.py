@@ -7,15 +7,21 @@ took 0.6-0.75 s of ORT time beside the decoder (bench/results/latest.json) again
 lone session (a one-off measurement outside the repository). With
 this lock (an exclusive flock on a file of the server: the stubs' parent process) each run has
 the cores to itself; the Python around the runs still overlaps. Never on GPU providers, where
-runs do not compete for the CPU; on CPUs only when the render tunable `cpu_compute_lock` asks
-(off by default: on 2 cores an encoder window did drop from 0.58 to 0.37 s, but the whole run
-was slower, RTFx 26.0 vs 28.1, because the search's Python then waited for every encoder run).
+runs do not compete for the CPU. The render tunable `cpu_compute_lock` (None by default: on
+where the CPU provider serves alone on at most LOCK_MAX_CORES cores). On 2 cores, 10-minute
+recording, int8, each order once: RTFx 29.72 / 28.23 with it against 26.68 / 26.10 without, the
+search stub 19.4 / 20.5 CPU seconds against 22.5 / 22.8, an encoder window 0.28 s of ORT against
+0.54; 100 short calls 14.32 / 14.74 against 14.19 / 13.39 (bench/results/ab_compute_lock_2026-12-01*.json).
+Before the fused encoder and the 8-bit cross-attention it was slower (26.0 against 28.1). Not
+measured on more cores, where a decoder step of a few windows leaves most of them idle.
 """
 import fcntl
 import os
 import tempfile
 
 from .config import enabled
+
+LOCK_MAX_CORES = 4  # the lock's default is on up to this many cores (render.py cpu_compute_lock)
 
 
 class ComputeLock:
