@@ -5,7 +5,7 @@
     python -m analysis export-corrections corrections.jsonl [--history-db PATH]
     python -m analysis report OUT_DIR [--days 7] [--history-db PATH]     # ledger + dashboard from the history
     python -m analysis train [--all] [--history-db PATH]                  # model -> build/analysis/
-    python -m analysis eval [--no-cv] [--no-test] [--no-asr-augment] [--show-errors] [--json OUT]   # 5-fold CV + frozen test
+    python -m analysis eval [--no-cv] [--no-test] [--by-writer] [--no-asr-augment] [--show-errors] [--json OUT]   # 5-fold CV + frozen test
     python -m analysis split                                              # (re)write data/labelled/splits.json
 
 The history database defaults to `store.path` in analysis/config/defaults.yaml.
@@ -87,7 +87,7 @@ def cmd_eval(args) -> int:
 
     options = TrainOptions(asr_augment=False) if args.no_asr_augment else None
     report = run(load_config(args.config), cv=not args.no_cv, test=not args.no_test, options=options,
-                 log=lambda line: print(line, file=sys.stderr))
+                 log=lambda line: print(line, file=sys.stderr), by_writer=args.by_writer)
     print(format_report(report, show_errors=args.show_errors))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules-only", action="store_true", help="with --data: rules only")
     p.add_argument("--no-cv", action="store_true", help="skip the cross-validation")
     p.add_argument("--no-test", action="store_true", help="skip the frozen test split")
+    p.add_argument("--by-writer", action="store_true",
+                   help="cross-validation folds are the writer streams (leave one writer out) instead of the split's 5 folds")
     p.add_argument("--no-asr-augment", action="store_true",
                    help="train without the ASR copies of the tickets (the second pass; docs/analysis.md compares)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON")

@@ -1,10 +1,12 @@
 """Honest figures: 5-fold cross-validation on train+dev and the frozen test writer.
 
-    python -m analysis eval [--no-cv] [--no-test] [--show-errors] [--json OUT.json]
+    python -m analysis eval [--no-cv] [--no-test] [--by-writer] [--show-errors] [--json OUT.json]
 
 - cross-validation: for each fold of data/labelled/splits.json, a model is trained on the
   other four folds (thresholds chosen inside that training, on its own out-of-fold
   predictions) and the fold's tickets are scored; every train+dev ticket is scored once;
+  with --by-writer the folds are the writer streams instead (leave one writer out: each
+  writer is scored by a model that never saw its wording, as an outside check would be);
 - frozen test: a model trained on all of train+dev, scored on writer E (never tuned on);
 - ASR: where data/labelled/asr/*.jsonl gives a ticket's ASR transcript, the same tickets
   are analysed from it (and, side by side, from their reference text).
@@ -91,8 +93,11 @@ def score(records: Sequence[LabelledTicket], tickets: Mapping, all_records: Sequ
                 counts["district_named"] += 1
             else:
                 errors["district"].append((record.id, record.district, district, record.text[:60]))
-        # duplicates, per stream
+        # duplicates (and urgency), per stream
         stream = per_stream.setdefault(record.stream, Counter())
+        if record.urgency is not None:
+            stream["urgency_total"] += 1
+            stream["urgency_right"] += ticket.urgency == record.urgency
         expected_link = record.duplicate_of is not None and record.duplicate_of in roots
         got = ticket.duplicate_of
         if expected_link:
@@ -125,6 +130,8 @@ def score(records: Sequence[LabelledTicket], tickets: Mapping, all_records: Sequ
         "urgency_confusion": confusion,
         "needs_review": _round(review / len(ids)) if ids else None,
         "duplicates": {"all": prf(overall), "streams": {stream: prf(counter) for stream, counter in sorted(per_stream.items())}},
+        "urgency_per_stream": {stream: _round(counter["urgency_right"] / counter["urgency_total"]) if counter["urgency_total"] else None
+                               for stream, counter in sorted(per_stream.items())},
         "errors": errors,
     }
 
@@ -146,8 +153,16 @@ def _split(records: Sequence[LabelledTicket], notes: list[str]):
     return split
 
 
-def run(config: AnalysisConfig, *, cv: bool = True, test: bool = True, embedder="config", log=print, options=None) -> dict:
-    """`options`: the TrainOptions of every model trained here (default: TrainOptions())."""
+def writer_folds(records: Sequence[LabelledTicket]) -> list[frozenset[str]]:
+    """Leave-one-writer-out folds: the ids of each stream (writer, or data/eval), streams in name order."""
+    streams = by_stream(records)
+    return [frozenset(record.id for record in streams[stream]) for stream in sorted(streams)]
+
+
+def run(config: AnalysisConfig, *, cv: bool = True, test: bool = True, embedder="config", log=print, options=None,
+        by_writer: bool = False) -> dict:
+    """`options`: the TrainOptions of every model trained here (default: TrainOptions()).
+    `by_writer`: cross-validation folds are the writer streams (leave one writer out)."""
     from analysis.embeddings import load_embedder
     from analysis.training import Trainer
 
@@ -167,8 +182,9 @@ def run(config: AnalysisConfig, *, cv: bool = True, test: bool = True, embedder=
     if cv and train_dev:
         tickets: dict = {}
         asr_tickets: dict = {}
-        for fold in range(split.n_folds):
-            held = split.fold_ids(fold)
+        folds = writer_folds(train_dev) if by_writer else [split.fold_ids(fold) for fold in range(split.n_folds)]
+        report["cv_folds"] = "by writer" if by_writer else f"{split.n_folds} folds"
+        for fold, held in enumerate(folds):
             model = trainer.train([record for record in train_dev if record.id not in held], embeddings=cache)
             analyzer = TicketAnalyzer(config, embedder=embedder, model=model)
             fold_tickets = replay(train_dev, analyzer, config)
@@ -176,7 +192,7 @@ def run(config: AnalysisConfig, *, cv: bool = True, test: bool = True, embedder=
             if any(record.id in held for record in with_asr):
                 fold_asr = replay(train_dev, analyzer, config, use_asr=True)
                 asr_tickets.update({record.id: fold_asr[record.id] for record in with_asr if record.id in held})
-            log(f"  fold {fold + 1}/{split.n_folds}: {len(held)} tickets scored ({time.perf_counter() - started:.0f} s)")
+            log(f"  fold {fold + 1}/{len(folds)}: {len(held)} tickets scored ({time.perf_counter() - started:.0f} s)")
         report["cv"] = score(train_dev, tickets, train_dev)
         asr_records = [record for record in train_dev if record.id in asr_tickets]
         if asr_records:
@@ -206,7 +222,8 @@ def format_report(report: dict, show_errors: bool = False) -> str:
         lines.append(f"note: {note}")
     counts = report["counts"]
     lines.append(f"labelled tickets: {counts['train_dev']} train+dev, {counts['test']} frozen test; streams {counts['streams']}")
-    columns = [(name, report[key]) for name, key in (("5-fold CV", "cv"), ("frozen test (E)", "test")) if key in report]
+    cv_name = "CV by writer" if report.get("cv_folds") == "by writer" else "5-fold CV"
+    columns = [(name, report[key]) for name, key in ((cv_name, "cv"), ("frozen test (E)", "test")) if key in report]
     for name, key in (("CV, ASR text", "cv_asr"), ("test, ASR text", "test_asr")):
         if key in report:
             columns.append((f"{name.split(',')[0]}, same tickets, reference", report[key]["reference"]))
@@ -244,6 +261,10 @@ def format_report(report: dict, show_errors: bool = False) -> str:
             lines.append("|---|---|---|---|---|---|---|")
             for stream, figures in result["duplicates"]["streams"].items():
                 lines.append(f"| {stream} | {figures['expected']} | {figures['predicted']} | {figures['correct']} | {figures['precision']} | {figures['recall']} | {figures['f1']} |")
+    if columns:
+        lines.append("")
+        for name, result in columns:
+            lines.append(f"urgency per stream, {name}: " + ", ".join(f"{stream} {_percent(value)}" for stream, value in result.get("urgency_per_stream", {}).items()))
     if "model" in report:
         model = report["model"]
         lines.append("")

@@ -81,6 +81,22 @@ def test_score_counts_links_into_the_right_chain_per_stream():
     assert result["duplicates"]["all"]["correct"] == 2 and result["duplicates"]["all"]["expected"] == 3
     assert result["accuracy"]["district_named"] == 1.0 and result["counted"]["district_named"] == 1
     assert result["urgency_confusion"]["high"]["medium"] == 1 and result["high_recall"] == 0.0
+    # urgency per stream: A3 (high, said medium) is the one urgency error, in stream A
+    assert result["urgency_per_stream"] == {"A": 0.75, "B": 1.0}
+
+
+def test_leave_one_writer_out_folds_are_the_streams():
+    from analysis.honest_eval import format_report, score, writer_folds
+
+    records = [_labelled("A1"), _labelled("A2"), _labelled("B1", stream="B"), _labelled("E1", stream="eval")]
+    folds = writer_folds(records)
+    assert folds == [frozenset({"A1", "A2"}), frozenset({"B1"}), frozenset({"E1"})]
+    assert set().union(*folds) == {record.id for record in records}   # every ticket held out exactly once
+    tickets = {record.id: _ticket() for record in records}
+    report = {"notes": [], "counts": {"train_dev": 4, "test": 0, "streams": {}}, "cv": score(records, tickets, records),
+              "cv_folds": "by writer", "seconds": 0}
+    text = format_report(report)
+    assert "| field | CV by writer |" in text and "urgency per stream, CV by writer: A 100.0%, B 100.0%, eval 100.0%" in text
 
 
 def test_replaying_a_stream_of_the_frozen_test_writer():
