@@ -3,5 +3,3 @@
 # (select with the execution_provider parameter at `make export`).
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 RUN pip install --no-cache-dir "numpy<2" onnxruntime-gpu==1.20.1
-# tritonserver's glibc malloc arenas (gateway/launch/triton_process.py MALLOC_ARENAS)
-ENV MALLOC_ARENA_MAX=2

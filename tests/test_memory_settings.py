@@ -181,20 +181,8 @@ def test_render_writes_the_heap_settings(model_dir, tmp_path):
 
 def test_the_gateway_caps_its_malloc_arenas_unless_told_not_to():
     """gateway/service/heap.py: mallopt(M_ARENA_MAX) takes a cap, 0 leaves glibc's default (in a
-    child process: it changes the process's allocator); the server's flag defaults to the cap."""
-    from gateway.service.heap import DEFAULT_MALLOC_ARENAS
-
+    child process: it changes the process's allocator)."""
     code = "from gateway.service.heap import cap_malloc_arenas as cap; print(cap(0), cap(2))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.stdout.split() == ["False", "True"]
-    assert DEFAULT_MALLOC_ARENAS == 2
-
-
-def test_tritonserver_gets_two_malloc_arenas_unless_the_environment_says(monkeypatch, tmp_path):
-    from gateway.launch.triton_process import MALLOC_ARENAS, TritonProcess
-
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert TritonProcess(tmp_path).environment()["MALLOC_ARENA_MAX"] == str(MALLOC_ARENAS)
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
-    assert TritonProcess(tmp_path).environment()["MALLOC_ARENA_MAX"] == "8"

@@ -28,9 +28,6 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRITON_DIR = PROJECT_ROOT / "build" / "triton"
 PYLIB_ENV = "ASR_TRITON_PYLIB"   # fallback for model.py when config.pbtxt has no pylib_dir
-# glibc malloc arenas of tritonserver (its stubs set theirs: render.py heap_arena_max) unless the
-# environment says otherwise: one per thread kept 23 MB more at the peak of the calls workload
-MALLOC_ARENAS = 2
 
 
 class TritonStartError(RuntimeError):
@@ -136,7 +133,6 @@ class TritonProcess:
         pylib = self.triton_dir / "pylib"
         if pylib.is_dir():
             env.setdefault(PYLIB_ENV, str(pylib))
-        env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
         env.update(self.extra_env)
         return env
 

@@ -10,9 +10,9 @@ import ctypes
 import ctypes.util
 
 M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
-# glibc makes one malloc arena per thread up to 8 per core, each keeping its own freed memory: the
-# gateway's gRPC, asyncio.to_thread and Triton-client threads held 55 MB more at the peak of 100
-# calls at concurrency 4 (bench.speed, calls workload, int8) than with 2
+# glibc makes one malloc arena per thread up to 8 per core, each keeping its own freed memory. The
+# gateway's peak on 100 calls at concurrency 4 (bench.speed --workloads calls, int8): 296 / 307 MB
+# without a cap, 245-257 MB in most runs with 2 (docs/performance.md, tenth pass)
 DEFAULT_MALLOC_ARENAS = 2
 
 _libc = None  # libc once looked up; False where there is none

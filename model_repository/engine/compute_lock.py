@@ -3,12 +3,12 @@
 The encoder and decoder stubs are separate processes, each with an ORT thread pool sized to the
 machine. When both run at once on a small CPU (2 cores) their threads take turns on the cores:
 an operator split over two threads waits for whichever was descheduled, and an encoder window
-took 0.6-0.75 s of ORT time beside the decoder (bench/results/latest.json) against 0.2 s in a
-lone session (a one-off measurement outside the repository). With
+took 0.54 s of ORT time beside the decoder (bench/results/ab_compute_lock_2026-12-01.json, no
+lock) against 0.2 s in a lone session (a one-off measurement outside the repository). With
 this lock (an exclusive flock on a file of the server: the stubs' parent process) each run has
 the cores to itself; the Python around the runs still overlaps. Never on GPU providers, where
-runs do not compete for the CPU. The render tunable `cpu_compute_lock` (None by default: on
-where the CPU provider serves alone on at most LOCK_MAX_CORES cores). On 2 cores, 10-minute
+runs do not compete for the CPU. Render tunable `cpu_compute_lock`; None by default: on
+where the CPU provider serves alone on at most LOCK_MAX_CORES cores. On 2 cores, 10-minute
 recording, int8, each order once: RTFx 29.72 / 28.23 with it against 26.68 / 26.10 without, the
 search stub 19.4 / 20.5 CPU seconds against 22.5 / 22.8, an encoder window 0.28 s of ORT against
 0.54; 100 short calls 14.32 / 14.74 against 14.19 / 13.39 (bench/results/ab_compute_lock_2026-12-01*.json).
