@@ -86,8 +86,9 @@ class RecordingClient:
         self.sessions: list[RecordingSession] = []
         self.searches: list[dict] = []  # perf_analyzer input of each `search` request
 
-    async def has_search(self, hotwords: bool = False) -> bool:
-        return await self.client.has_search(hotwords)
+    async def has_search(self, hotwords: bool = False, features: bool = False) -> bool:
+        # perf_analyzer replays recorded encoder outputs: never the features path
+        return not features and await self.client.has_search(hotwords)
 
     async def search(self, encoder_output, options: dict, **ids):
         self.searches.append({"encoder_output": _b64(np.ascontiguousarray(encoder_output, dtype=np.float32)),

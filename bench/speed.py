@@ -340,7 +340,7 @@ def cpu_used(after: dict, before: dict, wall_s: float) -> dict:
 def parse_spec(spec: str) -> tuple[str, str, dict]:
     """'name:precision:key=value,key=value' | 'precision' -> (name, precision, tunables); the keys
     `windows` (the gateway's --max-concurrent-windows), `stepwise` (its --stepwise-only),
-    `hotword_dir` (its --hotword-dir, relative to the project), `model_dir` (another export, to compare
+    `gateway_encode` (its --encode-in-gateway), `decode_workers` (its --decode-workers), `hotword_dir` (its --hotword-dir, relative to the project), `model_dir` (another export, to compare
     two exports in one run) and `workloads` are run_ours's, every other key a render tunable."""
     from model_repository.render import _parse_value
 
@@ -368,6 +368,8 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     windows = int(tunables.pop("windows", args.windows))  # the gateway's --max-concurrent-windows
     only = tunables.pop("workloads", None)  # e.g. workloads=long: this configuration runs (a) only
     stepwise = bool(tunables.pop("stepwise", False))  # the gateway's --stepwise-only (no search model use)
+    gateway_args = (["--encode-in-gateway"] if tunables.pop("gateway_encode", False) else []) + (
+        ["--decode-workers", str(tunables.pop("decode_workers"))] if "decode_workers" in tunables else [])
     hotword_dir = tunables.pop("hotword_dir", None)  # server-side hotword lists: every window biased
     model_dir = Path(str(tunables.pop("model_dir", args.model_dir))).resolve()
     if only:
@@ -378,6 +380,7 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     prof_dir.mkdir(parents=True, exist_ok=True)
     render_repository(model_dir, repo, precision=precision, **tunables)
     result = {"engine": name, "precision": precision, "tunables": tunables, "gateway_windows": windows,
+              "gateway_args": gateway_args,
               "model_dir": str(model_dir),
               "search": "gateway, one Triton step per token" if stepwise else "in Triton (model search)",
               "hotword_dir": hotword_dir,
@@ -388,7 +391,7 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
                            env={"ASR_ENGINE_PROFILE_DIR": str(prof_dir)}) as triton, \
                 _started(GatewayProcess(model_dir, triton.grpc_url, log_path=work / f"gateway-{name}.log",
                                         extra_args=["--max-concurrent-windows", str(windows)]
-                                        + (["--stepwise-only"] if stepwise else [])
+                                        + (["--stepwise-only"] if stepwise else []) + gateway_args
                                         + (["--hotword-dir", str(PROJECT_ROOT / hotword_dir)] if hotword_dir else []))) \
                 as gateway, \
                 MemorySampler([triton.pid, gateway.process.pid]) as memory:

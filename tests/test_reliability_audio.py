@@ -13,7 +13,9 @@ import pytest
 
 from gateway.asr.audio import AudioDecodeError, AudioTooLongError, load_audio
 from gateway.asr.audio_stream import ContainerStream
-from gateway.service.decode_pool import CRASH_MARKER_ENV, DecodeJob, DecodePool, DecoderCrashError, run_job
+from gateway.service.decode_pool import (
+    CRASH_MARKER_ENV, DecodeJob, DecodePool, DecoderCrashError, default_decode_workers, run_job,
+)
 
 MAX_STATUS_BYTES = 1024
 FOUR_HOURS_S = 4 * 3600.0
@@ -104,6 +106,12 @@ def test_pool_decodes_as_in_process(crashing_pool):
     assert got.dtype == np.float32 and np.array_equal(got, expected)
     with pytest.raises(AudioDecodeError, match="1 Hz"):  # a client error comes back as such
         asyncio.run(crashing_pool.decode(DecodeJob(pcm_wav(1, 1, 100), keep_channels=False, max_duration_s=60.0)))
+
+
+def test_default_decode_workers_one_per_two_cores():
+    # a small machine gets one decoder process (a second idle one costs memory, not speed)
+    assert [default_decode_workers(cores) for cores in (1, 2, 3, 4, 8, 64)] == [1, 1, 1, 2, 2, 2]
+    assert 1 <= default_decode_workers() <= 2
 
 
 def test_worker_crash_costs_one_request(crashing_pool):

@@ -3,6 +3,7 @@
 Windows without hotwords are searched inside Triton, one request per window (no decoder step
 crosses the wire); the transcripts equal the gateway's own stepwise search, with hotwords too
 (the scorer travels as data); a repository rendered without them keeps hotword windows stepwise;
+a window sent as features is encoded inside Triton (BLS) as the encoder model would encode it;
 a bad request to the model gets an error saying what is wrong and the model keeps serving.
 """
 from __future__ import annotations
@@ -107,12 +108,68 @@ def _stream_once(url: str, inputs) -> tuple:
         client.close()
 
 
-def _inputs(options: bytes, frames: int = 1500, width: int = 512):
-    enc = triton_grpc.InferInput("encoder_output", [1, frames, width], "FP32")
-    enc.set_data_from_numpy(np.zeros((1, frames, width), np.float32))
+def _inputs(options: bytes, frames: int = 1500, width: int = 512, window: dict | None = None):
+    """The options plus the window: ``window`` {input name: array [S, d] or [n_mels, frames]}
+    (default: an encoder_output of zeros)."""
+    window = window if window is not None else {"encoder_output": np.zeros((frames, width), np.float32)}
+    inputs = []
+    for name, array in window.items():
+        tensor = triton_grpc.InferInput(name, [1, *array.shape], "FP32")
+        tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32)[np.newaxis])
+        inputs.append(tensor)
     opts = triton_grpc.InferInput("options", [1, 1], "BYTES")
     opts.set_data_from_numpy(np.array([[options]], dtype=np.object_))
-    return [enc, opts]
+    return [*inputs, opts]
+
+
+def _english_options(model_dir, **extra) -> dict:
+    info = json.loads((model_dir / "model_info.json").read_text())
+    return {"prompt": [info["sot"], info["lang_to_id"]["en"], info["transcribe"], info["no_timestamps"]],
+            "beam_size": 5, "max_new_tokens": 40, "max_length": info["max_target_positions"],
+            "eot_ids": [info["eot"]], **extra}
+
+
+def test_a_window_sent_as_features_is_encoded_inside_triton_as_the_encoder_would(triton, model_dir):
+    from gateway.asr.audio import load_audio
+    from gateway.asr.features import N_SAMPLES, log_mel_spectrogram
+
+    clip = next(c for c in sample_clips() if c.language == "en")
+    features = log_mel_spectrogram(load_audio(clip.path.read_bytes()).samples[:N_SAMPLES])
+    with triton_grpc.InferenceServerClient(triton.grpc_url) as client:
+        tensor = triton_grpc.InferInput("input_features", [1, *features.shape], "FP32")
+        tensor.set_data_from_numpy(features[np.newaxis])
+        encoder_output = client.infer("encoder", [tensor]).as_numpy("encoder_output")[0]
+    options = json.dumps(_english_options(model_dir)).encode()
+    from_output, error = _stream_once(triton.grpc_url, _inputs(options, window={"encoder_output": encoder_output}))
+    assert error is None
+    before = _counts(triton.grpc_url)
+    from_features, error = _stream_once(triton.grpc_url, _inputs(options, window={"input_features": features}))
+    after = _counts(triton.grpc_url)
+    assert error is None
+    assert after["encoder"] == before["encoder"] + 1  # encoded by the encoder model, inside the server
+    expected, got = (json.loads(r.as_numpy("result").reshape(-1)[0]) for r in (from_output, from_features))
+    assert got["tokens"] and got["tokens"] == expected["tokens"]
+    assert got["sum_logprob"] == pytest.approx(expected["sum_logprob"], abs=1e-4)
+
+    # a window given twice, or with a bad audio_tokens, is refused saying why
+    both = {"input_features": features, "encoder_output": encoder_output}
+    result, error = _stream_once(triton.grpc_url, _inputs(options, window=both))
+    assert result is None and "either input_features" in error.message()
+    bad = json.dumps(_english_options(model_dir, audio_tokens=0)).encode()
+    result, error = _stream_once(triton.grpc_url, _inputs(bad, window={"input_features": features}))
+    assert result is None and "audio_tokens must be a positive integer" in error.message()
+
+
+def test_a_gateway_that_encodes_its_windows_itself_writes_the_same_transcripts(asr_stub, model_dir, triton,
+                                                                               tmp_path_factory):
+    clips = sample_clips()
+    by_server = [asr_stub.Transcribe(_request(c), timeout=300) for c in clips]
+    logs = tmp_path_factory.mktemp("encode-in-gateway")
+    with running_gateway(model_dir, triton.grpc_url, logs, ["--encode-in-gateway"]) as gw, asr_client(gw.address) as stub:
+        by_gateway = [stub.Transcribe(_request(c), timeout=300) for c in clips]
+    assert [r.text for r in by_server] == [r.text for r in by_gateway]
+    for a, b in zip(by_server, by_gateway):
+        assert [s.confidence for s in a.segments] == pytest.approx([s.confidence for s in b.segments], abs=1e-4)
 
 
 def test_a_bad_search_request_gets_an_error_and_the_model_keeps_serving(triton, model_dir):

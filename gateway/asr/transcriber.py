@@ -147,10 +147,12 @@ class Transcriber:
         vad: SileroVad | None = None,
         window_decoder: WindowDecoder | None = None,
         server_search: bool = True,
+        server_encode: bool = True,
     ) -> None:
         """``client``: a TritonAsrClient for the stepwise path, unused when ``window_decoder``
         (another backend behind the WindowDecoder seam) is given. ``server_search``: windows
-        are searched inside Triton when it serves the `search` model (False: stepwise)."""
+        are searched inside Triton when it serves the `search` model (False: stepwise);
+        ``server_encode``: ... from their features, encoded there too, when the model takes them."""
         self.client = client
         self.model_dir = Path(model_dir)
         # The family (whisper, glm_asr) supplies prompt, EOS ids, suppress lists, detokenizer:
@@ -166,7 +168,7 @@ class Transcriber:
             self.time_precision: float = float(self.model_info.get("time_precision", 0.02))
         self.vad = vad
         self.window_decoder: WindowDecoder = window_decoder or TritonWindowDecoder(
-            client, self.family, server_search=server_search)
+            client, self.family, server_search=server_search, server_encode=server_encode)
         self._window_slots = asyncio.Semaphore(max_concurrent_windows)
 
     async def check_deployment(self) -> None:

@@ -133,6 +133,7 @@ class TritonAsrClient:
         self.search_model = SEARCH_MODEL
         self._has_search: bool | None = None  # None: not asked yet
         self._search_hotwords = False  # ... and it searches hotword-biased windows too
+        self._search_features = False  # ... and encodes a window's features itself (input_features)
         self._search_asked = 0.0
 
     def _failed(self, error: InferenceServerException, what: str) -> Exception:
@@ -227,10 +228,11 @@ class TritonAsrClient:
             profile.add("decoder_end" if end else "decoder", time.perf_counter() - started)
         return result
 
-    async def has_search(self, hotwords: bool = False) -> bool:
+    async def has_search(self, hotwords: bool = False, features: bool = False) -> bool:
         """True when this server serves the `search` model (``hotwords``: and searches
-        hotword-biased windows too, its config parameter ``hotwords``): a yes is kept, a no is
-        asked again after SEARCH_RECHECK_S (a model still loading, or loaded later)."""
+        hotword-biased windows too, its config parameter ``hotwords``; ``features``: and takes a
+        window's log-mel features, its input ``input_features``): a yes is kept, a no is asked
+        again after SEARCH_RECHECK_S (a model still loading, or loaded later)."""
         now = time.monotonic()
         if self._has_search is None or (not self._has_search and now - self._search_asked >= SEARCH_RECHECK_S):
             self._search_asked = now
@@ -240,33 +242,38 @@ class TritonAsrClient:
                     config = await self._client.get_model_config(self.search_model, as_json=True, client_timeout=5.0)
                     parameters = config["config"].get("parameters", {})
                     self._search_hotwords = parameters.get("hotwords", {}).get("string_value") == "1"
+                    self._search_features = any(i.get("name") == "input_features" for i in config["config"].get("input", []))
             except InferenceServerException:
                 self._has_search = None  # not answering now: asked again next time
                 return False
-        return bool(self._has_search) and (self._search_hotwords or not hotwords)
+        return bool(self._has_search) and (self._search_hotwords or not hotwords) and (self._search_features or not features)
 
-    async def search(self, encoder_output: np.ndarray, options: dict, *, request_id: str = "") -> DecodingResult:
-        """One window's whole beam search in the server: encoder output [S, d] and the search
-        options (``prompt``, ``beam_size``, ``eot_ids``, ``max_length``, ``max_new_tokens``,
-        ``suppress_ids``, ``begin_suppress_ids``, ``timestamp_rules``, ...) -> the best hypothesis.
-        The model is decoupled: one gRPC stream per window, one response on it."""
+    async def search(self, window: np.ndarray, options: dict, *, request_id: str = "", features: bool = False) -> DecodingResult:
+        """One window's whole beam search in the server: its encoder output [S, d], or with
+        ``features`` its log-mel features [n_mels, frames] (the server encodes them: the encoder
+        output then never leaves Triton), and the search options (``prompt``, ``beam_size``,
+        ``eot_ids``, ``max_length``, ``max_new_tokens``, ``suppress_ids``, ``begin_suppress_ids``,
+        ``timestamp_rules``, ``audio_tokens``, ...) -> the best hypothesis. The model is
+        decoupled: one gRPC stream per window, one response on it."""
+        name = "input_features" if features else "encoder_output"
         inputs = [
-            _tensor("encoder_output", np.ascontiguousarray(encoder_output, dtype=np.float32)[np.newaxis], "FP32"),
+            _tensor(name, np.ascontiguousarray(window, dtype=np.float32)[np.newaxis], "FP32"),
             _tensor("options", np.array([[json.dumps(options).encode("utf-8")]], dtype=np.object_), "BYTES"),
         ]
-        answered = asyncio.Event()
 
         async def request():
+            # one request, then the client's half of the stream closes: Triton keeps the stream
+            # open until the window's answer is sent, and the request's copies of the window
+            # (the InferInput's and the message's) are freed now, not when the answer comes
             yield {"model_name": self.search_model, "inputs": inputs, "request_id": request_id,
                    "outputs": [triton_grpc.InferRequestedOutput("result")]}
-            await answered.wait()  # the stream stays open until the answer is in
+            inputs.clear()
 
         profile, started = client_profile(), time.perf_counter()
         self.in_flight += 1
         try:
             responses = self._client.stream_infer(request(), stream_timeout=SEARCH_TIMEOUT_STEPS * self.request_timeout_s)
             async for result, error in responses:
-                answered.set()
                 if error is not None:
                     raise self._failed(error, "search")
                 raw = result.as_numpy("result").reshape(-1)[0]
@@ -280,7 +287,6 @@ class TritonAsrClient:
             details = error.details() if callable(getattr(error, "details", None)) else str(error)
             raise self._failed(InferenceServerException(details, status=f"StatusCode.{status}"), "search") from error
         finally:
-            answered.set()
             self.in_flight -= 1
         fields = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
         if profile is not None:
@@ -459,12 +465,12 @@ class TritonReplicas:
         """A session on one replica: all its steps and its END go there."""
         return self.pick().decoder_session(encoder_output, **options)
 
-    async def has_search(self, hotwords: bool = False) -> bool:
+    async def has_search(self, hotwords: bool = False, features: bool = False) -> bool:
         """Every replica serves the `search` model (a window may go to any of them)."""
-        return all(await asyncio.gather(*(replica.has_search(hotwords) for replica in self.replicas)))
+        return all(await asyncio.gather(*(replica.has_search(hotwords, features) for replica in self.replicas)))
 
-    async def search(self, encoder_output: np.ndarray, options: dict, *, request_id: str = "") -> DecodingResult:
-        return await self.pick().search(encoder_output, options, request_id=request_id)
+    async def search(self, window: np.ndarray, options: dict, *, request_id: str = "", features: bool = False) -> DecodingResult:
+        return await self.pick().search(window, options, request_id=request_id, features=features)
 
     async def inference_statistics(self) -> dict:
         return {replica.url: await replica.inference_statistics() for replica in self.replicas}

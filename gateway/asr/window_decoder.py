@@ -85,11 +85,13 @@ class TritonWindowDecoder:
     hotwords included where the server takes them) or the gateway's over Triton decoder steps
     (KV cache in Triton)."""
 
-    def __init__(self, client, family: ModelFamily, *, server_search: bool = True) -> None:
+    def __init__(self, client, family: ModelFamily, *, server_search: bool = True, server_encode: bool = True) -> None:
         self.client = client  # gateway.asr.triton_client.TritonAsrClient (or a wrapper of it)
         self.family = family
         # windows searched inside Triton when it serves the `search` model
         self.server_search = server_search and hasattr(client, "search")
+        # ... sent as features, encoded there too, when the model takes them (input_features)
+        self.server_encode = server_encode
         info = family.model_info
         if family.supports_timestamps:
             self._timestamp_rules = (
@@ -126,16 +128,22 @@ class TritonWindowDecoder:
         # Triton request ids (triton_client): <tag>-enc, steps <tag>-s<n> and <tag>-end, language
         # detection <tag>-lang-s0, a decode again without hotwords <tag>-nohw-s<n>
         ids = (lambda suffix: {"request_id": f"{tag}-{suffix}" if suffix else tag}) if tag else (lambda suffix: {})
-        encoder_output = await self.client.encode(features, **ids("enc"))
+        encoded: list[np.ndarray] = []  # the window's encoder output, asked for at most once
+
+        async def encoder_output() -> np.ndarray:
+            if not encoded:
+                encoded.append(await self.client.encode(features, **ids("enc")))
+            return encoded[0]
+
         if options.language:
             language = options.language
         elif family.supports_language_detection:
-            language = await self._detect_language(encoder_output, ids("lang"))
+            language = await self._detect_language(await encoder_output(), ids("lang"))
         else:
             language = ""
         timestamps = options.timestamps and family.supports_timestamps
-        decoder_audio = family.decoder_audio(encoder_output, n_samples)
-        prompt = family.prompt_ids(language, options.task, decoder_audio.shape[0], timestamps=timestamps)
+        audio_tokens = family.n_audio_tokens(n_samples)  # rows of the encoder output the decoder attends to
+        prompt = family.prompt_ids(language, options.task, audio_tokens, timestamps=timestamps)
         rules = self._timestamp_rules if timestamps else None
         # a hallucination loop stops after what the audio could hold (speech is < 8 tokens/s)
         max_new_tokens = int(MIN_NEW_TOKENS + MAX_TOKENS_PER_S * n_samples / SAMPLE_RATE)
@@ -158,9 +166,16 @@ class TritonWindowDecoder:
                            "begin_suppress_ids": [int(t) for t in family.begin_suppress_ids],
                            "timestamp_rules": None if rules is None else list(rules),
                            "max_biased_logprob": decoding.max_biased_logprob, "hotwords": wire}
-                return await self.client.search(decoder_audio, options, **ids(name or "search"))
+                if (self.server_encode and not encoded
+                        and await self.client.has_search(hotwords=wire is not None, features=True)):
+                    # the server encodes the window itself: its encoder output (3 MB for Whisper
+                    # base) stays in Triton instead of a round trip through this process
+                    options["audio_tokens"] = audio_tokens
+                    return await self.client.search(features, options, features=True, **ids(name or "search"))
+                return await self.client.search(family.decoder_audio(await encoder_output(), n_samples), options,
+                                                **ids(name or "search"))
             session = self.client.decoder_session(
-                decoder_audio,
+                family.decoder_audio(await encoder_output(), n_samples),
                 suppress_ids=list(family.suppress_ids),
                 begin_suppress_ids=list(family.begin_suppress_ids),
                 timestamp_rules=rules,

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ from gateway.service import options as request_options
 from gateway.service import metrics, remote_tickets, responses
 from gateway.service.admission import Admission, AdmissionLimits
 from gateway.service.auth import ApiKeys, GatewayInterceptor, current_identity, require_role
-from gateway.service.decode_pool import DecodeJob, DecodePool, run_job
+from gateway.service.decode_pool import DecodeJob, DecodePool, default_decode_workers, run_job
 from gateway.service.heap import DEFAULT_MALLOC_ARENAS, cap_malloc_arenas, release_free_heap
 from gateway.service.errors import abort_for
 from gateway.service.options import MIB, RequestError, StreamIdleError
@@ -96,6 +96,10 @@ class GatewayConfig:
     # beam search inside Triton (model `search`) when it serves it (hotword windows too, where it
     # was rendered with search_hotwords); False: every window stepwise through `decoder`
     server_search: bool = True
+    # ... and the search model encodes each window's features itself (its input_features): the
+    # encoder output stays in Triton. False: the gateway asks the encoder and sends the output on
+    # (on a GPU the encoder then batches windows of several calls)
+    server_encode: bool = True
     vad_model: Path | None = None  # None: build/vad/silero_vad.onnx when it exists
     # Admission: calls past these get RESOURCE_EXHAUSTED at once with a retry hint, instead of
     # queueing past their deadlines. Sized on the 2-core CPU test machine (README, Reliability).
@@ -118,7 +122,8 @@ class GatewayConfig:
     retry_after_s: float = 2.0  # the hint sent with RESOURCE_EXHAUSTED
     stream_idle_timeout_s: float = 30.0  # a stream with no message for this long is closed
     max_stream_decodes: int = 4  # stream decodes in flight over all streams (finals first)
-    decode_workers: int = 2  # audio decoder processes (0: decode in the gateway process)
+    # audio decoder processes (0: decode in the gateway process); default: one per two cores, 1-2
+    decode_workers: int = field(default_factory=default_decode_workers)
     hotword_dir: Path | None = None  # None: $ASR_HOTWORD_DIR or config/hotwords
     history_db: Path | None = None  # ticket history; None: store.path of analysis/config/defaults.yaml
     # Load the ticket analyzer (its embedding model: about 220 MB of the gateway's memory, 4 s)
@@ -406,7 +411,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
     client = TritonReplicas(config.triton_url)
     vad = load_vad(config.vad_model)
     transcriber = Transcriber(client, config.model_dir, max_concurrent_windows=config.max_concurrent_windows, vad=vad,
-                              server_search=config.server_search)
+                              server_search=config.server_search, server_encode=config.server_encode)
     keys = ApiKeys.load(config.api_keys) if config.api_keys else None
     admission = Admission(config.admission_limits())
     server = grpc.aio.server(
@@ -477,6 +482,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stepwise-only", action="store_true",
                         help="every window searched here, one Triton decoder step per token (default: windows "
                              "searched inside Triton when it serves the `search` model)")
+    parser.add_argument("--encode-in-gateway", action="store_true",
+                        help="ask the encoder here and send its output to the search model (default: the search "
+                             "model encodes the window's features itself, the output staying in Triton)")
     parser.add_argument("--max-audio-channels", type=int, default=MAX_CONTAINER_CHANNELS)
     parser.add_argument("--max-transcribes", type=int, default=16, help="concurrent Transcribe calls; more: RESOURCE_EXHAUSTED")
     parser.add_argument("--max-audio-in-flight-s", type=float, default=None,
@@ -488,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="request bytes held by calls at once (default: --max-audio-mb); more: RESOURCE_EXHAUSTED")
     parser.add_argument("--retry-after-s", type=float, default=2.0, help="retry hint sent with RESOURCE_EXHAUSTED")
     parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0)
-    parser.add_argument("--decode-workers", type=int, default=2, help="audio decoder processes (0: in the gateway process)")
+    parser.add_argument("--decode-workers", type=int, default=None,
+                        help="audio decoder processes (0: in the gateway process; default: one per two cores, 1-2)")
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM); with --tls-key: TLS")
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--tls-client-ca", type=Path, help="CA of client certificates: mutual TLS")
@@ -531,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
         vad_model=args.vad_model,
         max_concurrent_windows=args.max_concurrent_windows,
         server_search=not args.stepwise_only,
+        server_encode=not args.encode_in_gateway,
         max_audio_channels=args.max_audio_channels,
         max_transcribes=args.max_transcribes,
         max_audio_in_flight_s=args.max_audio_in_flight_s,
@@ -540,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         max_request_bytes_in_flight=int(args.max_request_mb_in_flight * MIB) if args.max_request_mb_in_flight else None,
         retry_after_s=args.retry_after_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
-        decode_workers=args.decode_workers,
+        decode_workers=default_decode_workers() if args.decode_workers is None else args.decode_workers,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         api_keys=args.api_keys,
         audit_log=args.audit_log,

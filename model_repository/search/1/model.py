@@ -1,7 +1,8 @@
 """Triton Python-backend model `search`: a whole window's beam search inside the server.
 
-Decoupled: execute() hands each request (one window: encoder_output plus a JSON of search
-options) to engine/search.py's BatchedSearch and returns at once; the window's one response
+Decoupled: execute() hands each request (one window: its input_features, encoded here by the
+`encoder` model through BLS, or its encoder_output; plus a JSON of search options) to
+engine/search.py's BatchedSearch and returns; the window's one response
 (a JSON of the best hypothesis, or an error) is sent from the search loop's thread when it is
 done. Windows that search at the same time share every decoder_step call (continuous
 batching), with no round trip per token. A window may bring hotwords (options ``hotwords``: the
@@ -31,7 +32,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from engine.responses import error_response  # noqa: E402
 from engine.config import enabled, param  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
-from engine.errors import INVALID_ARG, RequestError  # noqa: E402
+from engine.errors import INVALID_ARG, UNAVAILABLE, RequestError  # noqa: E402
 from engine import beam_search  # noqa: E402  (the gateway's search, deployed here by render.py)
 from engine.search import CANCEL_POLL_S, BatchedSearch, polled  # noqa: E402
 from engine.search_hotwords import HotwordScorers  # noqa: E402
@@ -91,6 +92,7 @@ class TritonPythonModel:
                     f"search: hotwords are on but cannot be served ({type(error).__name__}: {error}); install "
                     "tokenizers and zhconv into the stub's pylib (tools/setup_triton.py) or render with "
                     "search_hotwords=0") from error
+        self.encoder_model = param(config, "encoder_model", "encoder")
         self.engine.start_janitor()
         self.cancel_poll_s = int(param(config, "cancel_poll_ms", str(round(CANCEL_POLL_S * 1000)))) / 1000
         self.search = BatchedSearch(self.engine, beam_search, max_windows=int(param(config, "search_max_windows", "16")),
@@ -99,7 +101,7 @@ class TritonPythonModel:
         self.logger.log_info(f"search ready: {self.search.max_windows} windows at once, "
                              f"{self.search.max_waiting} waiting at most, hotwords {'on' if self.scorers else 'off'}")
 
-    def _submit(self, request) -> None:
+    async def _submit(self, request) -> None:
         sender = request.get_response_sender()
 
         def done(result, error):
@@ -112,10 +114,12 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("result", out)]), flags=FINAL)
 
         try:
+            features = pb_utils.get_input_tensor_by_name(request, "input_features")
             enc = pb_utils.get_input_tensor_by_name(request, "encoder_output")
             spec = pb_utils.get_input_tensor_by_name(request, "options")
-            if enc is None or spec is None:
-                raise RequestError("search requests need encoder_output [1, S, d] and options (JSON)")
+            if (features is None) == (enc is None) or spec is None:
+                raise RequestError("search requests need options (JSON) and either input_features [1, n_mels, frames] "
+                                   "or encoder_output [1, S, d]")
             raw = spec.as_numpy().reshape(-1)
             if raw.size != 1:
                 raise RequestError("options must hold one JSON document")
@@ -131,7 +135,8 @@ class TritonPythonModel:
                 if self.scorers is None:
                     raise RequestError("this search model was rendered without hotwords (search_hotwords=0)")
                 scorer = self.scorers.scorer(options["hotwords"])
-            job = self.search.job(enc.as_numpy(), options, done, cancelled=_cancelled(sender, self.cancel_poll_s),
+            encoder_output = enc.as_numpy() if enc is not None else await self._encode(features.as_numpy(), options)
+            job = self.search.job(encoder_output, options, done, cancelled=_cancelled(sender, self.cancel_poll_s),
                                   scorer=scorer)
         except RequestError as error:
             sender.send(_error_response(f"search: {error}", error.code or INVALID_ARG), flags=FINAL)
@@ -141,9 +146,28 @@ class TritonPythonModel:
             return
         self.search.submit(job)
 
-    def execute(self, requests):
+    async def _encode(self, features: np.ndarray, options: dict) -> np.ndarray:
+        """The window's encoder output [1, S, d], from the encoder model in this server (BLS): the
+        output goes from the encoder's stub to this one without a round trip through the client.
+        ``audio_tokens`` (options): the rows the decoder attends to (GLM-ASR: the window's own
+        audio). Awaited: a blocking exec() held this stub's execute thread (and, measured, slowed
+        the search loop) for each encoder run; the encoder's batcher also sees several windows."""
+        tokens = options.get("audio_tokens")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise RequestError(f"audio_tokens must be a positive integer, got {tokens!r}")
+        request = pb_utils.InferenceRequest(model_name=self.encoder_model, requested_output_names=["encoder_output"],
+                                            inputs=[pb_utils.Tensor("input_features", features)])
+        response = await request.async_exec()
+        if response.has_error():
+            raise RequestError(f"encoder: {response.error().message()}", UNAVAILABLE)
+        encoded = pb_utils.get_output_tensor_by_name(response, "encoder_output").as_numpy()
+        return np.array(encoded[:, :tokens] if tokens is not None else encoded)  # its own copy, not the response's
+
+    async def execute(self, requests):
+        # a coroutine: the Python backend runs a decoupled model's execute() in the background on
+        # its event loop, so a window waiting for its encoder output holds nothing else up
         for request in requests:
-            self._submit(request)
+            await self._submit(request)
         return None
 
     def finalize(self):
