@@ -82,3 +82,19 @@ def test_a_detected_language_reuses_the_encoder_output_it_was_detected_from(mode
     _decode(client, model_dir, language=None)
     assert calls == ["detect"]
     assert [c[0] for c in client.calls] == ["encode", "search"] and client.calls[1][1] == "encoder_output"
+
+
+def test_a_search_error_that_says_the_server_is_going_away_is_retryable():
+    """A search stream's error carries its message only (no status code): the search model writes
+    "search: unavailable: ..." and the gateway reads it as Triton unavailable (the batch job
+    retries), as it reads the encoder's "Server not ready" of a stopping Triton."""
+    from tritonclient.utils import InferenceServerException
+
+    from gateway.asr.triton_client import TritonInferenceError, TritonUnavailableError, _translate
+
+    going_away = ("search: unavailable: encoder: Model encoder - Error when running inference: Server not ready",
+                  "search: unavailable: search: 256 windows already waiting; try again later")
+    for message in going_away:
+        assert isinstance(_translate(InferenceServerException(message), "search"), TritonUnavailableError), message
+    bad_request = _translate(InferenceServerException("search: options is not JSON: Expecting value"), "search")
+    assert isinstance(bad_request, TritonInferenceError) and not isinstance(bad_request, TritonUnavailableError)

@@ -46,10 +46,13 @@ SEARCH_RECHECK_S = 30.0  # a server without the search model is asked again this
 _RESULT_FIELDS = set(DecodingResult.__dataclass_fields__)  # the search model's answer may say more
 # gRPC status codes that mean "Triton is not there right now" rather than "bad request".
 _UNAVAILABLE_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN")
-# ... and messages that say so with another code: a stopping Triton unloads its models and
+# ... and messages that say so with another code or none: a stopping Triton unloads its models and
 # answers requests that come meanwhile with "Request for unknown model: 'encoder' has no
-# available versions" (a retry after it is back succeeds)
-_UNAVAILABLE_MESSAGES = ("failed to connect", "has no available versions", "server is stopping", "server is not ready")
+# available versions" (a retry after it is back succeeds); a search stream's error carries only
+# its message: the search model writes "search: unavailable: ..." (its encoder call on a stopping
+# server: "... Error when running inference: Server not ready")
+_UNAVAILABLE_MESSAGES = ("failed to connect", "has no available versions", "server is stopping", "server is not ready",
+                         "server not ready", "search: unavailable: ")
 
 
 class TritonUnavailableError(RuntimeError):

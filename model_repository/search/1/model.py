@@ -43,7 +43,10 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 def _error_response(message: str, code: str):
-    return error_response(pb_utils, message, code)
+    """``search: <message>``; ``search: unavailable: <message>`` for UNAVAILABLE, since a gRPC stream
+    response carries the message without the code and the gateway retries on that word (a
+    stopping server, a full queue: gateway/asr/triton_client.py _UNAVAILABLE_MESSAGES)."""
+    return error_response(pb_utils, f"search: {'unavailable: ' if code == UNAVAILABLE else ''}{message}", code)
 
 
 def result_json(result) -> bytes:
@@ -108,7 +111,7 @@ class TritonPythonModel:
             if error is not None:
                 code = error.code if isinstance(error, RequestError) else "INTERNAL"
                 message = str(error) if isinstance(error, RequestError) else f"search failed: {type(error).__name__}: {error}"
-                sender.send(_error_response(f"search: {message}", code), flags=FINAL)
+                sender.send(_error_response(message, code), flags=FINAL)
             else:
                 out = np.array([result_json(result)], dtype=np.object_)
                 sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("result", out)]), flags=FINAL)
@@ -139,10 +142,10 @@ class TritonPythonModel:
             job = self.search.job(encoder_output, options, done, cancelled=_cancelled(sender, self.cancel_poll_s),
                                   scorer=scorer)
         except RequestError as error:
-            sender.send(_error_response(f"search: {error}", error.code or INVALID_ARG), flags=FINAL)
+            sender.send(_error_response(str(error), error.code or INVALID_ARG), flags=FINAL)
             return
         except Exception as error:  # noqa: BLE001 - reported to that request only
-            sender.send(_error_response(f"search: {type(error).__name__}: {error}", "INTERNAL"), flags=FINAL)
+            sender.send(_error_response(f"{type(error).__name__}: {error}", "INTERNAL"), flags=FINAL)
             return
         self.search.submit(job)
 
