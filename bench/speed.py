@@ -340,8 +340,9 @@ def cpu_used(after: dict, before: dict, wall_s: float) -> dict:
 def parse_spec(spec: str) -> tuple[str, str, dict]:
     """'name:precision:key=value,key=value' | 'precision' -> (name, precision, tunables); the keys
     `windows` (the gateway's --max-concurrent-windows), `stepwise` (its --stepwise-only),
-    `gateway_encode` (its --encode-in-gateway), `decode_workers` (its --decode-workers), `hotword_dir` (its --hotword-dir, relative to the project), `model_dir` (another export, to compare
-    two exports in one run) and `workloads` are run_ours's, every other key a render tunable."""
+    `gateway_encode` (its --encode-in-gateway), `decode_workers` (its --decode-workers),
+    `hotword_dir` (its --hotword-dir, relative to the project), `model_dir` (another export, to
+    compare two exports in one run) and `workloads` are run_ours's, every other key a render tunable."""
     from model_repository.render import _parse_value
 
     parts = spec.split(":")

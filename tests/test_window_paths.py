@@ -86,8 +86,8 @@ def test_a_detected_language_reuses_the_encoder_output_it_was_detected_from(mode
 
 def test_a_search_error_that_says_the_server_is_going_away_is_retryable():
     """A search stream's error carries its message only (no status code): the search model writes
-    "search: unavailable: ..." and the gateway reads it as Triton unavailable (the batch job
-    retries), as it reads the encoder's "Server not ready" of a stopping Triton."""
+    "search: unavailable: ..." (its encoder call on a stopping Triton among them) and the gateway
+    reads it as Triton unavailable (the batch job retries); a bad request stays a failure."""
     from tritonclient.utils import InferenceServerException
 
     from gateway.asr.triton_client import TritonInferenceError, TritonUnavailableError, _translate

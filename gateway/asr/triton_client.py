@@ -49,10 +49,10 @@ _UNAVAILABLE_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNO
 # ... and messages that say so with another code or none: a stopping Triton unloads its models and
 # answers requests that come meanwhile with "Request for unknown model: 'encoder' has no
 # available versions" (a retry after it is back succeeds); a search stream's error carries only
-# its message: the search model writes "search: unavailable: ..." (its encoder call on a stopping
-# server: "... Error when running inference: Server not ready")
+# its message: the search model writes "search: unavailable: ..." for its UNAVAILABLE errors (its
+# encoder call on a stopping server among them: "... Error when running inference: Server not ready")
 _UNAVAILABLE_MESSAGES = ("failed to connect", "has no available versions", "server is stopping", "server is not ready",
-                         "server not ready", "search: unavailable: ")
+                         "search: unavailable: ")
 
 
 class TritonUnavailableError(RuntimeError):

@@ -43,12 +43,12 @@ MAX_DEFAULT_WORKERS = 2  # decoder processes by default on machines of 4 cores o
 
 
 def default_decode_workers(cores: int | None = None) -> int:
-    """Decoder processes for ``cores`` (default: the CPUs this process may use): one per two
-    cores, at least one, at most MAX_DEFAULT_WORKERS. Decoding a call takes tens of ms, so one
-    process keeps up on a small machine, and a second idle one holds about 35 MB (PSS) there
-    (bench/results/ab_decode_workers.json)."""
+    """Decoder processes for ``cores`` (default: os.cpu_count(), as render.py counts them): one
+    per two cores, at least one, at most MAX_DEFAULT_WORKERS. Decoding a call takes tens of ms, so
+    one process keeps up on a small machine, where a second, idle one held 66 MB RSS at the peak
+    (bench/results/ab_server_encode.json, `at_peak_mb` of the runs with decode_workers=2)."""
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
     return max(1, min(MAX_DEFAULT_WORKERS, cores // 2))
 
 

@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="request bytes held by calls at once (default: --max-audio-mb); more: RESOURCE_EXHAUSTED")
     parser.add_argument("--retry-after-s", type=float, default=2.0, help="retry hint sent with RESOURCE_EXHAUSTED")
     parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0)
-    parser.add_argument("--decode-workers", type=int, default=None,
+    parser.add_argument("--decode-workers", type=int, default=default_decode_workers(),
                         help="audio decoder processes (0: in the gateway process; default: one per two cores, 1-2)")
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM); with --tls-key: TLS")
     parser.add_argument("--tls-key", type=Path)
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         max_request_bytes_in_flight=int(args.max_request_mb_in_flight * MIB) if args.max_request_mb_in_flight else None,
         retry_after_s=args.retry_after_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
-        decode_workers=default_decode_workers() if args.decode_workers is None else args.decode_workers,
+        decode_workers=args.decode_workers,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         api_keys=args.api_keys,
         audit_log=args.audit_log,
