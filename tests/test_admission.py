@@ -108,3 +108,33 @@ def test_a_call_waits_its_turn_to_be_read_then_is_refused():
 def test_limits_are_validated(field):
     with pytest.raises(ValueError):
         admission(**{field: 0})
+
+
+@pytest.mark.parametrize("steps_before_cancel", range(4))
+def test_a_turn_granted_as_the_call_is_cancelled_ends_it_cancelled(steps_before_cancel):
+    """A call cancelled in the loop steps around being handed its turn ends cancelled and gives
+    the turn back (asyncio.wait_for in Python 3.11 returned the turn and dropped the cancel when
+    both came in one step: the call went on reading a cancelled client's message)."""
+
+    async def scenario():
+        gate = admission(max_receiving=1, receive_wait_s=5.0)
+        entered = []
+
+        async def waiter():
+            async with gate.receiving():
+                entered.append(True)
+                await asyncio.sleep(0.05)
+
+        async with gate.receiving():
+            task = asyncio.create_task(waiter())
+            await asyncio.sleep(0.01)  # waiting for the turn
+        for _ in range(steps_before_cancel):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled(), f"cancelled {steps_before_cancel} steps after the turn was given, it went on ({entered})"
+        async with asyncio.timeout(1.0):
+            async with gate.receiving():  # the turn came back
+                pass
+
+    asyncio.run(scenario())

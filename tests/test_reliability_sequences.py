@@ -150,6 +150,9 @@ def test_cancelled_calls_end_their_decoder_sequences_at_once(stub, sequence_trit
         calls = [stub.Transcribe.future(request, timeout=300) for _ in range(CANCELLED_CALLS)]
         wait_for_decoding(triton, before)
         cancelled = _cancel_while_decoding(calls, rng)
+        # the calls' ENDs are counted requests too: the streams' first step is waited for after them
+        live = wait_for_no_live_sequences(sequence_triton)
+        assert live == 0, f"{live} decoder sequences left behind by the cancelled Transcribe calls"
 
         before = decoder_requests(triton)
         streams = [stub.StreamingRecognize(_stream_requests(long_pcm, stop), timeout=300) for _ in range(CANCELLED_CALLS)]

@@ -409,3 +409,42 @@ def test_decode_gate_serves_finals_first():
         return order
 
     assert asyncio.run(main()) == ["final", "first partial", "partial"]
+
+
+@pytest.mark.parametrize("steps_before_cancel", range(4))
+def test_a_stream_cancelled_as_its_requests_end_is_not_taken_for_a_half_close(steps_before_cancel):
+    """A client's cancel ends the stream's request iterator and cancels the handler in the same
+    moment. The stream's read must end cancelled, not in StopAsyncIteration: the pump took that
+    for a half-close and decoded the rest of the stream, starting decoder sequences for a client
+    that had gone (asyncio.wait_for in Python 3.11 dropped the cancel when both came in one step)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gateway.service.server import AsrService
+
+    service = SimpleNamespace(config=SimpleNamespace(stream_idle_timeout_s=5.0))
+
+    class Requests:  # the stream's messages: none, then the end
+        def __init__(self, end):
+            self.end = end
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await self.end
+            raise StopAsyncIteration
+
+    async def main():
+        end = asyncio.get_running_loop().create_future()
+        read = asyncio.create_task(AsrService._next_message(service, Requests(end)))
+        await asyncio.sleep(0.01)
+        end.set_result(None)
+        for _ in range(steps_before_cancel):
+            await asyncio.sleep(0)
+        requested = read.cancel()  # False: the read had ended before
+        await asyncio.gather(read, return_exceptions=True)
+        return requested, read.cancelled()
+
+    requested, cancelled = asyncio.run(main())
+    assert cancelled == requested, f"cancelled {steps_before_cancel} steps after the requests ended, the read said they ended"

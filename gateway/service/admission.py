@@ -99,8 +99,11 @@ class Admission:
         if self._receiving is None:
             self._receiving = asyncio.Semaphore(self.limits.max_receiving)
         try:
-            await asyncio.wait_for(self._receiving.acquire(), self.limits.receive_wait_s)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result and drops
+            # a cancellation that arrives as its awaitable completes (the call would go on)
+            async with asyncio.timeout(self.limits.receive_wait_s):
+                await self._receiving.acquire()
+        except TimeoutError:
             raise self._refuse(
                 f"this gateway is receiving {self.limits.max_receiving} other requests; "
                 f"none finished within {self.limits.receive_wait_s:g} s"

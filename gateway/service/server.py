@@ -332,15 +332,24 @@ class AsrService(asr_pb2_grpc.AsrServicer):
     async def _close_stream(pump: asyncio.Task | None, stream: RecognitionStream | None) -> None:
         if pump is not None and not pump.done():
             pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
         if stream is not None:
+            # the decodes are cancelled before the pump is waited for: a pump inside finish()
+            # (the client half-closed as it cancelled) waits for the stream's finals
             await stream.close()
+        if pump is not None:
+            await asyncio.gather(pump, return_exceptions=True)
+            if stream is not None:
+                await stream.close()  # what the pump started before it ended
 
     async def _next_message(self, request_iterator):
         """The client's next message, or StreamIdleError after the idle timeout (StopAsyncIteration at the end)."""
         try:
-            return await asyncio.wait_for(request_iterator.__anext__(), self.config.stream_idle_timeout_s)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that
+            # arrives as the read completes, and a client's cancel ends its reads at that moment
+            # (the pump then took the cancel for a half-close and decoded the rest of the stream)
+            async with asyncio.timeout(self.config.stream_idle_timeout_s):
+                return await request_iterator.__anext__()
+        except TimeoutError:
             raise StreamIdleError(
                 f"no message for {self.config.stream_idle_timeout_s:g} s; idle streams are closed"
             ) from None
