@@ -341,6 +341,7 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
     """'name:precision:key=value,key=value' | 'precision' -> (name, precision, tunables); the keys
     `windows` (the gateway's --max-concurrent-windows), `stepwise` (its --stepwise-only),
     `gateway_encode` (its --encode-in-gateway), `decode_workers` (its --decode-workers),
+    `decode_worker_idle_s` (its --decode-worker-idle-s),
     `hotword_dir` (its --hotword-dir, relative to the project), `model_dir` (another export, to
     compare two exports in one run) and `workloads` are run_ours's, every other key a render tunable."""
     from model_repository.render import _parse_value
@@ -369,8 +370,9 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     windows = int(tunables.pop("windows", args.windows))  # the gateway's --max-concurrent-windows
     only = tunables.pop("workloads", None)  # e.g. workloads=long: this configuration runs (a) only
     stepwise = bool(tunables.pop("stepwise", False))  # the gateway's --stepwise-only (no search model use)
-    gateway_args = (["--encode-in-gateway"] if tunables.pop("gateway_encode", False) else []) + (
-        ["--decode-workers", str(tunables.pop("decode_workers"))] if "decode_workers" in tunables else [])
+    gateway_args = (["--encode-in-gateway"] if tunables.pop("gateway_encode", False) else []) + [
+        arg for key, flag in (("decode_workers", "--decode-workers"), ("decode_worker_idle_s", "--decode-worker-idle-s"))
+        if key in tunables for arg in (flag, str(tunables.pop(key)))]
     hotword_dir = tunables.pop("hotword_dir", None)  # server-side hotword lists: every window biased
     model_dir = Path(str(tunables.pop("model_dir", args.model_dir))).resolve()
     if only:

@@ -7,6 +7,8 @@ import asyncio
 import io
 import os
 import struct
+import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -165,3 +167,45 @@ def test_cancelled_decode_leaves_no_samples_file(crashing_pool):
 
     asyncio.run(cancel_midway())
     assert set(_SHM_DIR.glob("asr-audio-*")) == before
+
+
+def test_idle_decode_workers_exit_and_the_next_call_starts_them_again():
+    """Workers unused for idle_s exit (their memory goes back); a call after that is decoded by
+    a new worker; a busy pool keeps its workers."""
+    pool = DecodePool(1, idle_s=0.3)
+    job = DecodeJob(pcm_wav(8000, 1, 16000), keep_channels=False, max_duration_s=60.0)
+
+    def worker_pids() -> set[int]:
+        return set(pool._executor._processes) if pool._executor is not None else set()
+
+    async def scenario():
+        first = await pool.decode(job)
+        pids = worker_pids()
+        for _ in range(3):  # calls closer together than idle_s: the same worker
+            await asyncio.sleep(0.1)
+            await pool.decode(job)
+        assert pool.retired == 0 and worker_pids() == pids
+        deadline = time.monotonic() + 10
+        while pool.retired == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert pool.retired == 1 and worker_pids() == set()
+        for pid in pids:  # the process exits
+            while time.monotonic() < deadline and _alive(pid):
+                await asyncio.sleep(0.05)
+            assert not _alive(pid), f"worker {pid} still running after retiring"
+        again = await pool.decode(job)
+        assert np.array_equal(again, first) and worker_pids() and not worker_pids() & pids
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.close()
+
+
+def _alive(pid: int) -> bool:
+    """A worker is the forkserver's child, not this process's: read its state from /proc."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # exited (not yet reaped by the forkserver) counts as gone

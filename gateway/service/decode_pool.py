@@ -40,6 +40,7 @@ log = logging.getLogger("gateway")
 
 
 MAX_DEFAULT_WORKERS = 2  # decoder processes by default on machines of 4 cores or more
+WORKER_IDLE_S = 5.0  # decoder processes unused this long exit; the next decode starts them again
 
 
 def default_decode_workers(cores: int | None = None) -> int:
@@ -93,23 +94,37 @@ async def _wait(future):
 class DecodePool:
     """``workers`` decoder processes, replaced whenever one dies."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, idle_s: float = WORKER_IDLE_S) -> None:
         if workers < 1:
             raise ValueError(f"a decode pool needs at least one worker, got {workers}")
+        if idle_s < 0:
+            raise ValueError(f"idle_s must be >= 0 (0: workers never retire), got {idle_s}")
         self.workers = workers
+        self.idle_s = idle_s
         self.crashes = 0  # worker deaths seen (metrics, tests)
+        self.retired = 0  # times the idle workers exited (tests)
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["gateway.service.decode_worker"])  # numpy and PyAV, not asyncio
         self._lock = threading.Lock()
-        self._executor = self._new_executor()
+        self._executor: ProcessPoolExecutor | None = None  # started on first use, again after retiring
         self._generation = 0
+        self._busy = 0  # decodes submitted and not finished
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
 
+    def _current(self) -> tuple[ProcessPoolExecutor, int]:
+        """The executor (a new one after retiring) and its generation; under the lock."""
+        if self._executor is None:
+            self._executor = self._new_executor()
+        return self._executor, self._generation
+
     def warm_up(self) -> None:
         """Start the workers now (forkserver start is about a second), not on the first request."""
-        futures = [self._executor.submit(_worker_decode, DecodeJob(b"", False, 1.0)) for _ in range(self.workers)]
+        with self._lock:
+            executor, _ = self._current()
+        futures = [executor.submit(_worker_decode, DecodeJob(b"", False, 1.0)) for _ in range(self.workers)]
         for future in futures:
             future.result()
             _discard_result(future)
@@ -120,23 +135,47 @@ class DecodePool:
                 return  # another caller already replaced it
             self.crashes += 1
             DECODER_CRASHES.inc()
-            broken, self._executor = self._executor, self._new_executor()
+            broken, self._executor = self._executor, None  # the next decode starts a new one
             self._generation += 1
-        broken.shutdown(wait=False, cancel_futures=True)
+        if broken is not None:
+            broken.shutdown(wait=False, cancel_futures=True)
         log.error("an audio decoder process died; started a new decode pool")
 
     async def decode(self, job: DecodeJob) -> np.ndarray:
         with self._lock:
-            executor, generation = self._executor, self._generation
+            executor, generation = self._current()
+            self._busy += 1
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         try:
-            result = await _wait(executor.submit(_worker_decode, job))
-        except BrokenProcessPool:
-            self._replace(generation)
-            result = await self._decode_alone(job)
+            try:
+                result = await _wait(executor.submit(_worker_decode, job))
+            except BrokenProcessPool:
+                self._replace(generation)
+                result = await self._decode_alone(job)
+        finally:
+            with self._lock:
+                self._busy -= 1
+                idle = self._busy == 0
+            if idle and self.idle_s:
+                self._idle_timer = asyncio.get_running_loop().call_later(self.idle_s, self._retire_if_idle)
         if isinstance(result, AudioDecodeError):
             raise result
         path, shape = result
         return _map_samples(path, shape)
+
+    def _retire_if_idle(self) -> None:
+        """The workers exit when no decode came for idle_s: a worker holds 65-90 MB RSS, most of
+        it while nothing is decoded (a 10-minute recording is decoded in its first second), and
+        the next decode starts a new one from the forkserver in about 0.1 s."""
+        self._idle_timer = None
+        with self._lock:
+            if self._busy or self._executor is None:
+                return
+            idle, self._executor = self._executor, None
+            self.retired += 1
+        idle.shutdown(wait=False)
 
     async def _decode_alone(self, job: DecodeJob):
         """The retry after a crash: a process of its own, so only the culprit dies again."""
@@ -153,5 +192,9 @@ class DecodePool:
             solo.shutdown(wait=False)
 
     def close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         with self._lock:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)

@@ -47,7 +47,7 @@ from gateway.service import options as request_options
 from gateway.service import metrics, remote_tickets, responses
 from gateway.service.admission import Admission, AdmissionLimits
 from gateway.service.auth import ApiKeys, GatewayInterceptor, current_identity, require_role
-from gateway.service.decode_pool import DecodeJob, DecodePool, default_decode_workers, run_job
+from gateway.service.decode_pool import WORKER_IDLE_S, DecodeJob, DecodePool, default_decode_workers, run_job
 from gateway.service.heap import DEFAULT_MALLOC_ARENAS, cap_malloc_arenas, release_free_heap
 from gateway.service.errors import abort_for
 from gateway.service.options import MIB, RequestError, StreamIdleError
@@ -124,6 +124,7 @@ class GatewayConfig:
     max_stream_decodes: int = 4  # stream decodes in flight over all streams (finals first)
     # audio decoder processes (0: decode in the gateway process); default: one per two cores, 1-2
     decode_workers: int = field(default_factory=default_decode_workers)
+    decode_worker_idle_s: float = WORKER_IDLE_S  # ... unused this long, they exit until the next call (0: never)
     hotword_dir: Path | None = None  # None: $ASR_HOTWORD_DIR or config/hotwords
     history_db: Path | None = None  # ticket history; None: store.path of analysis/config/defaults.yaml
     # Load the ticket analyzer (its embedding model: about 220 MB of the gateway's memory, 4 s)
@@ -143,8 +144,8 @@ class GatewayConfig:
         stream_limit = self.max_audio_duration_s if self.max_stream_duration_s is None else self.max_stream_duration_s
         if min(self.max_audio_bytes, self.max_audio_duration_s, stream_limit) <= 0:
             raise ValueError("max_audio_bytes, max_audio_duration_s and max_stream_duration_s must be positive")
-        if self.max_audio_channels < 1 or self.decode_workers < 0:
-            raise ValueError("max_audio_channels must be >= 1, decode_workers >= 0")
+        if self.max_audio_channels < 1 or self.decode_workers < 0 or self.decode_worker_idle_s < 0:
+            raise ValueError("max_audio_channels must be >= 1, decode_workers and decode_worker_idle_s >= 0")
         if self.stream_idle_timeout_s <= 0:
             raise ValueError("stream_idle_timeout_s must be positive")
         self.admission_limits()  # validates the rest
@@ -430,7 +431,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None) -> Non
             ("grpc.max_send_message_length", 64 * MIB),
         ],
     )
-    decode_pool = DecodePool(config.decode_workers) if config.decode_workers else None
+    decode_pool = DecodePool(config.decode_workers, config.decode_worker_idle_s) if config.decode_workers else None
     if decode_pool is not None:
         await asyncio.to_thread(decode_pool.warm_up)
     hotwords = None
@@ -507,6 +508,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-idle-timeout-s", type=float, default=30.0)
     parser.add_argument("--decode-workers", type=int, default=default_decode_workers(),
                         help="audio decoder processes (0: in the gateway process; default: one per two cores, 1-2)")
+    parser.add_argument("--decode-worker-idle-s", type=float, default=WORKER_IDLE_S,
+                        help="decoder processes unused this long exit until the next call (0: never)")
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM); with --tls-key: TLS")
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--tls-client-ca", type=Path, help="CA of client certificates: mutual TLS")
@@ -560,6 +563,7 @@ def main(argv: list[str] | None = None) -> None:
         retry_after_s=args.retry_after_s,
         stream_idle_timeout_s=args.stream_idle_timeout_s,
         decode_workers=args.decode_workers,
+        decode_worker_idle_s=args.decode_worker_idle_s,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         api_keys=args.api_keys,
         audit_log=args.audit_log,
