@@ -29,6 +29,7 @@ class MemorySampler:
         self.peak_total_pss = 0
         self.peak_by_process: dict[str, int] = {}
         self.at_peak: dict[str, int] = {}
+        self._cpu_by_pid: dict[int, tuple[str, float]] = {}  # pid -> (label, CPU seconds at its last sample)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -51,17 +52,25 @@ class MemorySampler:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds (user + system) used so far by each kind of process in the trees (the
-        decode workers, ``python:<pid>``, summed as ``python``); diff two of these for a workload."""
+        decode workers, ``python:<pid>``, summed as ``python``); diff two of these for a workload.
+        A process that has exited keeps what it had used at its last sample (the gateway's idle
+        decode workers exit: without it a workload's diff could come out negative)."""
+        self._update_cpu()
         out: dict[str, float] = {}
+        for label, seconds in self._cpu_by_pid.values():
+            out[label] = out.get(label, 0.0) + seconds
+        return out
+
+    def _update_cpu(self) -> None:
         for p in self._processes():
             try:
                 times = p.cpu_times()
             except self._psutil.Error:
                 continue
-            label = self._label(p)
+            known = self._cpu_by_pid.get(p.pid)
+            label = known[0] if known else self._label(p)
             label = "python" if label.startswith("python:") else label
-            out[label] = out.get(label, 0.0) + times.user + times.system
-        return out
+            self._cpu_by_pid[p.pid] = (label, times.user + times.system)
 
     def _processes(self) -> list:
         procs, seen = [], set()
@@ -100,6 +109,7 @@ class MemorySampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
             self.sample()
+            self._update_cpu()
 
     def __enter__(self) -> "MemorySampler":
         self.sample()

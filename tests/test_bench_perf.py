@@ -95,6 +95,21 @@ def test_render_writes_the_thread_arena_and_fp16_settings(tmp_path):
     assert 'key: "execution_provider" value { string_value: "TensorrtExecutionProvider" }' in text
 
 
+def test_render_writes_the_search_instance_count(tmp_path):
+    if not (WHISPER_DIR / "model_info.json").is_file():
+        pytest.skip("no exported whisper model (make export)")
+    from model_repository.render import RenderError, render_repository
+
+    def count(out):
+        text = (out / "search" / "config.pbtxt").read_text()
+        return int(text.split("instance_group")[1].split("count:")[1].split()[0])
+
+    assert count(render_repository(WHISPER_DIR, tmp_path / "one", "int8")) == 1
+    assert count(render_repository(WHISPER_DIR, tmp_path / "two", "int8", search_instance_count=2)) == 2
+    with pytest.raises(RenderError, match="search_instance_count"):
+        render_repository(WHISPER_DIR, tmp_path / "none", "int8", search_instance_count=0)
+
+
 def test_bench_cer_normalises_script_and_numbers():
     from bench.speed import corpus_cer
 
@@ -189,6 +204,27 @@ def test_memory_sampler_counts_shared_pages_once_in_pss():
             child.kill()
         parent.kill()
         parent.wait()
+
+
+def test_memory_sampler_keeps_the_cpu_time_of_a_process_that_exited():
+    """The gateway's idle decode workers exit mid-run: the CPU they used stays counted (a
+    workload's diff of cpu_seconds() came out negative without it)."""
+    pytest.importorskip("psutil")
+    import subprocess
+    import sys
+    import time
+
+    from bench.machine import MemorySampler
+
+    code = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\ntime.sleep(0.3)\n"
+    with MemorySampler([os.getpid()], period_s=0.05) as memory:
+        before = memory.cpu_seconds()
+        child = subprocess.Popen([sys.executable, "-c", code])
+        child.wait()
+        time.sleep(0.1)
+        after = memory.cpu_seconds()
+    used = sum(after.values()) - sum(before.values())
+    assert used >= 0.3, f"the exited child's CPU time was lost: {before} -> {after}"
 
 
 def test_perf_recording_session_writes_sequence_steps():
