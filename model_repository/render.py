@@ -141,8 +141,7 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "search_max_windows": 16,               # windows searching at once (more wait, in order)
     "search_instance_count": 1,             # search stubs (each its own engine and windows)
     "search_max_waiting": 256,              # windows waiting at most (beyond: UNAVAILABLE)
-    # how often a searching window asks Triton whether its client hung up (an IPC to the server,
-    # engine/search.py CANCEL_POLL_S); 0: before every step
+    # how often a searching window asks Triton whether its client hung up (IPC; 0: every step)
     "search_cancel_poll_ms": round(CANCEL_POLL_S * 1000),
     # the search loop hands the C heap's free pages back at most this often (0: never): without it
     # the search stub kept glibc's high-water mark (786 / 621 MB against 558 / 482 at the peak of
