@@ -55,14 +55,14 @@ class MemorySampler:
         decode workers, ``python:<pid>``, summed as ``python``); diff two of these for a workload.
         A process that has exited keeps what it had used at its last sample (the gateway's idle
         decode workers exit: without it a workload's diff could come out negative)."""
-        self._update_cpu()
+        self._update_cpu(self._processes())
         out: dict[str, float] = {}
         for label, seconds in self._cpu_by_pid.values():
             out[label] = out.get(label, 0.0) + seconds
         return out
 
-    def _update_cpu(self) -> None:
-        for p in self._processes():
+    def _update_cpu(self, procs: list) -> None:
+        for p in procs:
             try:
                 times = p.cpu_times()
             except self._psutil.Error:
@@ -88,7 +88,9 @@ class MemorySampler:
 
     def sample(self) -> None:
         total, total_pss, now = 0, 0, {}
-        for p in self._processes():
+        procs = self._processes()
+        self._update_cpu(procs)  # (one walk of the trees for both)
+        for p in procs:
             rss, pss = _rss_pss(p.pid)
             if rss is None:
                 try:
@@ -109,7 +111,6 @@ class MemorySampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
             self.sample()
-            self._update_cpu()
 
     def __enter__(self) -> "MemorySampler":
         self.sample()

@@ -370,9 +370,10 @@ def run_ours(spec: str, args, long_meta: dict | None, calls_meta: dict | None, w
     windows = int(tunables.pop("windows", args.windows))  # the gateway's --max-concurrent-windows
     only = tunables.pop("workloads", None)  # e.g. workloads=long: this configuration runs (a) only
     stepwise = bool(tunables.pop("stepwise", False))  # the gateway's --stepwise-only (no search model use)
-    gateway_args = (["--encode-in-gateway"] if tunables.pop("gateway_encode", False) else []) + [
-        arg for key, flag in (("decode_workers", "--decode-workers"), ("decode_worker_idle_s", "--decode-worker-idle-s"))
-        if key in tunables for arg in (flag, str(tunables.pop(key)))]
+    gateway_args = ["--encode-in-gateway"] if tunables.pop("gateway_encode", False) else []
+    for key, flag in (("decode_workers", "--decode-workers"), ("decode_worker_idle_s", "--decode-worker-idle-s")):
+        if key in tunables:
+            gateway_args += [flag, str(tunables.pop(key))]
     hotword_dir = tunables.pop("hotword_dir", None)  # server-side hotword lists: every window biased
     model_dir = Path(str(tunables.pop("model_dir", args.model_dir))).resolve()
     if only:

@@ -334,13 +334,9 @@ class AsrService(asr_pb2_grpc.AsrServicer):
         if pump is not None and not pump.done():
             pump.cancel()
         if stream is not None:
-            # the decodes are cancelled before the pump is waited for: a pump inside finish()
-            # (the client half-closed as it cancelled) waits for the stream's finals
-            await stream.close()
+            await stream.close()  # the decodes go first: a pump inside finish() waits for them
         if pump is not None:
             await asyncio.gather(pump, return_exceptions=True)
-            if stream is not None:
-                await stream.close()  # what the pump started before it ended
 
     async def _next_message(self, request_iterator):
         """The client's next message, or StreamIdleError after the idle timeout (StopAsyncIteration at the end)."""
