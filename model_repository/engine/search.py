@@ -305,3 +305,49 @@ class BatchedSearch:
         """Running windows that have not queued their next step yet."""
         queued = sum(1 for step, done in self._pending if done is not None)
         return max(0, self._running - queued)
+
+
+class SearchLoops:
+    """Several BatchedSearch loops in one process, each on its own thread with its own engine
+    (one set of ONNX Runtime sessions shared: DecoderEngine share_with); a window goes to the loop
+    with the fewest windows, so one loop's Python (search, scoring, cache reorder) runs while the
+    other's decoder_step call has released the GIL. The rounds of one loop alone leave a core idle
+    while its Python runs (2 cores: busy 1.5). Same interface as one BatchedSearch."""
+
+    def __init__(self, engines, search_module, max_windows: int = 16, max_waiting: int = 256, logger=None,
+                 heap_trim_s: float = 0.0):
+        if not engines:
+            raise ValueError("SearchLoops needs at least one engine")
+        n = len(engines)
+        # the limits are the whole model's: split between the loops (at least one window each)
+        self.loops = [BatchedSearch(engine, search_module, max_windows=max(1, -(-max_windows // n)),
+                                    max_waiting=-(-max_waiting // n), logger=logger, heap_trim_s=heap_trim_s)
+                      for engine in engines]
+        self.max_windows, self.max_waiting = max_windows, max_waiting
+        self._lock = threading.Lock()
+        self._load = [0] * n  # windows submitted to each loop and not answered yet
+
+    @property
+    def rounds(self) -> int:
+        return sum(loop.rounds for loop in self.loops)
+
+    def job(self, encoder_output: np.ndarray, spec: dict, done, cancelled=None, scorer=None) -> WindowJob:
+        return self.loops[0].job(encoder_output, spec, done, cancelled, scorer)
+
+    def submit(self, job: WindowJob) -> None:
+        with self._lock:
+            index = min(range(len(self.loops)), key=self._load.__getitem__)
+            self._load[index] += 1
+        done = job.done
+
+        def answered(result, error):
+            with self._lock:
+                self._load[index] -= 1
+            done(result, error)
+
+        job.done = answered
+        self.loops[index].submit(job)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        for loop in self.loops:
+            loop.close(timeout_s)
