@@ -140,7 +140,6 @@ DEFAULT_TUNABLES: dict[str, object] = {
     "search_model": True,
     "search_max_windows": 16,               # windows searching at once (more wait, in order)
     "search_instance_count": 1,             # search stubs (each its own engine and windows)
-    "search_loops": 1,                      # search loops per stub (threads sharing its sessions)
     "search_max_waiting": 256,              # windows waiting at most (beyond: UNAVAILABLE)
     # how often a searching window asks Triton whether its client hung up (IPC; 0: every step)
     "search_cancel_poll_ms": round(CANCEL_POLL_S * 1000),
@@ -369,10 +368,8 @@ def resolve_tunables(tunables: dict) -> dict:
         values["decoder_load_on_first_use"] = values["search_model"]
     if values["encoder_run_batch_size"] is None:
         values["encoder_run_batch_size"] = 1 if cpu_only else int(values["encoder_max_batch_size"])
-    if min(int(values[k]) for k in ("search_max_windows", "search_instance_count", "search_loops")) < 1 \
-            or int(values["search_max_waiting"]) < 0:
-        raise RenderError("search_max_windows, search_instance_count and search_loops must be >= 1, "
-                          "search_max_waiting >= 0")
+    if int(values["search_max_windows"]) < 1 or int(values["search_max_waiting"]) < 0 or int(values["search_instance_count"]) < 1:
+        raise RenderError("search_max_windows and search_instance_count must be >= 1, search_max_waiting >= 0")
     for key in ("search_cancel_poll_ms", "search_heap_trim_ms"):
         if int(values[key]) < 0:
             raise RenderError(f"{key} must be >= 0")
@@ -620,7 +617,6 @@ def render_repository(model_dir, out_dir, precision: str = "fp32", *, verbose: b
         placeholders = {**common, **per_model["decoder"], "SEARCH_MAX_WINDOWS": int(values["search_max_windows"]),
                         "SEARCH_MAX_WAITING": int(values["search_max_waiting"]), "SEARCH_HOTWORDS": _fmt_bool(hotwords),
                         "SEARCH_INSTANCE_COUNT": int(values["search_instance_count"]),
-                        "SEARCH_LOOPS": int(values["search_loops"]),
                         "SEARCH_CANCEL_POLL_MS": int(values["search_cancel_poll_ms"]),
                         "SEARCH_HEAP_TRIM_MS": int(values["search_heap_trim_ms"])}
         text = _config_text("search", placeholders, extra_parameters.get("decoder", {}))

@@ -95,7 +95,7 @@ def test_render_writes_the_thread_arena_and_fp16_settings(tmp_path):
     assert 'key: "execution_provider" value { string_value: "TensorrtExecutionProvider" }' in text
 
 
-def test_render_writes_the_search_instance_count_and_loops(tmp_path):
+def test_render_writes_the_search_instance_count(tmp_path):
     if not (WHISPER_DIR / "model_info.json").is_file():
         pytest.skip("no exported whisper model (make export)")
     from model_repository.render import RenderError, render_repository
@@ -104,17 +104,10 @@ def test_render_writes_the_search_instance_count_and_loops(tmp_path):
         text = (out / "search" / "config.pbtxt").read_text()
         return int(text.split("instance_group")[1].split("count:")[1].split()[0])
 
-    def loops(out):
-        text = (out / "search" / "config.pbtxt").read_text()
-        return int(text.split('key: "search_loops" value { string_value: "')[1].split('"')[0])
-
-    one = render_repository(WHISPER_DIR, tmp_path / "one", "int8")
-    assert (count(one), loops(one)) == (1, 1)
+    assert count(render_repository(WHISPER_DIR, tmp_path / "one", "int8")) == 1
     assert count(render_repository(WHISPER_DIR, tmp_path / "two", "int8", search_instance_count=2)) == 2
-    assert loops(render_repository(WHISPER_DIR, tmp_path / "loops", "int8", search_loops=2)) == 2
-    for tunable in ("search_instance_count", "search_loops"):
-        with pytest.raises(RenderError, match=tunable):
-            render_repository(WHISPER_DIR, tmp_path / "none", "int8", **{tunable: 0})
+    with pytest.raises(RenderError, match="search_instance_count"):
+        render_repository(WHISPER_DIR, tmp_path / "none", "int8", search_instance_count=0)
 
 
 def test_bench_cer_normalises_script_and_numbers():

@@ -18,7 +18,7 @@ from gateway.asr.features import log_mel_spectrogram
 from model_repository.engine.decoder import DecoderEngine
 from model_repository.engine.errors import CANCELLED, UNAVAILABLE
 from model_repository.engine.search import BatchedSearch as _BatchedSearch
-from model_repository.engine.search import SearchLoops, SearchRequestError, WindowJob, polled
+from model_repository.engine.search import SearchRequestError, WindowJob, polled
 from model_repository.engine.state import Step
 from tests.conftest import load_clip_audio, model_dir_path, sample_clips
 from tests.test_decoder_engine import Log, config
@@ -135,30 +135,6 @@ def test_windows_searched_together_equal_each_alone_and_share_decoder_calls(engi
     assert max(r.mean_round_steps for r, _ in together) > 1.5
     assert all(r.mean_round_steps == 1.0 for r, _ in alone)
     assert len(engine.table) == 0, "every window's sequence is freed once its search ends"
-
-
-def test_two_search_loops_share_the_sessions_split_the_windows_and_give_what_one_loop_gives(engine, family,
-                                                                                            windows):
-    jobs = [(enc, spec(family, language)) for enc, language in windows] * 2
-    second = DecoderEngine(str(ONNX_DIR), config("whisper", max_sequences=16, sequence_idle_timeout_s=60), Log(),
-                           share_with=engine)
-    assert second.runner is engine.runner and second.table is not engine.table
-    loops = SearchLoops([engine, second], search_module, max_windows=8)
-    one = BatchedSearch(engine, max_windows=8)
-    try:
-        assert [loop.max_windows for loop in loops.loops] == [4, 4]  # the model's limit, split
-        two_loops = search_all(loops, jobs)
-        rounds = [loop.rounds for loop in loops.loops]
-        one_loop = search_all(one, jobs)
-    finally:
-        loops.close()
-        one.close()
-        second.close()
-    assert all(error is None for _, error in two_loops + one_loop)
-    assert [r.tokens for r, _ in two_loops] == [r.tokens for r, _ in one_loop]
-    assert min(rounds) > 0, f"every loop searched windows (rounds {rounds})"
-    assert len(engine.table) == 0 and len(second.table) == 0
-    assert engine.runner.step_session is not None, "closing the sharing engine leaves the sessions to their owner"
 
 
 def test_the_server_search_equals_the_gateways_search_over_the_same_engine(engine, family, windows):

@@ -18,7 +18,6 @@ measured on more cores, where a decoder step of a few windows leaves most of the
 import fcntl
 import os
 import tempfile
-import threading
 
 from .config import enabled
 
@@ -26,29 +25,19 @@ LOCK_MAX_CORES = 4  # the lock's default is on up to this many cores (render.py 
 
 
 class ComputeLock:
-    """Exclusive across the processes that open the same file and across the threads of one
-    (flock alone is not: it belongs to the open file, which every thread of a process shares,
-    and the search model runs its sessions from one thread per search loop)."""
+    """Exclusive across the processes that open the same file (one ORT run at a time per
+    process already: each stub runs its sessions from one thread)."""
 
     def __init__(self, path: str):
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._threads = threading.Lock()
 
     def __enter__(self):
-        self._threads.acquire()
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._threads.release()
-            raise
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._threads.release()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._fd is not None:

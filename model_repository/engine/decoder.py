@@ -35,16 +35,9 @@ JANITOR_PERIOD_S = (1.0, 30.0)  # bounds of the janitor's period (half the idle 
 
 class DecoderEngine:
     def __init__(self, version_dir: str, config: dict, logger, settings: DecoderSettings = None,
-                 role: str = "decoder", share_with: "DecoderEngine" = None):
-        """``share_with``: an engine whose runner (ONNX Runtime sessions) and profile this one uses
-        too, from another thread (the search model's loops); its own sequences, cache and lock."""
+                 role: str = "decoder"):
         self.logger = logger
         self.settings = settings or DecoderSettings.from_config(config)
-        self._owns_runner = share_with is None
-        if share_with is not None:
-            self.runner, self.vocab = share_with.runner, share_with.vocab
-            self._init_state(share_with.profile)
-            return
         # before the sessions start their threads (each would get its own malloc arena)
         heap = configure_heap(self.settings.heap_mmap_threshold_bytes, self.settings.heap_arena_max)
         family = self.settings.family
@@ -52,7 +45,11 @@ class DecoderEngine:
         if self.runner.family != family:
             logger.log_warn(f"unknown decoder family {family!r}: running it as {self.runner.family}")
         self.vocab = self.settings.vocab or self.runner.graph_vocab()
-        self._init_state(profiler(role))  # (a profile: None unless ASR_ENGINE_PROFILE_DIR is set)
+        self.pool = BufferPool(self.settings.buffer_pool_bytes)
+        self.table = SequenceTable(self.settings, self.pool)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.profile = profiler(role)  # None unless ASR_ENGINE_PROFILE_DIR is set
         s = self.settings
         logger.log_info(
             f"decoder ready: family={param(config, 'family', '?')} model={param(config, 'model_name', '?')} "
@@ -62,13 +59,6 @@ class DecoderEngine:
         if s.warmup:
             self.runner.warmup()
         release_free_heap()  # the warm-up's activations and cross K/V
-
-    def _init_state(self, profile) -> None:
-        self.pool = BufferPool(self.settings.buffer_pool_bytes)
-        self.table = SequenceTable(self.settings, self.pool)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.profile = profile
 
     # ------------------------------------------------------------------ steps in, outputs out
     def parse(self, step, inputs: dict) -> None:
@@ -298,7 +288,6 @@ class DecoderEngine:
         self._stop.set()
         with self._lock:
             self.table.drop_all()
-        if self._owns_runner:  # (an engine sharing them is closed first: the search model's loops)
-            self.runner.close()
-            if self.profile is not None:
-                self.profile.close()
+        self.runner.close()
+        if self.profile is not None:
+            self.profile.close()

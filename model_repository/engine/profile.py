@@ -22,24 +22,20 @@ class Profile:
         self.counts = {}   # name -> count
         self._changed = False
         self._stop = threading.Event()
-        self._lock = threading.Lock()  # engines of one stub may share the profile (their own threads)
         threading.Thread(target=self._loop, name="profile-dump", daemon=True).start()
 
     def add(self, name: str, seconds: float, count: int = 1) -> None:
-        with self._lock:
-            self.totals[name] = self.totals.get(name, 0.0) + seconds
-            self.counts[name] = self.counts.get(name, 0) + count
-            self._changed = True
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+        self.counts[name] = self.counts.get(name, 0) + count
+        self._changed = True
 
     def count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[name] = self.counts.get(name, 0) + n
-            self._changed = True
+        self.counts[name] = self.counts.get(name, 0) + n
+        self._changed = True
 
     def dump(self) -> None:
-        with self._lock:
-            self._changed = False
-            data = {"pid": os.getpid(), "time": time.time(), "seconds": dict(self.totals), "counts": dict(self.counts)}
+        self._changed = False
+        data = {"pid": os.getpid(), "time": time.time(), "seconds": dict(self.totals), "counts": dict(self.counts)}
         tmp = f"{self.path}.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -2,7 +2,7 @@
 
 Decoupled: execute() hands each request (one window: its input_features, encoded here by the
 `encoder` model through BLS, or its encoder_output; plus a JSON of search options) to
-engine/search.py's SearchLoops (one BatchedSearch loop by default) and returns; the window's one response
+engine/search.py's BatchedSearch and returns; the window's one response
 (a JSON of the best hypothesis, or an error) is sent from the search loop's thread when it is
 done. Windows that search at the same time share every decoder_step call (continuous
 batching), with no round trip per token. A window may bring hotwords (options ``hotwords``: the
@@ -34,7 +34,7 @@ from engine.config import enabled, param  # noqa: E402
 from engine.decoder import DecoderEngine  # noqa: E402
 from engine.errors import INVALID_ARG, UNAVAILABLE, RequestError  # noqa: E402
 from engine import beam_search  # noqa: E402  (the gateway's search, deployed here by render.py)
-from engine.search import CANCEL_POLL_S, SearchLoops, polled  # noqa: E402
+from engine.search import CANCEL_POLL_S, BatchedSearch, polled  # noqa: E402
 from engine.search_hotwords import HotwordScorers  # noqa: E402
 
 TOKENIZER_FILE = "tokenizer.json"  # deployed next to this file by render.py when hotwords are on
@@ -96,17 +96,12 @@ class TritonPythonModel:
                     "tokenizers and zhconv into the stub's pylib (tools/setup_triton.py) or render with "
                     "search_hotwords=0") from error
         self.encoder_model = param(config, "encoder_model", "encoder")
-        # more loops: one engine each, sharing the first one's sessions (engine/search.py SearchLoops)
-        loops = max(1, int(param(config, "search_loops", "1")))
-        self.engines = [self.engine] + [DecoderEngine(version_dir, config, self.logger, role="search",
-                                                      share_with=self.engine) for _ in range(loops - 1)]
-        for engine in self.engines:
-            engine.start_janitor()
+        self.engine.start_janitor()
         self.cancel_poll_s = int(param(config, "cancel_poll_ms", str(round(CANCEL_POLL_S * 1000)))) / 1000
-        self.search = SearchLoops(self.engines, beam_search, max_windows=int(param(config, "search_max_windows", "16")),
-                                  max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger,
-                                  heap_trim_s=int(param(config, "heap_trim_ms", "0")) / 1000)
-        self.logger.log_info(f"search ready: {self.search.max_windows} windows at once in {loops} loop(s), "
+        self.search = BatchedSearch(self.engine, beam_search, max_windows=int(param(config, "search_max_windows", "16")),
+                                    max_waiting=int(param(config, "search_max_waiting", "256")), logger=self.logger,
+                                    heap_trim_s=int(param(config, "heap_trim_ms", "0")) / 1000)
+        self.logger.log_info(f"search ready: {self.search.max_windows} windows at once, "
                              f"{self.search.max_waiting} waiting at most, hotwords {'on' if self.scorers else 'off'}")
 
     async def _submit(self, request) -> None:
@@ -180,5 +175,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.search.close()
-        for engine in reversed(self.engines):  # the first one owns the shared sessions
-            engine.close()
+        self.engine.close()
