@@ -107,6 +107,21 @@ def test_batched_pass_matches_frame_by_frame(vad, clips):
     assert float(np.mean(np.abs(batched[:n] - sequential))) < 0.03
 
 
+def test_a_long_recording_split_between_threads_gives_the_same_probabilities(clips):
+    audio, _ = place(clips, [c.name for c in CLIPS] * 4, [1.0] * (4 * len(CLIPS)) + [1.0])
+    one, three = SileroVad(workers=1), SileroVad(workers=3)
+    alone = one.speech_probs(audio)
+    shared = three.speech_probs(audio)
+    assert three._pool is not None, "the recording was long enough to be shared between the threads"
+    np.testing.assert_array_equal(shared, alone)
+    short = audio[: 10 * SAMPLE_RATE]  # one block: the calling thread alone
+    lone = SileroVad(workers=3)
+    np.testing.assert_array_equal(lone.speech_probs(short), one.speech_probs(short))
+    assert lone._pool is None, "a short recording runs on the calling thread alone"
+    with pytest.raises(ValueError, match="workers"):
+        SileroVad(workers=0)
+
+
 def test_digital_silence_is_skipped(vad):
     audio = np.zeros(SAMPLE_RATE * 600, np.float32)  # 10 minutes
     started = time.perf_counter()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,13 @@ STATE_SHAPE = (2, 128)  # recurrent state per batch row: [2, B, 128]
 BLOCK_FRAMES = 256  # frames per block of the batched offline pass (8.2 s)
 WARMUP_FRAMES = 16  # frames of preceding audio each block runs first (0.5 s)
 MAX_BATCH_BLOCKS = 64  # blocks per ONNX Runtime call
+# Threads that run a long recording's blocks side by side, each its share of the blocks on the one
+# session (ONNX Runtime releases the GIL). A step costs in proportion to its blocks (one batch of
+# 74 blocks or two of 64 + 10: both 1.3 s on the 10-minute bench recording, 2 cores), and a second
+# ORT thread per run was slower (1.7 s); two threads of one ORT thread each took 0.7 s, the
+# probabilities identical (a one-off measurement; tests/test_vad.py asserts the identity).
+VAD_WORKERS = 2
+MIN_BLOCKS_PER_WORKER = 4  # (33 s of audio) below this a recording runs on the calling thread alone
 SILENCE_PEAK = 1e-4  # blocks whose peak amplitude stays below this (-80 dBFS) are not run
 MAX_SEGMENT_S = 30.0  # one Whisper window
 ENERGY_HOP_SAMPLES = 160  # 10 ms hops for the "quietest point" search
@@ -175,8 +183,15 @@ class SpeechChunk:
 class SileroVad:
     """Silero VAD's ONNX model in ONNX Runtime; thread-safe (one session, no shared state)."""
 
-    def __init__(self, model_path: Path | str | None = None, *, intra_op_threads: int = 1) -> None:
+    def __init__(self, model_path: Path | str | None = None, *, intra_op_threads: int = 1,
+                 workers: int = VAD_WORKERS) -> None:
         import onnxruntime as ort
+
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._pool = None  # ThreadPoolExecutor of workers - 1 threads, made on the first long recording
+        self._pool_lock = threading.Lock()
 
         path = Path(model_path or os.environ.get(MODEL_PATH_ENV) or DEFAULT_MODEL_PATH)
         if not path.is_file():
@@ -216,11 +231,30 @@ class SileroVad:
             if np.abs(audio[lo : last * FRAME_SAMPLES]).max(initial=0.0) < SILENCE_PEAK:
                 continue  # digital silence: probability 0
             blocks.append((first, last))
+        shares = max(1, min(self.workers, len(blocks) // MIN_BLOCKS_PER_WORKER))
+        # interleaved shares: every share has blocks of the same length (the last block is short)
+        parts = [blocks[i::shares] for i in range(shares)]
+        others = [self._executor().submit(self._run_share, audio, part, probs, cancel) for part in parts[1:]]
+        try:
+            self._run_share(audio, parts[0], probs, cancel)
+        finally:
+            for future in others:
+                future.result()
+        return probs
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max(1, self.workers - 1), thread_name_prefix="vad")
+            return self._pool
+
+    def _run_share(self, audio: np.ndarray, blocks: list[tuple[int, int]], probs: np.ndarray,
+                   cancel: threading.Event | None) -> None:
+        """Run these blocks (a share of one recording's) into ``probs``, MAX_BATCH_BLOCKS at a time."""
         for i in range(0, len(blocks), MAX_BATCH_BLOCKS):
             if cancel is not None and cancel.is_set():
                 break
             self._run_blocks(audio, blocks[i : i + MAX_BATCH_BLOCKS], probs)
-        return probs
 
     def _run_blocks(self, audio: np.ndarray, blocks: list[tuple[int, int]], probs: np.ndarray) -> None:
         warm = [min(WARMUP_FRAMES, first) for first, _ in blocks]
