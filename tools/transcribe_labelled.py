@@ -34,7 +34,7 @@ import grpc  # noqa: E402
 from gateway.launch.local import DEFAULT_MODEL_DIR, GatewayProcess  # noqa: E402
 from gateway.launch.triton_process import TritonProcess  # noqa: E402
 from gateway.protocol import asr_pb2, asr_pb2_grpc  # noqa: E402
-from synth_labelled import DEFAULT_FIRST_N, select, transcribed_ids  # noqa: E402
+from synth_labelled import DEFAULT_FIRST_N, DEFAULT_WRITERS, select, transcribed_ids  # noqa: E402
 
 ASR_MODEL = "whisper-base fp32 beam 5"
 
@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synth-pid", type=int, default=None, help="stop waiting for files once this process has exited")
     parser.add_argument("--deadline", type=float, default=None, help="unix time: submit nothing after it")
     parser.add_argument("--poll-s", type=float, default=3.0)
-    parser.add_argument("--first-n", type=int, default=DEFAULT_FIRST_N, help="tickets of each of writers A-D (as tools/synth_labelled.py)")
+    parser.add_argument("--first-n", type=int, default=DEFAULT_FIRST_N, help="tickets of each writer but E (as tools/synth_labelled.py)")
+    parser.add_argument("--writers", default=DEFAULT_WRITERS, help="writer letters (as tools/synth_labelled.py)")
     args = parser.parse_args(argv)
 
-    wanted = [row["id"] for row in select(first_n=args.first_n)]
+    wanted = [row["id"] for row in select(first_n=args.first_n, writers=args.writers)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = transcribed_ids(args.out)
     print(f"{len(wanted)} selected, {len(done & set(wanted))} already in {args.out}", flush=True)
