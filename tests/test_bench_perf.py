@@ -336,8 +336,11 @@ def test_bench_corpus_ids_and_calls_rebuilt_when_the_labelled_audio_changes(tmp_
     monkeypatch.setenv("BENCH_LABELLED_AUDIO", str(audio))
     first = speed.build_calls(2, tmp_path)
     assert sorted(first["references"]) == ["A001.flac", "A002.flac"] and "A001 .. A002" in first["note"]
-    assert speed.build_calls(2, tmp_path) == first  # the same calls: reused
+    marker = tmp_path / "calls_2" / "marker"
+    marker.touch()
+    assert speed.build_calls(2, tmp_path) == first and marker.exists()  # the same calls: the folder reused
     (audio / "A001.flac").unlink()
     again = speed.build_calls(2, tmp_path)
     assert sorted(again["references"]) == ["A002.flac", "A003.flac"]
+    # rebuilt from scratch: nothing of the old folder is left (the marker, the old A001 link)
     assert sorted(p.name for p in (tmp_path / "calls_2").iterdir()) == ["A002.flac", "A003.flac", "manifest.jsonl"]

@@ -46,9 +46,10 @@ WARMUP_FRAMES = 16  # frames of preceding audio each block runs first (0.5 s)
 MAX_BATCH_BLOCKS = 64  # blocks per ONNX Runtime call
 # Threads that run a long recording's blocks side by side, each its share of the blocks on the one
 # session (ONNX Runtime releases the GIL). A step costs in proportion to its blocks (one batch of
-# 74 blocks or two of 64 + 10: both 1.3 s on the 10-minute bench recording, 2 cores), and a second
-# ORT thread per run was slower (1.7 s); two threads of one ORT thread each took 0.7 s, the
-# probabilities identical (a one-off measurement; tests/test_vad.py asserts the identity).
+# 74 blocks or two of 64 + 10: both 1.3 s on the 10-minute bench recording, 2 cores; a second ORT
+# thread per run was slower, 1.7 s: one-off measurements); `python -m bench.vad_workers`: 1.40 s
+# on one thread, 0.70 s on two (bench/results/vad_workers.json); tests/test_vad.py asserts that
+# the probabilities are identical.
 VAD_WORKERS = 2
 MIN_BLOCKS_PER_WORKER = 4  # (33 s of audio) below this a recording runs on the calling thread alone
 SILENCE_PEAK = 1e-4  # blocks whose peak amplitude stays below this (-80 dBFS) are not run
