@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.danger import CALM_KINDS, DANGER_KINDS, WEAK_DANGER_KINDS, find_calm, find_danger
+from analysis.danger import CALM_KINDS, DANGER_KINDS, WEAK_DANGER_KINDS, find_calm, find_danger, without_negated_danger
 from analysis.phonetic import syllables
 from analysis.taxonomy import CategoryClassifier, Taxonomy, _rule_evidence
 from analysis.urgency import UrgencyScorer
@@ -56,11 +56,12 @@ def sound_tokens(sounds: str) -> list[str]:
 @dataclass(frozen=True)
 class TextViews:
     text: str                 # normalised transcript
-    sounds: str               # sound_string(text)
+    sounds: str               # sound_string(model_text)
     embedding: np.ndarray     # (dim,) unit length; zeros without an embedder
     lexicon: np.ndarray       # (len(LexiconFeatures.names),) float32
     danger: tuple             # DangerHit of analysis/danger.py
     calm: tuple
+    model_text: str = ""      # what the character and sound views read: text without negated danger
 
 
 class LexiconFeatures:
@@ -128,7 +129,8 @@ class ViewBuilder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.embedder is None or not texts:
             return np.zeros((len(texts), self.dim), np.float32)
-        vectors = self.embedder.encode(list(texts))
+        texts = [without_negated_danger(text) for text in texts]   # as the character view reads them
+        vectors = self.embedder.encode(texts)
         empty = np.array([not text.strip() for text in texts])
         vectors[empty] = 0.0
         return vectors
@@ -137,7 +139,8 @@ class ViewBuilder:
         embeddings = self.embed(texts) if embeddings is None else embeddings
         views = []
         for text, embedding in zip(texts, embeddings):
-            sounds = sound_string(text)
+            model_text = without_negated_danger(text)
+            sounds = sound_string(model_text)
             lexicon, danger, calm = self.lexicon.compute(text, sounds, embedding if embedding.any() else None)
-            views.append(TextViews(text, sounds, embedding, lexicon, danger, calm))
+            views.append(TextViews(text, sounds, embedding, lexicon, danger, calm, model_text))
         return views

@@ -36,7 +36,7 @@ from analysis.features import TextViews, sound_tokens
 
 log = logging.getLogger("analysis.model")
 
-MODEL_FORMAT = 6   # 6: a second category head for ASR text (seventh pass); 5: the pair model's repeat-call feature and the urgency second stage
+MODEL_FORMAT = 7   # 7: the character and sound views read the text without negated danger; 6: a second category head for ASR text (seventh pass); 5: the pair model's repeat-call feature and the urgency second stage
 MODEL_DIR = PROJECT_ROOT / "build" / "analysis"
 CURRENT_MODEL = MODEL_DIR / "ticket_model.joblib"
 TRAIN_COMMAND = "python -m analysis train"
@@ -198,7 +198,7 @@ class Featurizer:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         self.char = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True, max_features=40000, dtype=np.float32)
-        self.char.fit([view.text for view in views])
+        self.char.fit([view.model_text for view in views])
         self.sound = TfidfVectorizer(analyzer=sound_tokens, min_df=2, sublinear_tf=True, max_features=30000, dtype=np.float32)
         self.sound.fit([view.sounds for view in views])
         lexicon = np.stack([view.lexicon for view in views])
@@ -213,7 +213,7 @@ class Featurizer:
         return (
             embedding.astype(np.float32),
             lexicon.astype(np.float32),
-            tfidf_rows(self.char, [view.text for view in views]),
+            tfidf_rows(self.char, [view.model_text for view in views]),
             tfidf_rows(self.sound, [view.sounds for view in views]),
         )
 

@@ -68,6 +68,12 @@ def test_negated_safety_cue_does_not_count(analyzer):
     assert ticket.urgency != "high"
 
 
+def test_a_water_heater_that_will_not_light_is_a_repair_not_a_fire(analyzer):
+    ticket = analyse(analyzer, "我家燃气热水器打不着火，想找师傅来修一下")
+    assert ticket.urgency != "high", (ticket.urgency_probabilities, ticket.urgency_reasons)
+    assert not any("着火" in reason for reason in ticket.urgency_reasons)
+
+
 def test_repeat_report_cues(analyzer):
     ticket = analyse(analyzer, "这个井盖松动我已经报修三次了，两周了还没人管，再不修我就投诉")
     assert ticket.urgency in ("medium", "high")
