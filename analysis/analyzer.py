@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from analysis.config import Defaults, config_dir, load_defaults
-from analysis.danger import find_danger, without_negated_danger
+from analysis.danger import find_danger, without_false_danger
 from analysis.departments import ResponsibilityMatrix
 from analysis.duplicates import DuplicateFinder, issue_keys_of
 from analysis.errors import AnalysisError
@@ -168,7 +168,7 @@ class TicketAnalyzer:
     def embed(self, text: str) -> np.ndarray | None:
         if self.embedder is None or not text.strip():
             return None
-        text = without_negated_danger(text)   # as the model's views read it (analysis/features.py)
+        text = without_false_danger(text)   # as the model's views read it (analysis/features.py)
         if not text.strip():   # nothing but ruled-out danger (没有燃气味): the embedding of no text
             return np.zeros(self.views.dim, np.float32)
         with self._lock:  # numpy models are not guaranteed re-entrant

@@ -67,6 +67,7 @@ DANGER_PATTERNS: dict[str, tuple[str, ...]] = {
     ),
     "井坑": (
         r"井盖.{0,8}(?:没了|丢|不见|掉|缺|被偷|翻|开着|敞|碎|冇咗|唔见)",
+        r"(?:下水道|窨井|雨水井|污水井|检查井)的?盖(?:子|板)?.{0,6}(?:撬|偷|没了|丢|不见|掉|缺|碎|翻|开着|敞)",
         r"(?:大坑|深坑|大洞|窟窿|塌了个|陷下去|陷咗)",
         r"(?:井口|井|窨井|沙井|下水道口).{0,6}(?:没盖|冇盖|无盖|没有盖|敞着|露着)",
         r"(?:好深|很深|深不见底|看不到底|睇唔到底)",
@@ -148,11 +149,17 @@ def _negated(text: str, offset: int) -> bool:
     return any(negation in before for negation in NEGATIONS)
 
 
-def without_negated_danger(text: str) -> str:
-    """The text with each negated danger cue cut out, its negation with it (我检查过了，家里没有燃气味
-    -> 我检查过了，家里). The model's character and sound views read this: there, 燃气味 is the same
-    n-gram whether or not 没有 precedes it, and a calm caller who rules the danger out is called high."""
-    cuts = []
+# Everyday phrases that contain a danger word (the danger patterns above do not match them):
+# a stove that will not light, anger, disgust, a smoke detector, a card.
+FALSE_DANGER = re.compile(r"[不没]着火|气炸了|头都?要?炸了|炸了锅|[想要]吐了|烟雾报警器?|(?:社保|医保|银行|饭|公交|会员)卡在")
+
+
+def without_false_danger(text: str) -> str:
+    """The text without the danger the caller ruled out (a negated cue, its negation with it:
+    我检查过了，家里没有燃气味 -> 我检查过了，家里) and without FALSE_DANGER phrases. The model's
+    character, sound and embedding views read this: there, 燃气味 is the same n-gram whether or not
+    没有 precedes it, and 想吐了 shares 吐了 with a poisoned family, so calm callers were called high."""
+    cuts = [match.span() for match in FALSE_DANGER.finditer(text)]
     for _, patterns in _DANGER:
         for pattern in patterns:
             for match in pattern.finditer(text):

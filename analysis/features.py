@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.danger import CALM_KINDS, DANGER_KINDS, WEAK_DANGER_KINDS, find_calm, find_danger, without_negated_danger
+from analysis.danger import CALM_KINDS, DANGER_KINDS, WEAK_DANGER_KINDS, find_calm, find_danger, without_false_danger
 from analysis.phonetic import syllables
 from analysis.taxonomy import CategoryClassifier, Taxonomy, _rule_evidence
 from analysis.urgency import UrgencyScorer
@@ -61,7 +61,7 @@ class TextViews:
     lexicon: np.ndarray       # (len(LexiconFeatures.names),) float32
     danger: tuple             # DangerHit of analysis/danger.py
     calm: tuple
-    model_text: str = ""      # what the character and sound views read: text without negated danger
+    model_text: str = ""      # what the character and sound views read: without_false_danger(text)
 
 
 class LexiconFeatures:
@@ -129,7 +129,7 @@ class ViewBuilder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.embedder is None or not texts:
             return np.zeros((len(texts), self.dim), np.float32)
-        texts = [without_negated_danger(text) for text in texts]   # as the character view reads them
+        texts = [without_false_danger(text) for text in texts]   # as the character view reads them
         vectors = self.embedder.encode(texts)
         empty = np.array([not text.strip() for text in texts])
         vectors[empty] = 0.0
@@ -139,7 +139,7 @@ class ViewBuilder:
         embeddings = self.embed(texts) if embeddings is None else embeddings
         views = []
         for text, embedding in zip(texts, embeddings):
-            model_text = without_negated_danger(text)
+            model_text = without_false_danger(text)
             sounds = sound_string(model_text)
             lexicon, danger, calm = self.lexicon.compute(text, sounds, embedding if embedding.any() else None)
             views.append(TextViews(text, sounds, embedding, lexicon, danger, calm, model_text))

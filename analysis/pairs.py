@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from analysis.danger import without_negated_danger
+from analysis.danger import without_false_danger
 from analysis.features import sound_string
 from analysis.phonetic import syllables
 
@@ -239,8 +239,8 @@ class PairFeaturizer:
         if missing:
             from analysis.model import tfidf_rows
 
-            # As the model's views read them (analysis/features.py): without negated danger.
-            masked = [without_negated_danger(text) for text in missing]
+            # As the model's views read them (analysis/features.py): without_false_danger.
+            masked = [without_false_danger(text) for text in missing]
             inputs = masked if kind == "char" else [sound_string(text) for text in masked]
             for text, row in zip(missing, tfidf_rows(self.char if kind == "char" else self.sound, inputs)):
                 cache[(kind, text)] = row
