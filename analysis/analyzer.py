@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from analysis.config import Defaults, config_dir, load_defaults
-from analysis.danger import find_danger, without_false_danger
+from analysis.danger import find_danger
 from analysis.departments import ResponsibilityMatrix
 from analysis.duplicates import DuplicateFinder, issue_keys_of
 from analysis.errors import AnalysisError
@@ -168,11 +168,8 @@ class TicketAnalyzer:
     def embed(self, text: str) -> np.ndarray | None:
         if self.embedder is None or not text.strip():
             return None
-        text = without_false_danger(text)   # as the model's views read it (analysis/features.py)
-        if not text.strip():   # nothing but ruled-out danger (没有燃气味): the embedding of no text
-            return np.zeros(self.views.dim, np.float32)
         with self._lock:  # numpy models are not guaranteed re-entrant
-            return self.embedder.encode([text])[0]
+            return self.views.embed([text])[0]   # what the model's views read (without_false_danger)
 
     def _normalise(self, text: str | None, segments: Iterable[Mapping] | None) -> NormalizedTranscript:
         max_chars = self.config.defaults.text.max_chars

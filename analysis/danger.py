@@ -23,6 +23,10 @@ from analysis.phonetic import PhoneticIndex
 
 NEGATIONS = ("没有", "没", "不是", "并非", "不存在", "无", "不会", "别")
 NEGATION_WINDOW_CHARS = 2
+# Everyday phrases that contain a danger word: a stove that will not light (打不着火), anger,
+# a headache, uproar, disgust, a smoke detector, a card (社保卡在). A danger cue inside one does
+# not count, here and in the urgency cues (analysis/urgency.py), and the model's views cut them.
+FALSE_DANGER = re.compile(r"[不没]着火|气炸了|头都?要?炸了|炸了锅|[想要]吐了|烟雾报警器?|(?:社保|医保|银行|饭|公交|会员)卡在")
 
 _GAS = "(?:燃气|煤气|天然气|液化气|瓦斯|人气|然气|沼气|煤汽|燃汽)"
 _KIN = "(?:孩子|小孩|儿子|女儿|孙子|孙女|外孙|娃|闺女|老人|老伴|老头|老太太|父亲|母亲|我爸|我妈|爸爸|妈妈|奶奶|爷爷|外婆|姥姥|外公|姥爷|婆婆|公公)"
@@ -35,10 +39,10 @@ DANGER_PATTERNS: dict[str, tuple[str, ...]] = {
         r"漏气|gas (?:smell|leak)",
     ),
     "火情": (
-        r"(?<![不没])着火|起火|失火|火灾|冒烟|浓烟|烟雾(?!报警)|黑烟滚滚|火苗|火光|烧起来|冒火|明火|火星子|爆炸|(?<![气头])(?<!头都)炸了(?!锅)|自燃|烧焦|糊味|fire|smoke",
+        r"着火|起火|失火|火灾|冒烟|浓烟|烟雾|黑烟滚滚|火苗|火光|烧起来|冒火|明火|火星子|爆炸|炸了|自燃|烧焦|糊味|fire|smoke",
     ),
     "被困": (
-        r"困在|被困|关在里面|(?<![保行饭交员])卡在|出不来|锁在(?:里面|屋里|家里|车里)|困住|trapped",
+        r"困在|被困|关在里面|卡在|出不来|锁在(?:里面|屋里|家里|车里)|困住|trapped",
         r"电梯.{0,10}(?:停|卡|困|关)(?:住|在|了)",
     ),
     "走失": (
@@ -47,7 +51,7 @@ DANGER_PATTERNS: dict[str, tuple[str, ...]] = {
     ),
     "伤病": (
         r"摔倒|摔了一?跤|跌倒|跌低|(?:倒|摔|躺|趴|瘫)在地上|倒地|起不来|爬不起来|(?:叫|喊|拍|摇|推|人|老人|孩子|大爷|阿姨|奶奶|爷爷|(?:他|她)(?!们)).{0,6}没有?反应|叫不醒|没有?意识|昏迷|晕倒|晕过去|不省人事",
-        r"受伤|流血|出血|骨折|头破|撞伤|砸伤|烫伤|咬伤|抽搐|休克|中毒|(?<![想要])吐了|呕吐|上吐下泻|喘不上气|喘不过气|呼吸困难|胸口疼|心脏病|发高烧|injured",
+        r"受伤|流血|出血|骨折|头破|撞伤|砸伤|烫伤|咬伤|抽搐|休克|中毒|吐了|呕吐|上吐下泻|喘不上气|喘不过气|呼吸困难|胸口疼|心脏病|发高烧|injured",
     ),
     "医疗设备": (
         r"制氧机|氧气机|吸氧|透析|呼吸机|氧气瓶|输液泵|离不开电|靠电|ventilator|oxygen",
@@ -149,9 +153,13 @@ def _negated(text: str, offset: int) -> bool:
     return any(negation in before for negation in NEGATIONS)
 
 
-# Everyday phrases that contain a danger word (the danger patterns above do not match them):
-# a stove that will not light, anger, disgust, a smoke detector, a card.
-FALSE_DANGER = re.compile(r"[不没]着火|气炸了|头都?要?炸了|炸了锅|[想要]吐了|烟雾报警器?|(?:社保|医保|银行|饭|公交|会员)卡在")
+def false_danger_spans(text: str) -> list[tuple[int, int]]:
+    return [match.span() for match in FALSE_DANGER.finditer(text)]
+
+
+def in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether [start, end) lies inside one of the spans."""
+    return any(low <= start and end <= high for low, high in spans)
 
 
 def without_false_danger(text: str) -> str:
@@ -159,7 +167,7 @@ def without_false_danger(text: str) -> str:
     我检查过了，家里没有燃气味 -> 我检查过了，家里) and without FALSE_DANGER phrases. The model's
     character, sound and embedding views read this: there, 燃气味 is the same n-gram whether or not
     没有 precedes it, and 想吐了 shares 吐了 with a poisoned family, so calm callers were called high."""
-    cuts = [match.span() for match in FALSE_DANGER.finditer(text)]
+    cuts = false_danger_spans(text)
     for _, patterns in _DANGER:
         for pattern in patterns:
             for match in pattern.finditer(text):
@@ -177,22 +185,22 @@ def without_false_danger(text: str) -> str:
     return "".join(kept) + text[end:]
 
 
-def _find(table, text: str) -> list[DangerHit]:
+def _find(table, text: str, false: list[tuple[int, int]]) -> list[DangerHit]:
     hits = []
     for kind, patterns in table:
         for pattern in patterns:
-            match = next((m for m in pattern.finditer(text) if not _negated(text, m.start())), None)
+            match = next((m for m in pattern.finditer(text) if not _negated(text, m.start()) and not in_spans(*m.span(), false)), None)
             if match:
                 hits.append(DangerHit(kind, Evidence(match.group(0), "cue", match.start())))
                 break
     return hits
 
 
-def _heard(text: str, found: set[str]) -> list[DangerHit]:
+def _heard(text: str, found: set[str], false: list[tuple[int, int]]) -> list[DangerHit]:
     hits = []
     for match in _HEARD.find(text):
         kind = _HEARD_KIND[match.name]
-        if kind not in found and not _negated(text, match.offset):
+        if kind not in found and not _negated(text, match.offset) and not in_spans(match.offset, match.offset + len(match.heard), false):
             found.add(kind)
             hits.append(DangerHit(kind, Evidence(match.heard, "sound", match.offset)))
     return hits
@@ -200,10 +208,11 @@ def _heard(text: str, found: set[str]) -> list[DangerHit]:
 
 def find_danger(text: str) -> list[DangerHit]:
     """At most one hit per danger kind, the first not negated; written before heard."""
-    hits = _find(_DANGER, text)
-    return hits + _heard(text, {hit.kind for hit in hits})
+    false = false_danger_spans(text)
+    hits = _find(_DANGER, text, false)
+    return hits + _heard(text, {hit.kind for hit in hits}, false)
 
 
 def find_calm(text: str) -> list[DangerHit]:
-    return _find(_CALM, text)
+    return _find(_CALM, text, [])
 

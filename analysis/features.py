@@ -61,7 +61,7 @@ class TextViews:
     lexicon: np.ndarray       # (len(LexiconFeatures.names),) float32
     danger: tuple             # DangerHit of analysis/danger.py
     calm: tuple
-    model_text: str = ""      # what the character and sound views read: without_false_danger(text)
+    model_text: str           # what the character and sound views read: without_false_danger(text)
 
 
 class LexiconFeatures:
@@ -129,7 +129,7 @@ class ViewBuilder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.embedder is None or not texts:
             return np.zeros((len(texts), self.dim), np.float32)
-        texts = [without_false_danger(text) for text in texts]   # as the character view reads them
+        texts = [without_false_danger(text) for text in texts]   # as the character and sound views read them
         vectors = self.embedder.encode(texts)
         empty = np.array([not text.strip() for text in texts])
         vectors[empty] = 0.0

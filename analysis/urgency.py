@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.config import URGENCY_LEVELS, compile_patterns, number, read_yaml, string_list
+from analysis.danger import false_danger_spans, in_spans
 from analysis.errors import ConfigError
 from analysis.evidence import Evidence
 
@@ -104,6 +105,7 @@ class UrgencyScorer:
 
     def _hits(self, group: CueGroup, text: str, lowered: str) -> list[Evidence]:
         hits: list[Evidence] = []
+        false = false_danger_spans(text)   # 打不着火: the cue 着火 inside an everyday phrase
         for cue in group.cues:
             start, count = 0, 0
             while count < self.rules.max_hits_per_cue:
@@ -111,14 +113,14 @@ class UrgencyScorer:
                 if offset < 0:
                     break
                 start = offset + len(cue)
-                if not self._negated(text, offset):
+                if not self._negated(text, offset) and not in_spans(offset, offset + len(cue), false):
                     hits.append(Evidence(text[offset:offset + len(cue)], "cue", offset))
                     count += 1
         for pattern in group.patterns:
             for count, match in enumerate(pattern.finditer(text)):
                 if count >= self.rules.max_hits_per_cue:
                     break
-                if not self._negated(text, match.start()):
+                if not self._negated(text, match.start()) and not in_spans(*match.span(), false):
                     hits.append(Evidence(match.group(0), "cue", match.start()))
         # A pattern and a cue can find the same words (燃气泄漏): count each place once.
         unique: dict[int, Evidence] = {}

@@ -446,6 +446,7 @@ def test_more_danger_described_without_urgent_words(text, kind):
 @pytest.mark.parametrize("text", [
     "我都快气炸了，物业一直不管",                      # 气炸了: furious, not an explosion
     "装修的电钻声吵得我头都炸了",
+    "楼上天天剁肉，吵得我头都要炸了",
     "垃圾堆在门口，臭得我都想吐了",                    # disgust, not a sick person
     "跟物业反映了好几次都没反应",                      # an office that does not answer, not a person
     "我投诉了他们，到现在没反应",
