@@ -36,7 +36,7 @@ from analysis.features import TextViews, sound_tokens
 
 log = logging.getLogger("analysis.model")
 
-MODEL_FORMAT = 7   # 7: the character, sound and embedding views read without_false_danger(text); 6: a second category head for ASR text (seventh pass); 5: the pair model's repeat-call feature and the urgency second stage
+MODEL_FORMAT = 8   # 8: the pair model's repeat-call cue times category agreement; 7: the character, sound and embedding views read without_false_danger(text); 6: a second category head for ASR text (seventh pass); 5: the pair model's repeat-call feature and the urgency second stage
 MODEL_DIR = PROJECT_ROOT / "build" / "analysis"
 CURRENT_MODEL = MODEL_DIR / "ticket_model.joblib"
 TRAIN_COMMAND = "python -m analysis train"

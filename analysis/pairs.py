@@ -12,7 +12,10 @@ described by features and scored by a logistic regression:
   found by sound (景盖 is 井盖), a place name of one call heard in the other (文妙心聪 is
   文庙新村: all syllables alike, one may differ in names of four or more), and whether the new
   call's text is an ASR transcript (the evidence of a pair weighs differently when heard),
-  and whether the new caller says the problem was reported before (又, 还是, 打过电话)
+  and whether the new caller says the problem was reported before (又, 还是, 打过电话), and that
+  cue times P(new ticket is of the earlier ticket's category): a repeat call is evidence for
+  a link to an earlier call about its kind of problem, not to any call at the same place (a
+  logistic regression adds its features up and cannot learn that on its own)
 
 No rule requires the same category: a gas smell reported once as 供水供电供气 and once as
 住房物业 can be linked. The best candidate is linked when its probability reaches the
@@ -53,6 +56,7 @@ FEATURE_NAMES = (
     "same_district", "different_district", "log_hours_apart", "p_new_in_old_category", "same_category",
     "shared_keywords", "different_keywords", "shared_numbers", "both_have_numbers",
     "sound_cosine", "shared_keywords_by_sound", "place_heard_in_other", "new_text_heard", "new_says_repeat",
+    "repeat_of_this_problem",
 )
 # The new caller says the problem was reported before or is still there (又, 还是, 打过电话,
 # 反映过, 上次, 仲未 ...): half of the labelled repeat reports say so, an eighth of the other
@@ -196,6 +200,7 @@ class PairFeaturizer:
             same_place = bool(new_places & set(other.place_keys))
             by_sound = same_place or bool(new_sounds & {_place_sound(name) for name in other.place_keys})
             predicted = max(new.category_probabilities, key=new.category_probabilities.get) if new.category_probabilities else None
+            p_in_old_category = float(new.category_probabilities.get(other.category, 0.0)) if other.category else 0.0
             rows.append([
                 cosines[index],
                 best - cosines[index],
@@ -206,7 +211,7 @@ class PairFeaturizer:
                 1.0 if new.district and new.district == other.district else 0.0,
                 1.0 if new.district and other.district and new.district != other.district else 0.0,
                 math.log1p(hours),
-                float(new.category_probabilities.get(other.category, 0.0)) if other.category else 0.0,
+                p_in_old_category,
                 1.0 if predicted and predicted == other.category else 0.0,
                 len(new_keywords & other_keywords) / len(union) if union else 0.0,
                 1.0 if new_keywords and other_keywords and not new_keywords & other_keywords else 0.0,
@@ -217,6 +222,7 @@ class PairFeaturizer:
                 1.0 if self._place_heard(new.place_keys, other.text) or self._place_heard(other.place_keys, new.text) else 0.0,
                 1.0 if new.heard else 0.0,
                 says_repeat,
+                says_repeat * p_in_old_category,
             ])
         return np.asarray(rows, dtype=np.float32)
 
