@@ -1,7 +1,8 @@
 """Danger recognised from what the caller describes, not from urgent words (RUBRIC.md, high).
 
 Each kind is a set of regular expressions over the normalised transcript (simplified
-Chinese, Arabic digits). A hit preceded closely by a negation (没有燃气味) does not count.
+Chinese, Arabic digits). A hit preceded closely by a negation (没有燃气味) or a hypothetical
+(万一着火) does not count.
 The hits are features of the urgency model and reasons on the ticket; on their own they
 decide nothing. Common ASR homophones are written into the patterns (人气/然气 for 燃气).
 
@@ -22,6 +23,10 @@ from analysis.evidence import Evidence
 from analysis.phonetic import PhoneticIndex
 
 NEGATIONS = ("没有", "没", "不是", "并非", "不存在", "无", "不会", "别")
+# A danger the caller only imagines (堆满了纸箱，万一着火了咋跑: a blocked escape, not a fire) is
+# ruled out as a negated one is; the hazard that is there has cues of its own.
+HYPOTHETICALS = ("万一", "要是", "如果", "真要", "真的要")
+RULED_OUT = NEGATIONS + HYPOTHETICALS
 NEGATION_WINDOW_CHARS = 2
 # Everyday phrases that contain a danger word: a stove that will not light (打不着火), anger,
 # a headache, uproar, disgust, a smoke detector, a card (社保卡在). A danger cue inside one does
@@ -80,7 +85,7 @@ DANGER_PATTERNS: dict[str, tuple[str, ...]] = {
         r"甲醇|食物中毒|一氧化碳|(?:吃|食)(?:坏|完|了以后).{0,16}(?:吐|拉肚子|肚痛|医院|急诊)|(?:好几个|一群|很多|好多|全是|几个).{0,10}(?:吐|拉肚子|上吐下泻)",
     ),
     "轻生": (
-        r"跳下去|跳楼|要跳|轻生|想不开|自杀|不想活|寻死",
+        r"跳下去|跳楼|要跳(?![起过着舞绳远高])|轻生|想不开|自杀|不想活|寻死",
     ),
     "歪斜": (  # weaker than collapse: a sign or pole knocked askew is usually not high
         r"倾斜|歪了|撞歪|歪咗|松动|松咗|脱落|翘起|郁嚟郁去",
@@ -149,8 +154,9 @@ CALM_KINDS = tuple(CALM_PATTERNS)
 
 
 def _negated(text: str, offset: int) -> bool:
+    """Whether a negation or a hypothetical (RULED_OUT) closely precedes the cue at offset."""
     before = text[max(0, offset - NEGATION_WINDOW_CHARS - 2):offset]
-    return any(negation in before for negation in NEGATIONS)
+    return any(word in before for word in RULED_OUT)
 
 
 def false_danger_spans(text: str) -> list[tuple[int, int]]:
@@ -173,7 +179,7 @@ def without_false_danger(text: str) -> str:
             for match in pattern.finditer(text):
                 if _negated(text, match.start()):
                     window = text[max(0, match.start() - NEGATION_WINDOW_CHARS - 2):match.start()]
-                    start = min(match.start() - len(window) + window.find(negation) for negation in NEGATIONS if negation in window)
+                    start = min(match.start() - len(window) + window.find(word) for word in RULED_OUT if word in window)
                     cuts.append((start, match.end()))
     if not cuts:
         return text

@@ -460,6 +460,9 @@ def test_more_danger_described_without_urgent_words(text, kind):
     "我投诉了他们，到现在没反应",
     "小区烟雾报警器半夜一直响",
     "我们东湖区的社保卡在你们这里能用不",              # 社保卡 + 在, not 卡在
+    "下水道堵了，污水漫到人行道上，走路都要跳起走",      # 跳起走: hop across, not a jump from a roof
+    "消防通道又被车堵了，万一着火消防车根本进不来",      # a fire imagined: a blocked lane, not a fire
+    "楼道里堆满了纸箱，真要着火了咋个跑嘛",
 ])
 def test_everyday_words_that_contain_a_danger_word_are_not_danger(text):
     from analysis.danger import find_danger
@@ -472,6 +475,9 @@ def test_everyday_words_that_contain_a_danger_word_are_not_danger(text):
     ("有个人躺在路边，推了推也没反应", "伤病"),
     ("吃完饭好几个人都吐了", "伤病"),
     ("电梯卡在7楼和8楼中间", "被困"),
+    ("他站在楼顶上说要跳下去", "轻生"),
+    ("外墙的瓷砖掉下来了，要是砸到人就完了", "坍塌"),   # the hazard is there; only the harm is imagined
+    ("楼道里着火了，万一烧到楼上怎么办", "火情"),
 ])
 def test_the_danger_words_still_found_where_they_mean_danger(text, kind):
     from analysis.danger import find_danger

@@ -74,6 +74,12 @@ def test_a_water_heater_that_will_not_light_is_a_repair_not_a_fire(analyzer):
     assert not any("着火" in reason for reason in ticket.urgency_reasons)
 
 
+def test_a_fire_the_caller_only_imagines_is_not_a_fire(analyzer):
+    ticket = analyse(analyzer, "我们楼下的消防通道被私家车堵死了，万一着火消防车根本进不来")
+    assert ticket.urgency != "high", (ticket.urgency_probabilities, ticket.urgency_reasons)
+    assert not any("着火" in reason for reason in ticket.urgency_reasons)
+
+
 def test_repeat_report_cues(analyzer):
     ticket = analyse(analyzer, "这个井盖松动我已经报修三次了，两周了还没人管，再不修我就投诉")
     assert ticket.urgency in ("medium", "high")
