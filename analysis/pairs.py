@@ -71,7 +71,11 @@ _HAN_WORD = re.compile(r"^[\u4e00-\u9fa5]{2,}$")
 # only: in an ASR transcript the keywords are often misheard (人气 for 燃气, so "different"
 # keywords are no evidence) and the embedding cosine of two heard calls is lower throughout;
 # there the pair model alone decides (it sees the text source, docs/analysis.md fifth pass).
+# Nor when the new caller says the problem is back and is likely of the earlier call's kind
+# (repeat_of_this_problem >= 0.5): 还是没水 after 停水, 工钱还是没给 after 欠了工资, 又在施工 after 打桩
+# share no keyword but are one problem (docs/analysis.md, seventeenth pass).
 OTHER_PROBLEM_MAX_COSINE = 0.55
+SAID_REPEAT_MIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -341,7 +345,8 @@ class PairModel:
         rows = self.featurizer.features(new, chosen)
         probabilities = pair_probabilities(self.estimator, rows)
         if not new.heard:
-            other_problem = (rows[:, FEATURE_NAMES.index("different_keywords")] > 0) & (rows[:, 0] < OTHER_PROBLEM_MAX_COSINE)
+            other_problem = ((rows[:, FEATURE_NAMES.index("different_keywords")] > 0) & (rows[:, 0] < OTHER_PROBLEM_MAX_COSINE)
+                             & (rows[:, FEATURE_NAMES.index("repeat_of_this_problem")] < SAID_REPEAT_MIN))
             probabilities = np.where(other_problem, 0.0, probabilities)
         best = int(np.argmax(probabilities))
         if probabilities[best] < self.threshold:

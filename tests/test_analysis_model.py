@@ -592,7 +592,8 @@ def test_fast_scoring_paths_match_sklearn():
 
 def test_the_other_problem_rule_applies_to_written_text_only():
     # RUBRIC.md: another problem at the same place is not a duplicate; the rule reads the exact
-    # keywords, which an ASR transcript mishears (人气 for 燃气): for heard text the model decides.
+    # keywords, which an ASR transcript mishears (人气 for 燃气): for heard text the model decides,
+    # and so it does when the caller says the problem of the earlier call's kind is back.
     from datetime import datetime
 
     import numpy as np
@@ -600,13 +601,15 @@ def test_the_other_problem_rule_applies_to_written_text_only():
     from analysis.pairs import FEATURE_NAMES, OTHER_PROBLEM_MAX_COSINE, PairModel, PairSide
 
     class Featurizer:
-        def __init__(self, cosine):
-            self.cosine = cosine
+        def __init__(self, cosine, said_repeat=0.0):
+            self.cosine, self.said_repeat = cosine, said_repeat
 
         def features(self, new, candidates):
             rows = np.zeros((len(candidates), len(FEATURE_NAMES)), np.float32)
             rows[:, FEATURE_NAMES.index("cosine")] = self.cosine
             rows[:, FEATURE_NAMES.index("different_keywords")] = 1.0
+            rows[:, FEATURE_NAMES.index("new_says_repeat")] = 1.0 if self.said_repeat else 0.0
+            rows[:, FEATURE_NAMES.index("repeat_of_this_problem")] = self.said_repeat
             return rows
 
         @staticmethod
@@ -621,8 +624,8 @@ def test_the_other_problem_rule_applies_to_written_text_only():
     vector[0] = 1.0
     earlier = PairSide("OLD", datetime(2027, 3, 1, 8), vector, "燃气味", "供水供电供气")
 
-    def link(cosine, heard):
-        model = PairModel(Featurizer(cosine), Confident(), threshold=0.5)
+    def link(cosine, heard, said_repeat=0.0):
+        model = PairModel(Featurizer(cosine, said_repeat), Confident(), threshold=0.5)
         new = PairSide("NEW", datetime(2027, 3, 1, 9), vector, "人气味", "供水供电供气", heard=heard)
         return model.best_link(new, [earlier])
 
@@ -630,6 +633,8 @@ def test_the_other_problem_rule_applies_to_written_text_only():
     assert link(low, heard=False) is None
     assert link(low, heard=True) is not None and link(low, heard=True).ticket_id == "OLD"
     assert link(OTHER_PROBLEM_MAX_COSINE + 0.1, heard=False) is not None
+    assert link(low, heard=False, said_repeat=0.9) is not None      # 还是没水 after 停水
+    assert link(low, heard=False, said_repeat=0.1) is None          # a repeat call about another kind
 
 
 def test_direct_tfidf_rows_match_sklearn(small_model):
