@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.config import URGENCY_LEVELS, compile_patterns, number, read_yaml, string_list
-from analysis.danger import false_danger_spans, in_spans
+from analysis.danger import HYPOTHETICALS, false_danger_spans, in_spans
 from analysis.errors import ConfigError
 from analysis.evidence import Evidence
 
@@ -99,9 +99,10 @@ class UrgencyScorer:
         self.rules = rules
 
     def _negated(self, text: str, offset: int) -> bool:
-        """A negation ending at most `negation_window_chars` before the cue (没有燃气味, 没发现漏电)."""
+        """A negation ending at most `negation_window_chars` before the cue (没有燃气味, 没发现漏电),
+        or a hypothetical (analysis/danger.py HYPOTHETICALS: 万一着火 is no fire)."""
         gap = self.rules.negation_window_chars
-        return any(negation in text[max(0, offset - len(negation) - gap):offset] for negation in self.rules.negations)
+        return any(word in text[max(0, offset - len(word) - gap):offset] for word in (*self.rules.negations, *HYPOTHETICALS))
 
     def _hits(self, group: CueGroup, text: str, lowered: str) -> list[Evidence]:
         hits: list[Evidence] = []
